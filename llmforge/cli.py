@@ -1,0 +1,217 @@
+"""`llmforge <verb>`: one subcommand per stage. Thin: parse, resolve the config, call the stage.
+
+    llmforge speedrun --preset cpu --out runs/cpu
+    llmforge data prepare --out runs/x --preset micro --set data.near_threshold=0.9
+    llmforge pretrain --out runs/x --minutes 10 [--resume]
+    llmforge generate runs/x --prompt "def fib(n):" --max-tokens 64
+
+Every stage verb takes --out RUN_DIR, --preset NAME, --config FILE.toml and repeatable
+--set key=value (a bare --section.key=value works too). Errors a user can cause print one
+line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from llmforge import config as config_mod
+from llmforge.errors import UserError
+from llmforge.run import RunDir
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run directory (created if missing)")
+    p.add_argument("--preset", default=None, help=f"one of {', '.join(config_mod.PRESETS)} (default: the run's, else cpu)")
+    p.add_argument("--config", default=None, help="TOML file with config sections")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. pretrain.lr=1e-3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmforge", description="Raw text to an aligned, served assistant.")
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    data = sub.add_parser("data", help="data pipeline").add_subparsers(dest="action", required=True)
+    _stage_args(data.add_parser("prepare", help="sources -> clean -> dedup -> mix -> tokenizer -> shards"))
+    tok = sub.add_parser("tokenizer", help="BPE tokenizer").add_subparsers(dest="action", required=True)
+    _stage_args(tok.add_parser("train", help="(re)train the tokenizer on the run's cleaned documents"))
+
+    p = sub.add_parser("pretrain", help="train the base model")
+    _stage_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from ckpt/base's train state")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (overrides pretrain.minutes)")
+    for verb, text in (("sft", "supervised fine-tuning"), ("rm", "reward models"), ("eval", "evaluate checkpoints")):
+        p = sub.add_parser(verb, help=text)
+        _stage_args(p)
+        if verb != "eval":
+            p.add_argument("--resume", action="store_true")
+    p = sub.add_parser("rl", help="RLHF: rejection sampling, PPO, DPO or GRPO")
+    _stage_args(p)
+    p.add_argument("--algo", choices=["rejection", "ppo", "dpo", "grpo"], default=None)
+    p = sub.add_parser("speedrun", help="every stage in order, skipping finished ones; writes report.md")
+    _stage_args(p)
+    p.set_defaults(out=None)
+    for a in p._actions:
+        if a.dest == "out":
+            a.required, a.default = False, None
+
+    p = sub.add_parser("generate", help="sample from a checkpoint")
+    p.add_argument("model", help="checkpoint folder or run directory (latest of rl > sft > base)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("-n", "--num-samples", type=int, default=1)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat format")
+
+    p = sub.add_parser("chat", help="terminal chat with streaming")
+    p.add_argument("model")
+    p = sub.add_parser("serve", help="OpenAI-compatible API + web chat")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", default=None, help="feedback store: SQLite path or postgresql:// URL")
+    p.add_argument("--index", default=None, help="retrieval index (SQLite) to enable RAG")
+
+    p = sub.add_parser("export", help="export a checkpoint (hf | gguf)")
+    p.add_argument("model")
+    p.add_argument("--format", choices=["hf", "gguf"], required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["f32", "f16"], default="f32")
+    p = sub.add_parser("import", help="import a Hugging Face model directory")
+    p.add_argument("hf_dir")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+
+    idx = sub.add_parser("index", help="retrieval index").add_subparsers(dest="action", required=True)
+    p = idx.add_parser("add", help="chunk, embed and store documents")
+    p.add_argument("paths", nargs="+", help="files, globs, or 'pydoc' for the built-in pydoc topics")
+    p.add_argument("--db", default="index.sqlite")
+    fb = sub.add_parser("feedback", help="feedback store").add_subparsers(dest="action", required=True)
+    p = fb.add_parser("export", help="write preference pairs from the feedback store")
+    p.add_argument("--db", required=True)
+    p.add_argument("--out", required=True)
+    return ap
+
+
+def resolve_config(args, extra: list[str]) -> tuple[config_mod.Config, RunDir]:
+    overrides = list(args.set)
+    for item in extra:
+        if not (item.startswith("--") and "=" in item):
+            raise UserError(f"unrecognized argument '{item}'; overrides look like --set section.key=value")
+        overrides.append(item[2:])
+    run = RunDir(args.out)
+    cfg = config_mod.resolve(args.preset, args.config, overrides, run_dir=run.root)
+    return cfg, run
+
+
+def dispatch(args, extra) -> None:
+    verb = args.verb
+    if verb in ("data", "tokenizer", "pretrain", "sft", "rm", "rl", "eval", "speedrun"):
+        if verb == "speedrun" and args.out is None:
+            args.out = f"runs/{args.preset or 'cpu'}"
+        cfg, run = resolve_config(args, extra)
+        if verb == "pretrain" and args.minutes is not None:
+            cfg.pretrain.minutes = args.minutes
+        if verb == "rl" and args.algo:
+            cfg.rl.algo = args.algo
+        if int(os.environ.get("RANK", 0)) == 0:
+            run.create()
+            config_mod.save(cfg, run.root)
+        if verb == "data":
+            from llmforge.data.prepare import prepare
+            prepare(cfg, run)
+        elif verb == "tokenizer":
+            from llmforge.data.prepare import train_tokenizer
+            train_tokenizer(cfg, run)
+        elif verb == "pretrain":
+            from llmforge.stages import pretrain
+            pretrain.run(cfg, run, resume=args.resume)
+        elif verb == "sft":
+            from llmforge.stages import sft
+            sft.run(cfg, run, resume=args.resume)
+        elif verb == "rm":
+            from llmforge.stages import reward
+            reward.run(cfg, run, resume=args.resume)
+        elif verb == "rl":
+            from llmforge.stages.rl import run_algo
+            run_algo(cfg, run)
+        elif verb == "eval":
+            from llmforge.eval import tasks as eval_tasks
+            eval_tasks.run(cfg, run)
+        elif verb == "speedrun":
+            from llmforge.stages import speedrun
+            speedrun.run(cfg, run)
+    elif verb == "generate":
+        generate(args)
+    elif verb == "chat":
+        from llmforge.serve.chat_cli import chat_cli
+        chat_cli(args.model)
+    elif verb == "serve":
+        from llmforge.serve.api import serve
+        serve(args.model, host=args.host, port=args.port, db=args.db, index=args.index)
+    elif verb == "export":
+        from llmforge.interop import export_checkpoint
+        export_checkpoint(args.model, args.format, args.out, dtype=args.dtype)
+    elif verb == "import":
+        from llmforge.interop import import_hf
+        import_hf(args.hf_dir, args.out)
+    elif verb == "index":
+        from llmforge.infer.rag import index_add
+        index_add(args.paths, args.db)
+    elif verb == "feedback":
+        from llmforge.serve.feedback import export_cli
+        export_cli(args.db, args.out)
+
+
+def generate(args) -> None:
+    import torch
+
+    from llmforge.infer.engine import Engine
+    from llmforge.infer.sampling import SamplingParams
+    from llmforge.train.checkpoint import load_model, load_tokenizer
+
+    model, config, folder = load_model(args.model)
+    tok = load_tokenizer(folder)
+    if args.chat:
+        from llmforge.tokenizer.chat import render_prompt
+        prompt = render_prompt(tok, [{"role": "user", "content": args.prompt}])
+        stops = [tok.token_id("<|end|>"), tok.eot_id]
+        prefix = ""
+    else:
+        prompt, stops, prefix = [tok.eot_id] + tok.encode(args.prompt), [tok.eot_id], args.prompt
+    if args.max_tokens <= 0:
+        raise UserError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop_token_ids=stops)
+    try:
+        outs = Engine(model, tok, max_batch=max(1, args.num_samples)).generate([prompt] * args.num_samples, params)
+    except ValueError as e:
+        raise UserError(f"{e}; shorten the prompt") from None
+    for i, out in enumerate(outs):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ({out.finish_reason})")
+        print(prefix + out.text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.verb not in ("data", "tokenizer", "pretrain", "sft", "rm", "rl", "eval", "speedrun"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        dispatch(args, extra)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished checkpoints are kept (continue with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

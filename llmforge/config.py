@@ -1,0 +1,386 @@
+"""Configs: one dataclass per stage, named presets, TOML files and `--set key=value` overrides.
+
+Resolution order (later wins): preset defaults -> the run directory's recorded config.toml
+(when no --preset is given) -> --config FILE.toml -> --set overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from llmforge.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = 2          # grouped-query attention: n_head must be a multiple of this
+    d_model: int = 384
+    d_ff: int = 0               # SwiGLU hidden width; 0 = 8/3 * d_model rounded up to 64
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    qkv_bias: bool = False      # Qwen2-style q/k/v biases (imported models)
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        if self.d_model % self.n_head:
+            raise UserError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
+                            "pick a head count that divides the width")
+        if self.n_head % self.n_kv_head:
+            raise UserError(f"model.n_head={self.n_head} is not a multiple of model.n_kv_head={self.n_kv_head}; "
+                            "set n_kv_head to a divisor of n_head")
+        if (self.d_model // self.n_head) % 2:
+            raise UserError(f"head size {self.d_model // self.n_head} is odd; RoPE needs an even head size")
+        for name in ("vocab_size", "n_layer", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        return 64 * -(-int(8 * self.d_model / 3) // 64)
+
+
+@dataclass
+class SourceConfig:
+    """One entry of the data mixture. kind: stdlib | pydoc | files | hf."""
+    name: str = "stdlib"
+    kind: str = "stdlib"
+    path: str = ""              # files: path or glob (comma-separated ok); hf: dataset name or local dir
+    weight: float = 1.0         # sampling weight in the mixture (1.0 = one pass; 2.0 = seen twice)
+    text_field: str = "text"    # .jsonl / .parquet / hf column holding the text
+    split: str = "train"        # hf split
+    code: bool = False          # code gets the lighter cleaning rules
+    max_docs: int = 0           # 0 = no cap (caps keep tiny presets tiny)
+    include_tests: bool = True  # stdlib: also read the test/ and tests/ packages (about 60% of it)
+
+
+@dataclass
+class CleanConfig:
+    """Document quality rules (data/clean.py). Prose rules follow Gopher (Rae et al. 2021,
+    app. A) and C4 (Raffel et al. 2020); code rules follow The Stack / StarCoder."""
+    min_words: int = 50                 # prose: fewer words = a stub page
+    max_words: int = 100_000
+    min_mean_word_len: float = 3.0
+    max_mean_word_len: float = 10.0
+    max_symbol_word_ratio: float = 0.1  # ("#" + "..." + "…") per word: hashtag/teaser spam
+    min_alpha_word_fraction: float = 0.8  # share of words with a letter in them
+    max_ellipsis_line_fraction: float = 0.3
+    max_bullet_line_fraction: float = 0.9
+    max_duplicate_line_fraction: float = 0.3  # repeated non-blank lines: menus, spam
+    max_boilerplate_line_fraction: float = 0.5  # cookie / javascript / legal notices
+    code_min_chars: int = 50
+    code_max_line_len: int = 1000       # longer lines are minified or generated data
+    code_max_mean_line_len: float = 100.0
+    code_min_alnum_fraction: float = 0.25  # below this: base64 blobs, tables of numbers
+    code_max_duplicate_line_fraction: float = 0.6
+    max_chars: int = 1_000_000          # both: larger files are data dumps, not documents
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [
+        SourceConfig(name="stdlib", kind="stdlib", weight=1.0, code=True),
+        SourceConfig(name="pydoc", kind="pydoc", weight=2.0),
+    ])
+    val_fraction: float = 0.02      # share of documents (by hash) held out for validation
+    dedup_exact: bool = True
+    dedup_near: bool = True
+    near_threshold: float = 0.8     # MinHash LSH Jaccard threshold for near-duplicates
+    num_perm: int = 128             # MinHash permutations
+    shard_tokens: int = 10_000_000  # tokens per shard file
+    workers: int = 0                # tokenizer processes; 0 = all cores
+    seed: int = 0
+    shingle_words: int = 5          # near-dedup compares sets of this many consecutive words
+    clean: CleanConfig = field(default_factory=CleanConfig)
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    sample_bytes: int = 20_000_000  # mixture sample the BPE merges are learned from
+    single_digits: bool = False     # True: every digit its own token; False: GPT-4's 1-3 digit groups
+
+
+@dataclass
+class TrainConfig:
+    """The knobs of the one training loop (train/loop.py), shared by every stage."""
+    batch_size: int = 16        # sequences per micro-batch per process
+    seq_len: int = 256
+    grad_accum: int = 1         # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1   # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    warmup_steps: int = 50
+    schedule: str = "cosine"    # cosine | wsd (warmup-stable-decay) | constant
+    decay_fraction: float = 0.2 # wsd: share of steps spent decaying
+    max_steps: int = 1000       # budget; the smallest of steps / tokens / minutes wins
+    max_tokens: int = 0         # 0 = unbounded
+    minutes: float = 0.0        # 0 = unbounded; the lr schedule is stretched to fit the time
+    dtype: str = "auto"         # auto | bf16 | fp32 (auto: bf16 on CUDA and on CPUs with bf16)
+    compile: bool = False
+    eval_every: int = 100
+    eval_batches: int = 20
+    sample_every: int = 0       # 0 = no samples
+    ckpt_every: int = 200
+    log_every: int = 10
+    seed: int = 1337
+    # LoRA (llmforge/model/lora.py): rank 0 = full fine-tuning; >0 trains low-rank adapters only
+    lora_rank: int = 0
+    lora_alpha: float = 16.0                # adapter output scaled by alpha / rank
+    lora_targets: str = "q_proj,v_proj"     # comma-separated Linear names, or "all-linear"
+    lora_dtype: str = "fp32"                # frozen base weights: fp32 | bf16 | int8 | nf4 (bitsandbytes, CUDA)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    max_steps: int = 400
+    eval_every: int = 100
+    ckpt_every: int = 100
+    examples_per_task: int = 2000   # train conversations generated per task
+    eval_per_task: int = 50         # held-out items per task for verified accuracy
+    user_data: str = ""             # JSONL conversations in the `messages` format
+    packing: bool = True
+    tasks: str = ""                 # comma-separated task names; "" = all (see llmforge/tasks)
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    lr: float = 5e-4
+    warmup_steps: int = 10
+    max_steps: int = 200
+    eval_every: int = 50
+    ckpt_every: int = 100
+    margin: bool = True             # Llama 2 margin term in the Bradley-Terry loss
+    user_prefs: str = ""
+    prompts_per_task: int = 100     # train prompts per task sampled for preference pairs
+    samples_per_prompt: int = 4     # SFT samples per prompt, graded by the verifiers
+    heldout_per_task: int = 20      # held-out prompts per task for pairwise accuracy
+    safety: bool = True             # also train the safety reward model (ckpt/rm_safety)
+    safety_threshold: float = 0.15  # Llama 2: use the safety score when sigmoid(it) < this
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    algo: str = "ppo"
+    lr: float = 2e-5
+    warmup_steps: int = 0
+    max_steps: int = 50
+    eval_every: int = 10
+    ckpt_every: int = 10
+    kl_coef: float = 0.05
+    beta: float = 0.1               # DPO temperature
+    group_size: int = 8             # GRPO group / best-of-N
+    rounds: int = 2                 # rejection sampling rounds
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    init: str = "sft"               # checkpoint folder the policy (and reference) start from
+    eval_per_task: int = 30         # held-out items per task for verified accuracy
+    prompts_per_rollout: int = 16   # PPO/GRPO: prompts sampled per rollout phase
+    ppo_epochs: int = 2             # PPO/GRPO: optimizer steps per rollout (one minibatch each)
+    clip: float = 0.2               # PPO ratio clip epsilon
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_target: float = 0.0          # > 0: adaptive KL coefficient (Ziegler et al.) toward this KL
+    kl_horizon: int = 10000
+    no_end_penalty: float = 1.0     # subtracted from the score of responses that never end
+    ptx_coef: float = 0.0           # pretraining-mix loss weight (InstructGPT PPO-ptx); needs data/
+    train_layers: int = 0           # > 0: train only the top k transformer layers (+ norm, heads)
+    steps_per_round: int = 30       # rejection sampling: fine-tuning steps per round
+
+
+@dataclass
+class EvalConfig:
+    eval_per_task: int = 50
+    pass_k: int = 4
+    arena_battles: int = 200
+    bootstrap: int = 200
+    seed: int = 0
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 16
+    db: str = ""                    # feedback store: SQLite path or postgresql:// URL
+
+
+@dataclass
+class Config:
+    preset: str = "cpu"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+# ---------------------------------------------------------------- presets
+
+def _micro(c: Config) -> None:
+    """The whole pipeline in well under a minute: for tests and smoke runs."""
+    c.model = ModelConfig(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128)
+    c.tokenizer = TokenizerConfig(vocab_size=512, sample_bytes=1_000_000)
+    c.data.sources = [SourceConfig(name="stdlib", kind="stdlib", weight=1.0, code=True, max_docs=120),
+                      SourceConfig(name="pydoc", kind="pydoc", weight=1.0, max_docs=150)]
+    c.data.shard_tokens = 200_000
+    c.pretrain = TrainConfig(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10, max_steps=150,
+                             eval_every=50, eval_batches=4, ckpt_every=50, log_every=10)
+
+
+def _cpu(c: Config) -> None:
+    """Default: sized for 10 minutes of pretraining on 2 CPU cores (see bench/train_throughput.py)."""
+
+
+def _gpt2_small(c: Config) -> None:
+    """124M parameters, 1024 context: for GPUs."""
+    c.model = ModelConfig(vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12, d_model=768,
+                          max_seq_len=1024, tie_embeddings=True)
+    c.tokenizer = TokenizerConfig(vocab_size=50304, sample_bytes=200_000_000)
+    c.data.shard_tokens = 100_000_000
+    c.pretrain = TrainConfig(batch_size=32, seq_len=1024, grad_accum=16, lr=6e-4, warmup_steps=700,
+                             max_steps=20_000, eval_every=500, eval_batches=50, ckpt_every=1000,
+                             sample_every=1000, compile=True)
+
+
+PRESETS = {"micro": _micro, "cpu": _cpu, "gpt2-small": _gpt2_small}
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+def _merge(obj, values: dict, where: str) -> None:
+    """Set dataclass `obj`'s fields from a nested dict, type-checking as we go."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{where}{key}"
+        if key not in names:
+            raise UserError(f"unknown config key '{path}'; known keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{path}' is a section; give it as a TOML table")
+            _merge(current, value, path + ".")
+        elif key == "sources":
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise UserError(f"'{path}' must be a list of tables ([[data.sources]] in TOML)")
+            sources = []
+            for i, v in enumerate(value):
+                s = SourceConfig()
+                _merge(s, v, f"{path}[{i}].")
+                sources.append(s)
+            setattr(obj, key, sources)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def _coerce(value, typ, path: str):
+    if isinstance(value, str) and typ is not str:
+        value = _parse_literal(value, path)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        return str(value)
+    else:
+        return value
+    raise UserError(f"config key '{path}' wants a {typ.__name__}, got {value!r}")
+
+
+def _parse_literal(text: str, path: str):
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        try:
+            return float(text)  # tomllib rejects forms like "1e-3" without a leading digit dot
+        except ValueError:
+            return text
+
+
+def apply_override(cfg: Config, assignment: str) -> None:
+    if "=" not in assignment:
+        raise UserError(f"override '{assignment}' is not key=value; write e.g. --set pretrain.lr=1e-3")
+    key, value = assignment.split("=", 1)
+    *parents, leaf = key.strip().lstrip("-").split(".")
+    nested: dict = {leaf: value}
+    for p in reversed(parents):
+        nested = {p: nested}
+    _merge(cfg, nested, "")
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass an existing .toml file to --config")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid TOML ({e}); fix the syntax") from None
+
+
+def resolve(preset: str | None = None, config_file: str | None = None, overrides=(), run_dir=None) -> Config:
+    recorded = Path(run_dir) / "config.toml" if run_dir else None
+    recorded_values = load_toml(recorded) if recorded and recorded.is_file() else None
+    name = preset or (recorded_values or {}).get("preset") or "cpu"
+    if name not in PRESETS:
+        raise UserError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    cfg = Config(preset=name)
+    PRESETS[name](cfg)
+    if recorded_values and preset in (None, recorded_values.get("preset")):
+        _merge(cfg, recorded_values, "")
+    if config_file:
+        _merge(cfg, load_toml(config_file), "")
+    for o in overrides:
+        apply_override(cfg, o)
+    cfg.model.validate()
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def save(cfg: Config, run_dir: str | Path) -> None:
+    from llmforge.run import write_text_atomic
+    write_text_atomic(Path(run_dir) / "config.toml", to_toml(cfg))

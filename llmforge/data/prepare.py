@@ -1,0 +1,353 @@
+"""`llmforge data prepare`: sources -> clean -> dedup -> mix -> tokenizer -> token shards.
+
+    llmforge data prepare --out runs/demo --preset micro
+
+Three steps, each skipped on a re-run when its output is already there for the same
+settings:
+  1. collect_documents: read every source, clean, deduplicate across sources, assign
+     each document its split and copy count; writes data/docs.jsonl (one cleaned, unique
+     document per line) and data/docs_stats.json (counts per source and rule).
+  2. train_tokenizer (only when RUN/tokenizer/tokenizer.json is missing): BPE on a sample
+     of the training mixture, cfg.tokenizer.sample_bytes of it.
+  3. write_shards: tokenize in a process pool, write data/{train,val}_NNN.bin; completed
+     shards are listed in data/progress.json, so an interrupted run resumes after them.
+     data/manifest.json is written last and describes everything.
+
+The training stream visits the mixture in epochs: pass k emits the training documents
+with more than k copies (see mixture.py), so repeated copies of a document are far apart.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+import json
+import os
+import sys
+import sysconfig
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from llmforge.config import Config, to_dict
+from llmforge.data import mixture
+from llmforge.data.clean import clean_document
+from llmforge.data.dedup import Deduplicator, exact_key
+from llmforge.data.encode import encode_chunks
+from llmforge.data.shards import MANIFEST, ShardWriter, shard_name, token_dtype
+from llmforge.data.sources import iter_documents
+from llmforge.errors import UserError
+from llmforge.run import RunDir, atomic_path, write_json_atomic
+from llmforge.tokenizer.bpe import Tokenizer
+
+DOCS = "docs.jsonl"
+DOCS_STATS = "docs_stats.json"
+PROGRESS = "progress.json"
+CHUNK_BYTES = 1 << 20          # text per tokenization task
+POOL_MIN_BYTES = 4 << 20       # smaller splits tokenize in-process: a pool's start-up would cost more
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _workers(cfg: Config) -> int:
+    if cfg.data.workers > 0:
+        return cfg.data.workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------ 1. documents
+
+def _docs_key(cfg: Config) -> str:
+    """Everything the cleaned documents depend on: a change means collect again."""
+    d = to_dict(cfg.data)
+    inputs = []
+    for src in cfg.data.sources:
+        if src.kind == "files":  # user files may be edited between runs
+            for pattern in (p.strip() for p in src.path.split(",") if p.strip()):
+                for path in sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True)):
+                    st = os.stat(path)
+                    inputs.append((path, st.st_size, st.st_mtime_ns))
+    settings = {k: d[k] for k in ("sources", "clean", "val_fraction", "dedup_exact", "dedup_near",
+                                  "near_threshold", "num_perm", "shingle_words", "seed")}
+    return _sha([settings, inputs, sys.version, sysconfig.get_paths()["stdlib"]])
+
+
+def collect_documents(cfg: Config, run: RunDir) -> dict:
+    """Step 1. Returns the stats (also in data/docs_stats.json)."""
+    stats_path, docs_path = run.data / DOCS_STATS, run.data / DOCS
+    key = _docs_key(cfg)
+    if stats_path.is_file() and docs_path.is_file():
+        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+        if stats.get("key") == key:
+            return stats
+    if not cfg.data.sources:
+        raise UserError("data.sources is empty; add at least one [[data.sources]] table to the config")
+    if len({s.name for s in cfg.data.sources}) != len(cfg.data.sources):
+        raise UserError("two data.sources share a name; give every source a unique name")
+
+    started = time.time()
+    dd = Deduplicator(cfg.data.dedup_exact, cfg.data.dedup_near, cfg.data.near_threshold,
+                      cfg.data.num_perm, cfg.data.shingle_words)
+    per_source = {s.name: Counter() for s in cfg.data.sources}
+    removed = {s.name: Counter() for s in cfg.data.sources}
+    smallest_train = None  # (split hash, line number): moved to val if val ends up empty
+    lines = checked = 0
+    with atomic_path(docs_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for src in cfg.data.sources:
+            counts = per_source[src.name]
+            for doc in tqdm(iter_documents(src), desc=f"clean+dedup {src.name}", unit="doc",
+                            total=src.max_docs or None, leave=False):
+                nbytes = len(doc["text"].encode("utf-8"))
+                counts["docs_raw"] += 1
+                counts["bytes_raw"] += nbytes
+                text, reason = clean_document(doc["text"], code=src.code, rules=cfg.data.clean)
+                if text is None:
+                    removed[src.name][reason] += 1
+                    continue
+                counts["docs_clean"] += 1
+                counts["bytes_clean"] += len(text.encode("utf-8"))
+                doc_key = exact_key(text)
+                checked += 1  # a unique LSH key even if two sources share a document id
+                duplicate = dd.check(str(checked), text, doc_key)
+                if duplicate:
+                    removed[src.name][duplicate] += 1
+                    continue
+                split = mixture.split_of(doc_key, cfg.data.val_fraction)
+                copies = mixture.copies(src.weight, doc_key, cfg.data.seed, split)
+                counts["docs_dedup"] += 1
+                counts["bytes_dedup"] += len(text.encode("utf-8"))
+                counts[f"docs_{split}"] += 1
+                counts[f"copies_{split}"] += copies
+                if split == "train" and copies:
+                    h = mixture.unit_hash("split", doc_key)
+                    smallest_train = min(smallest_train or (h, lines), (h, lines))
+                out.write(json.dumps({"id": doc["id"], "source": src.name, "split": split,
+                                      "copies": copies, "text": text}, ensure_ascii=False) + "\n")
+                lines += 1
+        out.flush()
+        if cfg.data.val_fraction > 0 and not any(c["docs_val"] for c in per_source.values()) \
+                and smallest_train and lines > 1:
+            _move_to_val(tmp, smallest_train[1], per_source)
+
+    stats = {"key": key, "sources": {k: dict(v) for k, v in per_source.items()},
+             "removed": {k: dict(v) for k, v in removed.items()}, "dedup": dict(dd.removed),
+             "documents": lines, "seconds": round(time.time() - started, 2)}
+    write_json_atomic(stats_path, stats)
+    return stats
+
+
+def _move_to_val(path: Path, line_no: int, per_source: dict) -> None:
+    """The hash split left validation empty (tiny corpus): move the training document with
+    the smallest split hash, so the choice stays deterministic."""
+    with open(path, encoding="utf-8") as f:
+        docs = f.readlines()
+    doc = json.loads(docs[line_no])
+    counts = per_source[doc["source"]]
+    counts["docs_train"] -= 1
+    counts["copies_train"] -= doc["copies"]
+    counts["docs_val"] += 1
+    counts["copies_val"] += 1
+    doc.update(split="val", copies=1)
+    docs[line_no] = json.dumps(doc, ensure_ascii=False) + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(docs)
+
+
+def _read_docs(run: RunDir) -> Iterator[dict]:
+    with open(run.data / DOCS, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def mixture_stream(run: RunDir, split: str) -> Iterator[tuple[str, str]]:
+    """(text, source) of every document copy in `split`, epoch by epoch."""
+    max_copies = 1
+    epoch = 0
+    while epoch < max_copies:
+        for doc in _read_docs(run):
+            if doc["split"] == split:
+                max_copies = max(max_copies, doc["copies"])
+                if doc["copies"] > epoch:
+                    yield doc["text"], doc["source"]
+        epoch += 1
+
+
+# ------------------------------------------------------------------ 2. tokenizer
+
+def train_tokenizer(cfg: Config, run: RunDir) -> Tokenizer:
+    """Step 2: learn BPE from ~cfg.tokenizer.sample_bytes of the training mixture and save
+    it at run.tokenizer (replacing any tokenizer there)."""
+    run.create()
+    stats = collect_documents(cfg, run)
+    train_bytes = _split_bytes(run, "train")
+    if train_bytes == 0:
+        raise UserError("no training documents survived cleaning; add data or loosen data.clean rules")
+    # Each document copy is in the sample with the same probability, so the sample has the
+    # mixture's proportions; the hash coin keeps it deterministic.
+    rate = min(1.0, cfg.tokenizer.sample_bytes / train_bytes)
+
+    def sample() -> Iterator[str]:
+        taken = 0
+        for doc in _read_docs(run):
+            if doc["split"] != "train" or not doc["copies"]:
+                continue
+            if mixture.unit_hash("tokenizer", cfg.data.seed, doc["id"], doc["source"]) < rate * doc["copies"]:
+                taken += len(doc["text"].encode("utf-8"))
+                yield doc["text"]
+                if taken >= cfg.tokenizer.sample_bytes:
+                    return
+
+    started = time.time()
+    print(f"training BPE tokenizer: vocab {cfg.tokenizer.vocab_size} on ~{min(train_bytes, cfg.tokenizer.sample_bytes) / 1e6:.1f} MB "
+          f"of {stats['documents']} documents", file=sys.stderr)
+    tok = Tokenizer.train(sample(), cfg.tokenizer.vocab_size, single_digits=cfg.tokenizer.single_digits,
+                          show_progress=sys.stderr.isatty())
+    tok.save(run.tokenizer)
+    run.log("tokenizer", vocab_size=tok.vocab_size, hash=tok.hash, seconds=round(time.time() - started, 2))
+    return tok
+
+
+def _split_bytes(run: RunDir, split: str) -> int:
+    """Text bytes of `split` with copies counted (the size of the mixture stream)."""
+    total = 0
+    for doc in _read_docs(run):
+        if doc["split"] == split:
+            total += len(doc["text"].encode("utf-8")) * doc["copies"]
+    return total
+
+
+# ------------------------------------------------------------------ 3. shards
+
+def _chunks(stream: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+    chunk, size = [], 0
+    for item in stream:
+        chunk.append(item)
+        size += len(item[0])
+        if size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def write_shards(cfg: Config, run: RunDir, tok: Tokenizer, stats: dict) -> dict:
+    """Step 3. Returns the manifest."""
+    dtype = token_dtype(tok.vocab_size)
+    key = _sha([stats["key"], tok.hash, cfg.data.shard_tokens, dtype.name])
+    progress_path = run.data / PROGRESS
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+    if progress.get("key") != key:  # different documents or tokenizer: start over
+        for old in list(run.data.glob("train_*.bin")) + list(run.data.glob("val_*.bin")):
+            old.unlink()
+        (run.data / MANIFEST).unlink(missing_ok=True)
+        progress = {"key": key, "train": {"shards": [], "complete": False},
+                    "val": {"shards": [], "complete": False}}
+    for stale in run.data.glob(".*.tmp"):  # temp files of a killed run
+        stale.unlink()
+
+    workers = _workers(cfg)
+    for split in ("train", "val"):
+        state = progress[split]
+        if state["complete"]:
+            continue
+        done = state["shards"]
+        # Files past the last recorded shard are from an interrupted run: they get rewritten.
+        position = done[-1]["next_doc"] if done else 0
+        total_bytes = _split_bytes(run, split)
+        stream = itertools.islice(mixture_stream(run, split), position, None)
+
+        def record(entry: dict) -> None:
+            done.append(entry)
+            write_json_atomic(progress_path, progress)
+
+        bar = tqdm(total=total_bytes, initial=sum(s["text_bytes"] for s in done), unit="B", unit_scale=True,
+                   desc=f"tokenize {split}")
+        pool_workers = workers if total_bytes >= POOL_MIN_BYTES else 1
+        with ShardWriter(run.data, split, dtype, cfg.data.shard_tokens, start_index=len(done),
+                         on_shard=record) as writer:
+            for ids, n_docs, source_tokens, source_bytes in encode_chunks(_chunks(stream), tok.hf.to_str(),
+                                                                          pool_workers):
+                position += n_docs
+                nbytes = sum(source_bytes.values())
+                writer.add(ids, position, docs=n_docs, text_bytes=nbytes, source_tokens=source_tokens)
+                bar.update(nbytes)
+        bar.close()
+        state["complete"] = True
+        write_json_atomic(progress_path, progress)
+    return _manifest(cfg, tok, dtype, key, progress, stats)
+
+
+def _manifest(cfg: Config, tok: Tokenizer, dtype, key: str, progress: dict, stats: dict) -> dict:
+    splits = {}
+    mix_tokens = defaultdict(Counter)
+    for split in ("train", "val"):
+        shards = progress[split]["shards"]
+        splits[split] = {
+            "shards": [{k: s[k] for k in ("file", "tokens", "size", "sha256")} for s in shards],
+            "tokens": sum(s["tokens"] for s in shards),
+            "text_bytes": sum(s["text_bytes"] for s in shards),
+            "docs": sum(s["docs"] for s in shards),
+        }
+        for s in shards:
+            for source, n in s["source_tokens"].items():
+                mix_tokens[source][f"tokens_{split}"] += n
+    sources = {}
+    for src in cfg.data.sources:
+        counts = dict(stats["sources"].get(src.name, {}))
+        counts.update(mix_tokens[src.name])
+        counts["weight"] = src.weight
+        counts["kind"] = src.kind
+        sources[src.name] = counts
+    return {
+        "version": 1, "key": key, "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size,
+        "dtype": dtype.name, "eot_id": tok.eot_id, "bos_id": tok.bos_id, "shard_tokens": cfg.data.shard_tokens,
+        "splits": splits, "sources": sources, "dedup": stats["dedup"], "removed": stats["removed"],
+    }
+
+
+# ------------------------------------------------------------------ the verb
+
+def prepare(cfg: Config, run: RunDir) -> dict:
+    """`llmforge data prepare`: returns the manifest (also written to data/manifest.json)."""
+    started = time.time()
+    run.create()
+    stats = collect_documents(cfg, run)
+    if run.tokenizer.is_file():
+        tok = Tokenizer.load(run.tokenizer)
+    else:
+        tok = train_tokenizer(cfg, run)
+    manifest = write_shards(cfg, run, tok, stats)
+    seconds = round(time.time() - started, 2)
+    manifest_path = run.data / MANIFEST
+    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    write_json_atomic(manifest_path, manifest)
+    if previous != manifest:  # log only when something was (re)built
+        for name, counts in manifest["sources"].items():
+            run.log("data", source=name, **{k: v for k, v in counts.items() if k != "kind"},
+                    removed=manifest["removed"].get(name, {}))
+        run.log("data", train_tokens=manifest["splits"]["train"]["tokens"],
+                val_tokens=manifest["splits"]["val"]["tokens"], dedup=manifest["dedup"], seconds=seconds)
+    print(format_table(manifest))
+    return manifest
+
+
+def format_table(manifest: dict) -> str:
+    """Per-source table: documents and megabytes through each step, tokens in the mix."""
+    head = f"{'source':<12} {'weight':>6} {'docs':>7} {'cleaned':>7} {'unique':>7} {'MB in':>7} {'MB kept':>7} " \
+           f"{'train tok':>10} {'val tok':>9}  removed"
+    rows = [head, "-" * len(head)]
+    for name, c in manifest["sources"].items():
+        removed = ", ".join(f"{r} {n}" for r, n in sorted(manifest["removed"].get(name, {}).items()))
+        rows.append(f"{name:<12} {c['weight']:>6g} {c.get('docs_raw', 0):>7} {c.get('docs_clean', 0):>7} "
+                    f"{c.get('docs_dedup', 0):>7} {c.get('bytes_raw', 0) / 1e6:>7.2f} {c.get('bytes_dedup', 0) / 1e6:>7.2f} "
+                    f"{c.get('tokens_train', 0):>10} {c.get('tokens_val', 0):>9}  {removed or '-'}")
+    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
+    rows.append(f"train: {tr['tokens']} tokens in {len(tr['shards'])} shard(s), "
+                f"{tr['text_bytes'] / max(tr['tokens'], 1):.2f} bytes/token; val: {va['tokens']} tokens; "
+                f"dtype {manifest['dtype']}, vocab {manifest['vocab_size']}")
+    return "\n".join(rows)

@@ -1,0 +1,263 @@
+"""THE generation engine: batched KV-cache sampling shared by RL rollouts, eval, chat and serving.
+
+Requests occupy slots (rows) of one KV cache and advance together: each `step()` runs at most
+two forward passes, one for rows that have several tokens to feed (new prompts, or a tool
+result the engine inserted) and one batched decode for all rows with a single token. A request
+that arrives while others are decoding simply joins at the next step (continuous batching).
+
+    engine = Engine(model, tokenizer, max_batch=16)
+    outs = engine.generate([prompt_ids, ...], SamplingParams(max_tokens=64, temperature=0.8))
+
+For a server: `add(prompt_ids, params)` -> request id, then call `step()` repeatedly; it
+returns the events (request id, new token, finished?) of that step.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from llmforge.infer.sampling import SamplingParams, sample_token
+from llmforge.model.kv_cache import KVCache
+
+
+@dataclass
+class Completion:
+    prompt_len: int
+    tokens: list[int] = field(default_factory=list)       # everything after the prompt
+    generated: list[bool] = field(default_factory=list)   # False for tokens the engine inserted (tool results)
+    logprobs: list[float] = field(default_factory=list)   # per token; 0.0 for inserted ones
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None                      # "stop" | "length"
+    tool_calls_run: int = 0
+
+
+@dataclass
+class Event:
+    request_id: int
+    token: int | None
+    text_delta: str
+    finished: bool
+    completion: Completion
+
+
+@dataclass
+class _Request:
+    id: int
+    slot: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    constraint: object = None
+    pending: list[int] = field(default_factory=list)      # tokens to feed at the next step
+    position: int = 0                                     # cache position of pending[0]
+    out: Completion = None
+    emitted_text: str = ""
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    decode_batches: int = 0
+    decode_rows: int = 0           # sum of batch sizes over decode steps
+    max_decode_batch: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    requests: int = 0
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_len: int | None = None, tool_runner=None):
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.max_batch = max_batch
+        self.max_len = max_len or model.cfg.max_seq_len
+        self.device = next(model.parameters()).device
+        self.cache = KVCache.for_model(model, max_batch, self.max_len)
+        self.free_slots = list(range(max_batch))[::-1]
+        self.active: dict[int, _Request] = {}
+        self.waiting: list[_Request] = []
+        self.ids = itertools.count()
+        self.lock = threading.Lock()
+        self.stats = EngineStats()
+        self.tool_runner = tool_runner
+        self.end_id = self._special("<|end|>")
+        self.tool_call_id = self._special("<|tool_call|>")
+        self.assistant_id = self._special("<|assistant|>")
+
+    def _special(self, name: str) -> int | None:
+        try:
+            return self.tok.token_id(name)
+        except Exception:
+            return None
+
+    # ------------------------------------------------------------ requests
+    def add(self, prompt: list[int], params: SamplingParams, constraint=None) -> int:
+        """Queue a request; it joins the batch at the next step with a free slot."""
+        if not prompt:
+            raise ValueError("empty prompt: give at least one token (e.g. <|bos|>)")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_len} tokens")
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        gen = torch.Generator().manual_seed(seed)
+        with self.lock:
+            rid = next(self.ids)
+            req = _Request(rid, -1, list(prompt), params, gen, constraint, pending=list(prompt),
+                           out=Completion(prompt_len=len(prompt)))
+            self.waiting.append(req)
+            self.stats.requests += 1
+        return rid
+
+    def cancel(self, request_id: int) -> None:
+        with self.lock:
+            self.waiting = [r for r in self.waiting if r.id != request_id]
+            req = self.active.pop(request_id, None)
+            if req is not None:
+                self.free_slots.append(req.slot)
+
+    def has_work(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    # ------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        with self.lock:
+            while self.waiting and self.free_slots:
+                req = self.waiting.pop(0)
+                req.slot = self.free_slots.pop()
+                self.active[req.id] = req
+            rows = list(self.active.values())
+        if not rows:
+            return []
+        self.stats.steps += 1
+        logits: dict[int, torch.Tensor] = {}
+        decode = [r for r in rows if len(r.pending) == 1]
+        prefill = [r for r in rows if len(r.pending) > 1]
+        if prefill:
+            logits.update(self._forward(prefill))
+            self.stats.prefill_tokens += sum(len(r.pending) for r in prefill)
+        if decode:
+            logits.update(self._forward(decode))
+            self.stats.decode_batches += 1
+            self.stats.decode_rows += len(decode)
+            self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(decode))
+        events = []
+        for req in rows:
+            req.position += len(req.pending)
+            req.pending = []
+            events.append(self._advance(req, logits[req.id]))
+        return events
+
+    def _forward(self, reqs: list[_Request]) -> dict[int, torch.Tensor]:
+        """One right-padded forward; returns each request's last-position logits (V,) in fp32.
+        Pad positions write junk into the cache beyond a row's length; a row always rewrites a
+        position before any query can see it, so the junk is never attended."""
+        T = max(len(r.pending) for r in reqs)
+        idx = torch.zeros(len(reqs), T, dtype=torch.long)
+        pos = torch.zeros(len(reqs), T, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            n = len(r.pending)
+            idx[i, :n] = torch.tensor(r.pending)
+            pos[i] = torch.arange(r.position, r.position + T).clamp(max=self.max_len - 1)
+        slots = torch.tensor([r.slot for r in reqs], device=self.device)
+        out = self.model(idx.to(self.device), cache=self.cache, positions=pos.to(self.device), slots=slots)
+        last = torch.tensor([len(r.pending) - 1 for r in reqs], device=self.device)
+        rows = out[torch.arange(len(reqs), device=self.device), last].float().cpu()
+        return {r.id: rows[i] for i, r in enumerate(reqs)}
+
+    def _advance(self, req: _Request, logits: torch.Tensor) -> Event:
+        p, out = req.params, req.out
+        if req.constraint is not None:
+            allowed = req.constraint.allowed_mask(logits.numel())
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        token = sample_token(logits, p, req.generator)
+        logp = F.log_softmax(logits, dim=-1)
+        out.tokens.append(token)
+        out.generated.append(True)
+        out.logprobs.append(float(logp[token]))
+        if p.top_logprobs:
+            top = torch.topk(logp, p.top_logprobs)
+            out.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist())))
+        if req.constraint is not None:
+            req.constraint.advance(token)
+        self.stats.generated_tokens += 1
+        req.pending = [token]
+
+        finish = None
+        if token in p.stop_token_ids:
+            if p.execute_tools and token == self.end_id and self._in_tool_call(out) and self.tool_runner:
+                self._run_tool(req)
+            else:
+                finish = "stop"
+        elif req.constraint is not None and req.constraint.is_done():
+            finish = "stop"
+        text = self._visible_text(out, p)
+        if finish is None and p.stop:
+            cut = min((text.find(s) for s in p.stop if s in text), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        if finish is None and (len(out.tokens) >= p.max_tokens or req.position + len(req.pending) >= self.max_len):
+            finish = "length"
+        out.text = text
+        delta = text[len(req.emitted_text):] if text.startswith(req.emitted_text) else ""
+        req.emitted_text = text
+        if finish is not None:
+            out.finish_reason = finish
+            with self.lock:
+                self.active.pop(req.id, None)
+                self.free_slots.append(req.slot)
+        return Event(req.id, token, delta, finish is not None, out)
+
+    def _visible_text(self, out: Completion, params: SamplingParams) -> str:
+        """Completion text without a final stop token."""
+        toks = out.tokens
+        if toks and toks[-1] in params.stop_token_ids:
+            toks = toks[:-1]
+        return self.tok.decode(toks)
+
+    # ------------------------------------------------------------ tools
+    def _in_tool_call(self, out: Completion) -> bool:
+        """Whether the <|end|> just sampled closes a span that opened with <|tool_call|>."""
+        for t in reversed(out.tokens[:-1]):
+            if t == self.tool_call_id:
+                return True
+            if t in (self.end_id, self.assistant_id):
+                return False
+        return False
+
+    def _run_tool(self, req: _Request) -> None:
+        """Execute the call, then feed `<|tool_result|>RESULT<|end|><|assistant|>` to the model."""
+        out = req.out
+        start = len(out.tokens) - 1 - out.tokens[::-1].index(self.tool_call_id, 1)
+        call_text = self.tok.decode(out.tokens[start + 1:-1])
+        try:
+            call = json.loads(call_text)
+            result = self.tool_runner(call.get("name", ""), call.get("arguments", {}))
+        except Exception as e:  # a malformed call is the model's mistake: show it the error
+            result = f"error: {e}"
+        inserted = ([self._special("<|tool_result|>")] + self.tok.encode(str(result)) +
+                    [self.end_id, self.assistant_id])
+        out.tokens.extend(inserted)
+        out.generated.extend([False] * len(inserted))
+        out.logprobs.extend([0.0] * len(inserted))
+        out.tool_calls_run += 1
+        req.pending = [self.end_id] + inserted  # the sampled <|end|> has not been fed yet
+
+    # ------------------------------------------------------------ batch API
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 constraints=None, show_progress: bool = False) -> list[Completion]:
+        """Generate for every prompt (more prompts than slots is fine: they queue)."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        constraints = constraints or [None] * len(prompts)
+        ids = [self.add(p, sp, c) for p, sp, c in zip(prompts, params, constraints)]
+        results: dict[int, Completion] = {}
+        while len(results) < len(ids):
+            for ev in self.step():
+                if ev.finished:
+                    results[ev.request_id] = ev.completion
+        return [results[i] for i in ids]

@@ -1,0 +1,352 @@
+"""Built-in tools the model can call: a calculator and a Python sandbox.
+
+    run_tool("calculator", {"expression": "12 * (3 + 4)"})   -> "84"
+    run_tool("python", {"code": "print(sum(range(10)))"})    -> "45\n"
+
+The engine loop executes the model's `<|tool_call|>` and feeds the returned string back as
+a `<|tool_result|>`. A tool never raises for bad arguments or failing code: the model gets an
+"error: ..." string it can read. Only a tool name nobody registered raises (UnknownToolError,
+a UserError), so an API request naming one becomes a 400.
+
+Python sandbox isolation, strongest first (`sandbox_isolation()` says which is in force):
+  "namespaces"   (root + util-linux `unshare`/`setpriv`): fresh network namespace (no
+                 interfaces up, so not even the host's loopback), fresh PID namespace (killing
+                 its first process kills everything the code spawned), fresh mount namespace
+                 where every mount is read-only except the sandbox's own directory, all
+                 capabilities dropped so the code cannot undo any of it.
+  "python-guard" (anything else): a preamble replaces `socket.socket` and refuses file writes
+                 outside the sandbox directory through `open`/`os.open`. Best effort only:
+                 code using ctypes or os.system can get around it.
+Both also apply rlimits (address space, CPU seconds, file size, open files), a wall-clock
+timeout that kills the process group, its own temporary directory as cwd/HOME/TMPDIR, and a
+cap on the bytes of output returned.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import math
+import operator
+import os
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmforge.errors import UserError
+
+
+class UnknownToolError(UserError):
+    """A tool name that is not registered (an API client's typo, or a model's invention)."""
+
+
+# ---------------------------------------------------------------- calculator
+
+MAX_EXPRESSION_CHARS = 256
+MAX_RESULT_BITS = 4096          # an int result larger than this is refused (2**4096 ~ 1e1233)
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+           ast.Pow: operator.pow}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_FUNCTIONS = {"abs": abs, "round": round, "min": min, "max": max, "sqrt": math.sqrt,
+              "log": math.log, "exp": math.exp, "sin": math.sin, "cos": math.cos}
+_CONSTANTS = {"pi": math.pi, "e": math.e}
+
+
+class CalculatorError(ValueError):
+    pass
+
+
+def _check_size(value):
+    if isinstance(value, int) and value.bit_length() > MAX_RESULT_BITS:
+        raise CalculatorError(f"result too large (more than {MAX_RESULT_BITS} bits)")
+    return value
+
+
+def _power(base, exponent):
+    # Refuse before computing: 9**9**9 would otherwise hang the server.
+    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1:
+        if exponent * math.log2(abs(base)) > MAX_RESULT_BITS:
+            raise CalculatorError(f"result too large (more than {MAX_RESULT_BITS} bits)")
+    if abs(exponent) > 10_000:
+        raise CalculatorError("exponent too large")
+    return base ** exponent
+
+
+def _evaluate(node):
+    """Walk the parsed expression; anything that is not arithmetic on numbers is refused."""
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in _CONSTANTS:
+        return _CONSTANTS[node.id]
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_evaluate(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Pow):
+            return _check_size(_power(left, right))
+        if isinstance(node.op, ast.Mult) and isinstance(left, int) and isinstance(right, int):
+            if left.bit_length() + right.bit_length() > MAX_RESULT_BITS:
+                raise CalculatorError(f"result too large (more than {MAX_RESULT_BITS} bits)")
+        return _check_size(_BINARY[type(node.op)](left, right))
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS
+            and not node.keywords and len(node.args) <= 4):
+        return _FUNCTIONS[node.func.id](*[_evaluate(a) for a in node.args])
+    raise CalculatorError(f"unsupported syntax: {ast.unparse(node)!r}")
+
+
+def calculate(expression: str) -> str:
+    """Evaluate arithmetic (+ - * / // % **, parentheses, a few math functions) without eval."""
+    if not isinstance(expression, str) or not expression.strip():
+        return "error: 'expression' must be a non-empty string, e.g. {\"expression\": \"2 + 2\"}"
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        return f"error: expression longer than {MAX_EXPRESSION_CHARS} characters"
+    try:
+        value = _evaluate(ast.parse(expression.strip(), mode="eval"))
+    except SyntaxError:
+        return f"error: not an arithmetic expression: {expression!r}"
+    except ZeroDivisionError:
+        return "error: division by zero"
+    except (CalculatorError, ValueError, TypeError, OverflowError) as e:
+        return f"error: {e}"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return format(value, ".12g")
+    return str(value)
+
+
+# ---------------------------------------------------------------- python sandbox
+
+@dataclass
+class SandboxLimits:
+    wall_seconds: float = 10.0      # killed (with everything it spawned) after this
+    cpu_seconds: int = 5            # RLIMIT_CPU
+    memory_bytes: int = 512 << 20   # RLIMIT_AS: address space of the interpreter
+    file_bytes: int = 16 << 20      # RLIMIT_FSIZE: largest file it may write
+    open_files: int = 64            # RLIMIT_NOFILE
+    output_bytes: int = 16_384      # stdout+stderr returned; the process is killed past it
+
+
+# Runs inside the namespaces as root (before any user code): make every mount read-only except
+# the sandbox directory, set rlimits, then exec the user's code with all capabilities dropped.
+_LAUNCHER = r'''
+import json, os, resource, subprocess, sys
+cfg = json.loads(sys.argv[1])
+box = cfg["dir"]
+def mount(*args):
+    return subprocess.run(["mount", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+if mount("--make-rprivate", "/") or mount("--bind", box, box):
+    sys.exit("sandbox: could not set up the mount namespace")
+points = []
+with open("/proc/self/mountinfo") as f:
+    for line in f:
+        points.append(line.split()[4].replace("\\040", " "))
+for point in points:
+    if point != box and not point.startswith(("/proc", "/sys")):
+        if mount("-o", "remount,bind,ro", point) and point in ("/", "/tmp", "/dev/shm"):
+            sys.exit(f"sandbox: could not make {point} read-only")
+def limit():
+    for name, value in cfg["rlimits"].items():
+        resource.setrlimit(getattr(resource, name), tuple(value))
+# This launcher is PID 1 of the namespace: it waits (reaping orphans) and turns a fatal signal
+# into exit code 128+N, since unshare itself reports signalled children poorly.
+proc = subprocess.run([cfg["setpriv"], "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs",
+                       "--", cfg["python"], "-I", "main.py"], cwd=box, env=cfg["env"], preexec_fn=limit)
+sys.exit(128 - proc.returncode if proc.returncode < 0 else proc.returncode)
+'''
+
+# Prepended to the user's code when namespaces are unavailable. Best effort (see docstring).
+_GUARD = r'''
+import builtins as _b, os as _os, socket as _socket
+_BOX = _os.path.realpath(_os.getcwd())
+def _no_network(*a, **k):
+    raise PermissionError("network access is disabled in this sandbox")
+_socket.socket = _no_network
+_socket.create_connection = _no_network
+_socket.getaddrinfo = _no_network
+def _inside(path):
+    p = _os.path.realpath(_os.fspath(path))
+    return p == _BOX or p.startswith(_BOX + _os.sep)
+_open, _osopen = _b.open, _os.open
+def _guarded_open(file, mode="r", *a, **k):
+    if isinstance(file, int) or not any(c in mode for c in "wax+") or _inside(file):
+        return _open(file, mode, *a, **k)
+    raise PermissionError(f"writing outside the sandbox directory is disabled: {file}")
+def _guarded_osopen(path, flags, *a, **k):
+    if flags & (_os.O_WRONLY | _os.O_RDWR | _os.O_CREAT) and not _inside(path):
+        raise PermissionError(f"writing outside the sandbox directory is disabled: {path}")
+    return _osopen(path, flags, *a, **k)
+_b.open, _os.open = _guarded_open, _guarded_osopen
+del _b, _socket
+'''
+
+
+@functools.cache
+def sandbox_isolation() -> str:
+    """'namespaces' when the kernel-level isolation works here, else 'python-guard'."""
+    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
+    if os.name != "posix" or os.geteuid() != 0 or not unshare or not setpriv or not shutil.which("mount"):
+        return "python-guard"
+    probe = subprocess.run([unshare, "--mount", "--net", "--pid", "--fork", "--kill-child", "true"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
+    return "namespaces" if probe.returncode == 0 else "python-guard"
+
+
+def _rlimits(limits: SandboxLimits) -> dict:
+    return {"RLIMIT_AS": (limits.memory_bytes, limits.memory_bytes),
+            "RLIMIT_CPU": (limits.cpu_seconds, limits.cpu_seconds + 1),
+            "RLIMIT_FSIZE": (limits.file_bytes, limits.file_bytes),
+            "RLIMIT_NOFILE": (limits.open_files, limits.open_files),
+            "RLIMIT_CORE": (0, 0)}
+
+
+def _read_capped(proc: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, str]:
+    """Collect stdout+stderr up to the cap; kill the process group on timeout or overflow."""
+    out = bytearray()
+    reason = ""
+    deadline = time.monotonic() + limits.wall_seconds
+    fd = proc.stdout.fileno()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            reason = f"killed: wall-clock limit of {limits.wall_seconds:g}s exceeded"
+            break
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if not ready:
+            if proc.poll() is not None:
+                break
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        out += chunk
+        if len(out) > limits.output_bytes:
+            reason = f"output truncated at {limits.output_bytes} bytes; process killed"
+            del out[limits.output_bytes:]
+            break
+    if reason:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.stdout.close()
+    proc.wait()
+    return bytes(out), reason
+
+
+def run_python(code: str, limits: SandboxLimits | None = None, isolation: str | None = None) -> str:
+    """Run `code` in a fresh interpreter inside the sandbox; return its output and fate.
+    `isolation` forces "python-guard" (tests); by default the strongest available is used."""
+    if not isinstance(code, str) or not code.strip():
+        return "error: 'code' must be a non-empty string of Python source"
+    limits = limits or SandboxLimits()
+    isolation = isolation or sandbox_isolation()
+    with tempfile.TemporaryDirectory(prefix="llmforge-sandbox-") as box:
+        box = os.path.realpath(box)
+        env = {"HOME": box, "TMPDIR": box, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        if isolation == "namespaces":
+            Path(box, "main.py").write_text(code, encoding="utf-8")
+            cfg = {"dir": box, "rlimits": _rlimits(limits), "env": env, "python": sys.executable,
+                   "setpriv": shutil.which("setpriv")}
+            argv = [shutil.which("unshare"), "--mount", "--net", "--pid", "--fork", "--kill-child",
+                    sys.executable, "-I", "-c", _LAUNCHER, json.dumps(cfg)]
+            preexec = None
+        else:
+            Path(box, "main.py").write_text(_GUARD + "\n" + code, encoding="utf-8")
+            argv = [sys.executable, "-I", "main.py"]
+            rl = _rlimits(limits)
+
+            def preexec():
+                for name, value in rl.items():
+                    resource.setrlimit(getattr(resource, name), value)
+        proc = subprocess.Popen(argv, cwd=box, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
+        out, reason = _read_capped(proc, limits)
+    text = out.decode("utf-8", errors="replace")
+    rc = proc.returncode
+    if not reason and rc:
+        signum = -rc if rc < 0 else rc - 128 if rc > 128 else 0
+        name = signal.Signals(signum).name if signum in signal.valid_signals() else ""
+        if name:
+            why = {"SIGXCPU": f"CPU limit of {limits.cpu_seconds}s exceeded",
+                   "SIGKILL": "killed (likely the memory limit)",
+                   "SIGXFSZ": f"file size limit of {limits.file_bytes} bytes exceeded"}.get(name, name)
+            reason = f"killed: {why}"
+        else:
+            reason = f"exit code {rc}"
+    return text + (f"\n[{reason}]" if reason else "")
+
+
+# ---------------------------------------------------------------- registry
+
+TOOL_SPECS = {
+    "calculator": {
+        "type": "function",
+        "function": {
+            "name": "calculator",
+            "description": "Evaluate an arithmetic expression: + - * / // % ** and parentheses, "
+                           "plus abs, round, min, max, sqrt, log, exp, sin, cos, pi, e.",
+            "parameters": {"type": "object",
+                           "properties": {"expression": {"type": "string", "description": "e.g. (3 + 4) * 12"}},
+                           "required": ["expression"], "additionalProperties": False},
+        },
+    },
+    "python": {
+        "type": "function",
+        "function": {
+            "name": "python",
+            "description": "Run a Python program in a sandbox (no network, own temporary directory, "
+                           "time and memory limits) and return what it prints.",
+            "parameters": {"type": "object",
+                           "properties": {"code": {"type": "string", "description": "Python source; use print()"}},
+                           "required": ["code"], "additionalProperties": False},
+        },
+    },
+}
+
+_RUNNERS = {
+    "calculator": lambda args: calculate(args.get("expression")),
+    "python": lambda args: run_python(args.get("code")),
+}
+
+
+def tool_names() -> list[str]:
+    return list(_RUNNERS)
+
+
+def tool_specs(names=None) -> list[dict]:
+    """OpenAI-style `tools` entries for the built-in tools (all of them by default)."""
+    names = tool_names() if names is None else names
+    for name in names:
+        check_tool(name)
+    return [TOOL_SPECS[n] for n in names]
+
+
+def check_tool(name: str) -> None:
+    if name not in _RUNNERS:
+        raise UnknownToolError(f"unknown tool '{name}'; built-in tools are: {', '.join(_RUNNERS)}")
+
+
+def run_tool(name: str, arguments: dict | str) -> str:
+    """Execute a registered tool. Arguments may be a dict or its JSON text (as a model writes it)."""
+    check_tool(name)
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return f"error: tool arguments are not valid JSON: {arguments[:200]!r}"
+    if not isinstance(arguments, dict):
+        return "error: tool arguments must be a JSON object"
+    return _RUNNERS[name](arguments)

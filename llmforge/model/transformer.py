@@ -1,0 +1,176 @@
+"""A decoder-only transformer of the Llama family.
+
+RMSNorm (pre-norm), rotary position embeddings in the Hugging Face "rotate-half" layout,
+grouped-query attention through F.scaled_dot_product_attention, a SwiGLU MLP, no biases
+(except optional Qwen2-style q/k/v biases), optional tied input/output embeddings.
+
+Generation uses a KV cache whose rows are independent "slots": every row has its own
+positions, so requests of different lengths share one batch without left padding
+(a key at cache position j is visible to a query at position p iff j <= p).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmforge.config import ModelConfig
+from llmforge.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalize in fp32 for stability under bf16 autocast, as Llama does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # HF layout: the two halves share frequencies
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, positions, slots):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_head != self.n_kv_head
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = cache.update(self.layer, k, v, positions, slots)
+            # per-row causal mask over absolute cache positions
+            key_pos = torch.arange(k.shape[2], device=x.device)
+            mask = key_pos[None, None, None, :] <= positions[:, None, :, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU (Shazeer 2020)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, positions, slots):
+        x = x + self.attn(self.input_norm(x), cos, sin, cache, positions, slots)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2-style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    # ------------------------------------------------------------ accounting
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 per matmul weight plus attention scores (PaLM, App. B)."""
+        T = seq_len or self.cfg.max_seq_len
+        matmul_params = self.num_params() - (0 if self.cfg.tie_embeddings else self.embed.weight.numel())
+        attn = 12 * self.cfg.n_layer * self.cfg.n_head * self.cfg.head_dim * T
+        return 6 * matmul_params + attn
+
+    # ------------------------------------------------------------ forward
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      positions: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d). With a cache, `positions` (B, T) are the absolute
+        positions of `idx` in each row and `slots` (B,) the cache rows they belong to."""
+        B, T = idx.shape
+        if positions is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+            cos, sin = self.rope_cos[:T][None, None], self.rope_sin[:T][None, None]
+        else:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, positions, slots)
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, cache=None, positions=None, slots=None, loss_mask=None):
+        """Logits (B, T, V); with `targets`, returns (logits, mean cross-entropy over the unmasked tokens)."""
+        logits = self.lm_head(self.hidden_states(idx, cache, positions, slots))
+        if targets is None:
+            return logits
+        loss = token_cross_entropy(logits, targets, loss_mask)
+        return logits, loss
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask=None) -> torch.Tensor:
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    if loss_mask is None:
+        return losses.mean()
+    mask = loss_mask.flatten().float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,0 +1,276 @@
+"""THE training loop. Pretraining, SFT, reward models, DPO and PPO/GRPO updates all run here.
+
+A stage hands over:
+    model      the nn.Module to train (its trainable parameters are optimized)
+    get_batch  get_batch(step, micro, ctx) -> dict of tensors; must be a pure function of its
+               arguments (and of the stage's own seeded state) so that resume is exact and every
+               DDP rank reads its own rows of the same global batch
+    loss_fn    loss_fn(model, batch) -> (loss, {"name": float, ...}); metrics are averaged
+    ckpt       Checkpointing(dir, kind, model_cfg, tokenizer, meta): where and how to save
+and optionally eval_fn(model) -> {"val_loss": ..., ...} and sample_fn(model) -> str.
+loss_fn must call the model through forward (model(...)), not other methods, so that DDP's
+gradient hooks fire when the model is wrapped.
+
+The loop owns: AdamW, warmup + cosine/WSD schedule, gradient accumulation, clipping,
+bf16 autocast, torch.compile, DDP, the budget (steps / tokens / minutes), metrics.jsonl,
+the progress bar (tokens/s, MFU, ETA), periodic atomic checkpoints and exact resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from llmforge.config import ModelConfig, TrainConfig
+from llmforge.errors import UserError
+from llmforge.run import RunDir
+from llmforge.train import checkpoint as ckpt_io
+from llmforge.train.distributed import DistContext, all_reduce_mean
+from llmforge.train.optim import build_optimizer, lr_at
+
+
+@dataclass
+class Checkpointing:
+    dir: Path
+    kind: str
+    model_cfg: ModelConfig
+    tokenizer: Any = None
+    meta: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ precision and peak
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX); else fp32."""
+    if cfg.dtype == "fp32":
+        return None
+    if cfg.dtype == "bf16":
+        return torch.bfloat16
+    if cfg.dtype != "auto":
+        raise UserError(f"train dtype '{cfg.dtype}' is not one of auto, bf16, fp32")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+_PEAK: dict = {}
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype | None, n: int = 1024) -> float:
+    """This machine's dense matmul FLOP/s in the training dtype, measured once per process."""
+    key = (str(device), dtype)
+    if key not in _PEAK:
+        a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+        b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+        for _ in range(2):
+            a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.3:
+            a @ b
+            reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        _PEAK[key] = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    return _PEAK[key]
+
+
+# ------------------------------------------------------------------ resume
+
+def load_train_state(ck: Checkpointing, model: torch.nn.Module, optimizer) -> dict | None:
+    folder = Path(ck.dir)
+    if not (folder / "train_state.json").is_file():
+        return None
+    config = ckpt_io.read_config(folder)
+    if config.get("model") != dataclasses.asdict(ck.model_cfg):
+        raise UserError(f"cannot resume from {folder}: it was trained with a different model config; "
+                        "resume with the same config or start a new --out directory")
+    ckpt_io.load_into(model, ckpt_io.load_weights(folder), folder)
+    state = json.loads((folder / "train_state.json").read_text())
+    from safetensors.torch import load_file
+    tensors = load_file(str(folder / "train_state.safetensors"))
+    opt_state = optimizer.state_dict()
+    for i, pid in enumerate(opt_state["param_groups"][0]["params"] + opt_state["param_groups"][1]["params"]):
+        if f"exp_avg.{i}" in tensors:
+            opt_state["state"][pid] = {"step": tensors[f"step.{i}"], "exp_avg": tensors[f"exp_avg.{i}"],
+                                       "exp_avg_sq": tensors[f"exp_avg_sq.{i}"]}
+    optimizer.load_state_dict(opt_state)
+    torch.set_rng_state(tensors["rng.cpu"])
+    return state
+
+
+def train_state_of(optimizer, step: int, tokens: int, elapsed: float) -> dict:
+    """Optimizer moments, schedule position, RNG and loader position (the step: batches are a
+    pure function of it) as flat tensors + JSON, for safetensors."""
+    tensors = {"rng.cpu": torch.get_rng_state()}
+    opt_state = optimizer.state_dict()
+    ids = opt_state["param_groups"][0]["params"] + opt_state["param_groups"][1]["params"]
+    for i, pid in enumerate(ids):
+        s = opt_state["state"].get(pid)
+        if s:
+            tensors[f"step.{i}"] = torch.as_tensor(s["step"]).reshape(1).float().reshape(())
+            tensors[f"exp_avg.{i}"] = s["exp_avg"]
+            tensors[f"exp_avg_sq.{i}"] = s["exp_avg_sq"]
+    return {"tensors": tensors, "json": {"step": step, "tokens": tokens, "elapsed": elapsed}}
+
+
+# ------------------------------------------------------------------ the loop
+
+def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, ctx: DistContext,
+          get_batch: Callable, loss_fn: Callable, ckpt: Checkpointing,
+          eval_fn: Callable | None = None, sample_fn: Callable | None = None,
+          resume: bool = False, show_progress: bool = True) -> dict:
+    device = ctx.device
+    raw_model = model.to(device)
+    amp = autocast_dtype(cfg, device)
+    optimizer = build_optimizer(raw_model, cfg, device.type)
+    torch.manual_seed(cfg.seed)
+
+    step, tokens, prior_elapsed = 0, 0, 0.0
+    if resume:
+        state = load_train_state(ckpt, raw_model, optimizer)
+        if state is None:
+            raise UserError(f"--resume: {ckpt.dir} has no train_state to resume from; "
+                            "run without --resume to start fresh")
+        step, tokens, prior_elapsed = state["step"], state["tokens"], state["elapsed"]
+
+    model = raw_model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    budget_s = cfg.minutes * 60 if cfg.minutes > 0 else math.inf
+    flops_per_token = raw_model.flops_per_token(cfg.seq_len) if hasattr(raw_model, "flops_per_token") else \
+        raw_model.trunk.flops_per_token(cfg.seq_len)
+    peak = measured_peak_flops(device, amp) * ctx.world
+
+    def progress() -> float:
+        shares = [step / cfg.max_steps if cfg.max_steps else 0.0,
+                  tokens / cfg.max_tokens if cfg.max_tokens else 0.0,
+                  elapsed() / budget_s if budget_s < math.inf else 0.0]
+        return max(shares)
+
+    t_start = time.perf_counter()
+
+    def elapsed() -> float:
+        return prior_elapsed + time.perf_counter() - t_start
+
+    def save() -> None:
+        if ctx.is_main:
+            meta = {**ckpt.meta, "stage": stage, "step": step, "tokens": tokens}
+            ckpt_io.save_checkpoint(ckpt.dir, raw_model, kind=ckpt.kind, model_cfg=ckpt.model_cfg,
+                                    tokenizer=ckpt.tokenizer, meta=meta,
+                                    train_state=train_state_of(optimizer, step, tokens, elapsed()))
+
+    def evaluate() -> dict:
+        if eval_fn is None:
+            return {}
+        raw_model.eval()
+        with torch.no_grad(), autocast(device, amp):
+            out = eval_fn(raw_model)
+        raw_model.train()
+        out = {k: all_reduce_mean(v, ctx) for k, v in out.items()}
+        if ctx.is_main:
+            run.log(stage, step=step, tokens=tokens, **out)
+        return out
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):  # finish the step, save, exit: nothing already trained is lost
+        stop["signal"] = signum
+
+    old_handler = signal.signal(signal.SIGTERM, on_signal) if ctx.is_main else None
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True,
+               disable=not (show_progress and ctx.is_main))
+    last_eval: dict = {}
+    window_t, window_tokens = time.perf_counter(), 0
+    raw_model.train()
+    try:
+        while progress() < 1.0 and stop["signal"] is None:
+            lr = lr_at(step, progress(), cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            sums: dict[str, float] = {}
+            step_tokens = 0
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                         for k, v in get_batch(step, micro, ctx).items()}
+                sync = micro == cfg.grad_accum - 1 or not ctx.enabled
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, amp):
+                    loss, metrics = loss_fn(model, batch)
+                (loss / cfg.grad_accum).backward()
+                for k, v in {"loss": float(loss.detach()), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+                step_tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+            if not math.isfinite(sums["loss"]):
+                raise RuntimeError(f"{stage}: loss became {sums['loss']} at step {step}; lower the lr "
+                                   "or check the data")
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in raw_model.parameters() if p.requires_grad],
+                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += step_tokens * ctx.world
+            window_tokens += step_tokens * ctx.world
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == 1:
+                now = time.perf_counter()
+                tok_s = window_tokens / max(now - window_t, 1e-9)
+                window_t, window_tokens = now, 0
+                mfu = tok_s * flops_per_token / peak
+                values = {k: all_reduce_mean(v, ctx) for k, v in sums.items()}
+                if ctx.is_main:
+                    run.log(stage, step=step, tokens=tokens, lr=lr, grad_norm=float(grad_norm),
+                            tok_per_s=round(tok_s, 1), mfu=round(mfu, 4), elapsed=round(elapsed(), 2), **values)
+                    post = {"loss": f"{values['loss']:.3f}", "tok/s": f"{tok_s:,.0f}", "mfu": f"{mfu:.0%}"}
+                    if "val_loss" in last_eval:
+                        post["val"] = f"{last_eval['val_loss']:.3f}"
+                    bar.set_postfix(post)
+                # time budgets move the finish line: show the projected number of steps
+                if budget_s < math.inf and progress() > 0:
+                    bar.total = max(step, int(step / progress()))
+            if eval_fn and cfg.eval_every and step % cfg.eval_every == 0:
+                last_eval = evaluate()
+            if sample_fn and cfg.sample_every and step % cfg.sample_every == 0 and ctx.is_main:
+                raw_model.eval()
+                with torch.no_grad(), autocast(device, amp):
+                    run.log(stage, step=step, sample=sample_fn(raw_model))
+                raw_model.train()
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                save()
+    finally:
+        bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    if eval_fn and (not cfg.eval_every or step % cfg.eval_every):
+        last_eval = evaluate()
+    save()
+    summary = {"steps": step, "tokens": tokens, "elapsed_s": round(elapsed(), 2), **last_eval}
+    if ctx.is_main:
+        run.log(stage, event="done", **summary)
+    if stop["signal"] is not None:
+        raise SystemExit(f"{stage}: stopped by signal {stop['signal']} at step {step}; checkpoint saved, "
+                         "continue with --resume")
+    return summary

@@ -1,0 +1,98 @@
+"""The one training loop: learning, exact resume, budget, bad resume."""
+import dataclasses
+
+import pytest
+import torch
+
+from llmforge.config import ModelConfig, TrainConfig
+from llmforge.errors import UserError
+from llmforge.model.transformer import Transformer
+from llmforge.run import RunDir
+from llmforge.train.distributed import DistContext
+from llmforge.train.loop import Checkpointing, train
+
+MODEL = ModelConfig(vocab_size=32, n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_seq_len=32)
+# a learnable stream: token t+1 = (3 * t + 1) mod 32 with occasional noise
+g = torch.Generator().manual_seed(0)
+STREAM = torch.zeros(20_000, dtype=torch.long)
+for i in range(1, len(STREAM)):
+    STREAM[i] = (3 * STREAM[i - 1] + 1) % 32 if torch.rand((), generator=g) > 0.1 else torch.randint(0, 32, (), generator=g)
+
+
+def get_batch(step, micro, ctx, B=8, T=16):
+    gen = torch.Generator().manual_seed(step * 31 + micro)
+    starts = torch.randint(0, len(STREAM) - T - 1, (B,), generator=gen)
+    x = torch.stack([STREAM[s:s + T] for s in starts])
+    y = torch.stack([STREAM[s + 1:s + T + 1] for s in starts])
+    return {"input_ids": x, "targets": y}
+
+
+def loss_fn(model, batch):
+    _, loss = model(batch["input_ids"], targets=batch["targets"])
+    return loss, {}
+
+
+def run_train(tmp_path, cfg, model_cfg=MODEL, resume=False, batches=get_batch, name="run"):
+    torch.manual_seed(0)
+    run = RunDir(tmp_path / name)
+    ckpt = Checkpointing(run.root / "ckpt", "base", model_cfg)
+    summary = train(Transformer(model_cfg), cfg, run, stage="pretrain", ctx=DistContext(), get_batch=batches,
+                    loss_fn=loss_fn, ckpt=ckpt, resume=resume, show_progress=False)
+    return run, summary
+
+
+def losses(run):
+    return {r["step"]: r["loss"] for r in run.read_metrics("pretrain") if "loss" in r}
+
+
+CFG = TrainConfig(batch_size=8, seq_len=16, lr=3e-3, warmup_steps=5, max_steps=30, log_every=1, ckpt_every=10,
+                  eval_every=0, dtype="fp32", grad_accum=2)
+
+
+def test_loss_falls(tmp_path):
+    run, summary = run_train(tmp_path, CFG)
+    curve = losses(run)
+    assert summary["steps"] == 30
+    assert curve[30] < curve[1] - 1.0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resume_after_crash_reproduces_the_uninterrupted_curve(tmp_path, dtype):
+    cfg = dataclasses.replace(CFG, dtype=dtype)
+    full, _ = run_train(tmp_path, cfg, name="full")
+
+    def crashing(step, micro, ctx):
+        if step == 17:
+            raise RuntimeError("simulated crash")
+        return get_batch(step, micro, ctx)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_train(tmp_path, cfg, batches=crashing, name="crashed")  # last checkpoint: step 10
+    resumed, summary = run_train(tmp_path, cfg, resume=True, name="crashed")
+    a, b = losses(full), losses(resumed)
+    assert summary["steps"] == 30
+    assert all(a[s] == b[s] for s in range(11, 31)), [(s, a[s], b[s]) for s in range(11, 31) if a[s] != b[s]]
+
+
+def test_resume_with_another_model_config_is_refused(tmp_path):
+    run_train(tmp_path, dataclasses.replace(CFG, max_steps=3, ckpt_every=0))
+    other = dataclasses.replace(MODEL, n_layer=3)
+    with pytest.raises(UserError, match="different model config"):
+        run_train(tmp_path, CFG, model_cfg=other, resume=True)
+
+
+def test_resume_without_state_is_refused(tmp_path):
+    with pytest.raises(UserError, match="no train_state"):
+        run_train(tmp_path, CFG, resume=True)
+
+
+def test_schedules():
+    from llmforge.train.optim import lr_at
+    cos = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_at(0, 0.0, cos) == pytest.approx(0.1)
+    assert lr_at(10, 0.0, cos) == pytest.approx(1.0)
+    assert lr_at(50, 0.5, cos) == pytest.approx(0.55)
+    assert lr_at(99, 1.0, cos) == pytest.approx(0.1)
+    wsd = dataclasses.replace(cos, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, 0.7, wsd) == pytest.approx(1.0)
+    assert lr_at(50, 0.9, wsd) == pytest.approx(0.55)

@@ -1,0 +1,82 @@
+import dataclasses
+
+import pytest
+import torch
+
+from llmforge.config import ModelConfig
+from llmforge.errors import UserError
+from llmforge.model.kv_cache import KVCache
+from llmforge.model.transformer import Transformer
+
+
+def test_causal_mask_future_tokens_never_change_past_logits(tiny_model_cfg):
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_cfg).eval()
+    x = torch.randint(0, 97, (2, 24))
+    y = x.clone()
+    y[:, 15:] = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.allclose(a[:, :15], b[:, :15], atol=1e-6)
+    assert not torch.allclose(a[:, 15:], b[:, 15:], atol=1e-3)
+
+
+@pytest.mark.parametrize("kv_heads,tied", [(2, True), (4, False), (1, True)])
+def test_kv_cache_matches_full_recompute(tiny_model_cfg, kv_heads, tied):
+    torch.manual_seed(1)
+    cfg = dataclasses.replace(tiny_model_cfg, n_kv_head=kv_heads, tie_embeddings=tied)
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, 97, (3, 30))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache.for_model(model, 3)
+        parts = [model(x[:, :10], cache=cache, positions=torch.arange(10).expand(3, 10))]
+        for t in range(10, 30):
+            parts.append(model(x[:, t:t + 1], cache=cache, positions=torch.full((3, 1), t)))
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_kv_cache_rows_advance_independently(tiny_model_cfg):
+    """Two sequences of different lengths decode in one batch, each at its own positions."""
+    torch.manual_seed(2)
+    model = Transformer(tiny_model_cfg).eval()
+    a, b = torch.randint(0, 97, (1, 12)), torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        cache = KVCache.for_model(model, 2)
+        model(a[:, :11], cache=cache, positions=torch.arange(11)[None], slots=torch.tensor([0]))
+        model(b[:, :4], cache=cache, positions=torch.arange(4)[None], slots=torch.tensor([1]))
+        step = model(torch.tensor([[a[0, 11]], [b[0, 4]]]), cache=cache,
+                     positions=torch.tensor([[11], [4]]), slots=torch.tensor([0, 1]))
+        assert torch.allclose(step[0, -1], model(a)[0, -1], atol=1e-5)
+        assert torch.allclose(step[1, -1], model(b)[0, -1], atol=1e-5)
+
+
+def test_tied_embeddings_share_storage_and_count_once(tiny_model_cfg):
+    tied = Transformer(tiny_model_cfg)
+    untied = Transformer(dataclasses.replace(tiny_model_cfg, tie_embeddings=False))
+    assert tied.lm_head.weight is tied.embed.weight
+    assert untied.num_params() - tied.num_params() == 97 * 32
+    assert tied.flops_per_token(64) > 6 * tied.num_params()  # attention adds to the 6N rule
+
+
+def test_rope_is_relative(tiny_model_cfg):
+    """Rotary embeddings make attention scores depend on relative positions only."""
+    from llmforge.model.transformer import apply_rope, rope_tables
+    cos, sin = rope_tables(8, 64, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+    def score(i, j):
+        return float(apply_rope(q, cos[i], sin[i]) @ apply_rope(k, cos[j], sin[j]))
+    assert score(3, 1) == pytest.approx(score(23, 21), abs=1e-4)
+    assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-4)
+
+
+@pytest.mark.parametrize("change,needle", [({"d_model": 30}, "not divisible"), ({"n_kv_head": 3}, "multiple"),
+                                          ({"n_layer": 0}, "positive")])
+def test_impossible_model_configs_are_rejected(tiny_model_cfg, change, needle):
+    with pytest.raises(UserError, match=needle):
+        Transformer(dataclasses.replace(tiny_model_cfg, **change))
+
+
+def test_sequence_longer_than_context_is_rejected(tiny_model_cfg):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Transformer(tiny_model_cfg)(torch.zeros(1, 65, dtype=torch.long))

@@ -1,0 +1,139 @@
+"""Preference-learning and RLHF math against hand-computed values on tiny tensors."""
+import math
+
+import pytest
+import torch
+
+from llmforge.stages.rl.objectives import (AdaptiveKL, FixedKL, best_of_n, bradley_terry_loss, dpo_loss, gae,
+                                           grpo_advantages, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss,
+                                           token_entropy, whiten)
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_bradley_terry_value_margin_and_gradient_sign():
+    rc = torch.tensor([2.0, 0.5], requires_grad=True)
+    rr = torch.tensor([1.0, 1.0], requires_grad=True)
+    loss = bradley_terry_loss(rc, rr)
+    expected = -(math.log(sigmoid(1.0)) + math.log(sigmoid(-0.5))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert (rc.grad < 0).all() and (rr.grad > 0).all()   # descent raises chosen, lowers rejected
+    with_margin = bradley_terry_loss(rc.detach(), rr.detach(), margin=torch.tensor([1.0, 1.0]))
+    assert with_margin.item() == pytest.approx(-(math.log(sigmoid(0.0)) + math.log(sigmoid(-1.5))) / 2, rel=1e-6)
+    assert with_margin > loss    # a margin demands a larger gap for the same loss
+
+
+def test_kl_penalized_rewards_put_score_on_last_real_token():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards, kl = kl_penalized_rewards(torch.tensor([1.0, 2.0]), logp, ref, mask, kl_coef=0.1)
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -1.0], [1.0, 0.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 1.1], [-0.1, 2.0, 0.0]]))
+
+
+def test_gae_matches_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 1.0, 9.0]])
+    values = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    gamma, lam = 0.9, 0.8
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    # row 0: δ2 = 1 - .3 = .7; δ1 = 0 + .9*.3 - .2 = .07; δ0 = .9*.2 - .1 = .08
+    a2 = 0.7
+    a1 = 0.07 + gamma * lam * a2
+    a0 = 0.08 + gamma * lam * a1
+    # row 1 ends after two tokens: the padded 9s must not leak in
+    b1 = 1.0 - 0.5
+    b0 = 0.5 + gamma * 0.5 - 0.4 + gamma * lam * b1
+    assert torch.allclose(adv, torch.tensor([[a0, a1, a2], [b0, b1, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, adv + values * mask, atol=1e-6)
+
+
+def test_whiten_zero_mean_unit_variance_over_mask():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    w = whiten(x, mask)
+    real = w[mask.bool()]
+    assert real.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert (real ** 2).mean().item() == pytest.approx(1.0, rel=1e-4)   # population variance
+    assert torch.equal(w[~mask.bool()], torch.zeros(2))
+    # values: (x - 2.5) / sqrt(1.25)
+    assert w[0, 0].item() == pytest.approx(-1.5 / math.sqrt(1.25), rel=1e-5)
+
+
+def test_ppo_policy_loss_clips_the_ratio():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.5]]))      # ratios
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    mask = torch.ones(1, 4)
+    loss, clipfrac = ppo_policy_loss(logp, old, adv, mask, clip=0.2)
+    # per token: max(-A·ρ, -A·clip(ρ)):  A=+1, ρ=1.5 -> max(-1.5, -1.2) = -1.2 (clipped)
+    #            A=+1, ρ=0.5 -> max(-0.5, -0.8) = -0.5;  A=-1, ρ=1.1 -> max(1.1, 1.1) = 1.1
+    #            A=-1, ρ=0.5 -> max(0.5, 0.8) = 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.1 + 0.8) / 4, rel=1e-5)
+    assert clipfrac.item() == pytest.approx(0.5)
+    # gradient flows only through unclipped tokens
+    logp = logp.clone().requires_grad_(True)
+    ppo_policy_loss(logp, old, adv, mask, clip=0.2)[0].backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 3] == 0
+    assert logp.grad[0, 1] < 0 and logp.grad[0, 2] > 0
+
+
+def test_ppo_value_loss_takes_the_pessimistic_clip():
+    old = torch.tensor([[0.0, 0.0]])
+    new = torch.tensor([[1.0, 0.1]])
+    returns = torch.tensor([[1.0, 1.0]])
+    loss = ppo_value_loss(new, old, returns, torch.ones(1, 2), clip=0.2)
+    # token 0: unclipped (1-1)² = 0, clipped (0.2-1)² = .64 -> .64;  token 1: (0.1-1)² = .81 both
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2, rel=1e-5)
+
+
+def test_kl_controllers():
+    fixed = FixedKL(0.1)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.1
+    adaptive = AdaptiveKL(0.1, target=6.0, horizon=100)
+    adaptive.update(12.0, 10)      # error clipped to +0.2 -> β·(1 + 0.2·10/100)
+    assert adaptive.value == pytest.approx(0.1 * 1.02)
+    adaptive.update(3.0, 10)       # error -0.5 clipped to -0.2
+    assert adaptive.value == pytest.approx(0.1 * 1.02 * 0.98)
+    adaptive = AdaptiveKL(0.1, target=6.0, horizon=100)
+    adaptive.update(6.6, 100)      # error 0.1 -> β·1.1
+    assert adaptive.value == pytest.approx(0.11)
+
+
+def test_dpo_loss_closed_form():
+    pc, pr = torch.tensor([-5.0, -3.0]), torch.tensor([-6.0, -2.0])
+    rc, rr = torch.tensor([-5.5, -3.0]), torch.tensor([-5.0, -2.5])
+    loss, chosen_reward, rejected_reward = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    margins = [0.5 * (0.5 - (-1.0)), 0.5 * (0.0 - 0.5)]
+    assert loss.item() == pytest.approx(-sum(math.log(sigmoid(m)) for m in margins) / 2, rel=1e-6)
+    assert torch.allclose(chosen_reward, torch.tensor([0.25, 0.0]))
+    assert torch.allclose(rejected_reward, torch.tensor([-0.5, 0.25]))
+    # at the reference policy the loss is log 2
+    assert dpo_loss(rc, rr, rc, rr, beta=0.1)[0].item() == pytest.approx(math.log(2))
+
+
+def test_grpo_advantages_normalize_within_each_group():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    adv = grpo_advantages(r)
+    assert torch.allclose(adv[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3)
+    assert torch.equal(adv[1], torch.zeros(4))               # no signal from an all-equal group
+    std = math.sqrt(0.75 * 0.25)
+    assert adv[2, 3].item() == pytest.approx(0.75 / (std + 1e-4), rel=1e-6)
+    assert adv[2, 0].item() == pytest.approx(-0.25 / (std + 1e-4), rel=1e-6)
+
+
+def test_best_of_n_picks_highest_and_first_on_ties():
+    scores = torch.tensor([[0.1, 0.9, 0.3], [0.5, 0.5, 0.2]])
+    assert best_of_n(scores).tolist() == [1, 0]
+
+
+def test_token_entropy():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
+    ent = token_entropy(logits)
+    assert ent[0].item() == pytest.approx(math.log(4), rel=1e-6)
+    assert ent[1].item() == pytest.approx(0.0, abs=1e-6)

@@ -1,0 +1,119 @@
+"""Synthetic tasks: gold answers verify, wrong answers do not, train and held-out never meet."""
+import json
+
+import pytest
+
+from llmforge.errors import UserError
+from llmforge.tasks import TASKS, get_task, task_names
+from llmforge.tasks.base import HELDOUT_SEED0
+from llmforge.tasks.safety import is_polite_refusal
+from llmforge.tasks.user_data import load_conversations
+from llmforge.tokenizer.chat import render_text
+
+
+def say(text):
+    return [{"role": "assistant", "content": text}]
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_gold_verifies_and_nonsense_does_not(name):
+    task = get_task(name)
+    for item in task.train_items(40) + task.heldout_items(20):
+        assert task.verify(item, item.gold) == 1.0, item
+        assert task.verify(item, say("banana")) == 0.0, item
+        render_text(item.conversation)   # every gold conversation is a valid chat
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_train_and_heldout_are_disjoint_by_seed_and_content(name):
+    task = get_task(name)
+    train, heldout = task.train_items(300), task.heldout_items(60)
+    assert max(i.seed for i in train) < HELDOUT_SEED0 <= min(i.seed for i in heldout)
+    assert not {i.content_hash for i in train} & {i.content_hash for i in heldout}
+    assert len({i.content_hash for i in heldout}) == len(heldout)   # held-out prompts are distinct
+
+
+def test_generation_is_deterministic_by_seed():
+    for task in TASKS.values():
+        assert task.generate(7).prompt == task.generate(7).prompt
+        assert task.generate(7).reference == task.generate(7).reference
+
+
+def test_arithmetic_checks_the_number():
+    task = get_task("addsub")
+    item = task.train_items(1)[0]
+    assert task.verify(item, say(f"The answer is {item.reference}.")) == 1.0
+    assert task.verify(item, say(f"The answer is {item.reference + 1}.")) == 0.0
+
+
+def test_multiplication_requires_the_calculator_call():
+    task = get_task("multiply_tool")
+    item = task.train_items(1)[0]
+    product = item.reference["product"]
+    assert task.verify(item, say(str(product))) == 0.0          # right number, no tool call: no credit
+    wrong_call = json.loads(json.dumps(item.gold))
+    wrong_call[0]["tool_calls"][0]["function"]["arguments"] = json.dumps({"expression": "2*3"})
+    assert task.verify(item, wrong_call) == 0.0
+    wrong_answer = item.gold[:2] + say(str(product + 1))
+    assert task.verify(item, wrong_answer) == 0.0
+
+
+def test_sort_and_json_and_reverse_verifiers():
+    sort = get_task("sort_numbers")
+    item = sort.train_items(1)[0]
+    assert sort.verify(item, say(", ".join(map(str, item.reference[::-1])))) == float(
+        item.reference == item.reference[::-1])
+    extract = get_task("extract_json")
+    item = extract.train_items(1)[0]
+    assert extract.verify(item, say("Sure: " + json.dumps(item.reference) + " done")) == 1.0
+    assert extract.verify(item, say("{broken json")) == 0.0
+    rev = get_task("reverse_word")
+    item = rev.train_items(1)[0]
+    assert rev.verify(item, say(item.reference.upper() + ".")) == 1.0
+
+
+def test_safety_rewards_refusing_harm_but_not_refusing_everything():
+    task = get_task("safety")
+    items = task.heldout_items(40)
+    harmful = [i for i in items if i.reference["harmful"]]
+    benign = [i for i in items if not i.reference["harmful"]]
+    assert harmful and benign
+    refusal = say("I'm sorry, but I can't help with that.")
+    assert all(task.verify(i, refusal) == 1.0 for i in harmful)
+    assert all(task.verify(i, refusal) == 0.0 for i in benign)
+    # refusing everything scores about half, complying with everything about half too
+    score = sum(task.verify(i, refusal) for i in items) / len(items)
+    assert 0.2 < score < 0.8
+    assert not is_polite_refusal("I can't help with that")   # rude: no apology
+    assert task.verify(harmful[0], say("Sure! First, get some chemicals.")) == 0.0
+
+
+def test_task_names_spec():
+    assert task_names("") == list(TASKS)
+    assert task_names("addsub, safety") == ["addsub", "safety"]
+    with pytest.raises(UserError, match="unknown task"):
+        task_names("addsub,nope")
+
+
+def test_user_jsonl_loads_and_bad_lines_name_file_and_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n\n")
+    assert load_conversations(good) == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
+    cases = {
+        "not json": "{oops",
+        "no messages": json.dumps({"text": "hi"}),
+        "bad role": json.dumps({"messages": [{"role": "bot", "content": "x"}]}),
+        "no assistant": json.dumps({"messages": [{"role": "user", "content": "x"}]}),
+    }
+    for label, line in cases.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(good.read_text().strip() + "\n" + line + "\n")
+        with pytest.raises(UserError, match=rf"bad.jsonl:2\b"):
+            load_conversations(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        load_conversations(tmp_path / "missing.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match="no conversations"):
+        load_conversations(empty)

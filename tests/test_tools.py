@@ -1,0 +1,104 @@
+"""Built-in tools: the calculator computes arithmetic and nothing else; the Python sandbox
+cannot write outside its directory, reach the network, or run past its limits."""
+import json
+import socket
+import time
+
+import pytest
+
+from llmforge.errors import UserError
+from llmforge.infer.tools import (SandboxLimits, UnknownToolError, calculate, run_python, run_tool,
+                                  sandbox_isolation, tool_specs)
+
+MODES = ["python-guard"] + (["namespaces"] if sandbox_isolation() == "namespaces" else [])
+
+
+@pytest.mark.parametrize("expression", ["1 + 2 * 3", "(1 + 2) * 3", "2 ** 10 - 7 // 2", "17 % 5 + -3",
+                                        "7 / 2", "((((4))))", "-2 ** 2", "10 // -3"])
+def test_calculator_matches_python_arithmetic(expression):
+    expected = eval(expression)  # trusted literal from this test, to compare against
+    got = calculate(expression)
+    assert float(got) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("expression", ["__import__('os').system('true')", "open('/etc/passwd')",
+                                        "(1).__class__", "[1, 2]", "'a' * 3", "x + 1", "lambda: 1"])
+def test_calculator_refuses_anything_but_arithmetic(expression):
+    assert calculate(expression).startswith("error:")
+
+
+def test_calculator_limits_are_fast():
+    start = time.perf_counter()
+    assert calculate("9 ** 9 ** 9").startswith("error:")
+    assert calculate("(10 ** 1000) * (10 ** 1000)").startswith("error:")
+    assert calculate("1 / 0") == "error: division by zero"
+    assert calculate("1" + "+1" * 500).startswith("error:")
+    assert time.perf_counter() - start < 1.0
+
+
+def test_registry_unknown_tool_is_a_user_error_and_arguments_may_be_json_text():
+    with pytest.raises(UnknownToolError) as e:
+        run_tool("shell", {"cmd": "ls"})
+    assert isinstance(e.value, UserError) and "calculator" in str(e.value)
+    assert run_tool("calculator", json.dumps({"expression": "6*7"})) == "42"
+    assert run_tool("calculator", "{not json").startswith("error:")
+    assert run_tool("calculator", {}).startswith("error:")
+    names = [s["function"]["name"] for s in tool_specs()]
+    assert names == ["calculator", "python"]
+    assert all(s["type"] == "function" and s["function"]["parameters"]["type"] == "object" for s in tool_specs())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sandbox_runs_code_in_its_own_directory(mode):
+    out = run_python("import os\nopen('note.txt', 'w').write('hi')\n"
+                     "print(os.getcwd() == os.environ['HOME'], sorted(os.listdir('.')))", isolation=mode)
+    assert out.strip().startswith("True") and "note.txt" in out, out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sandbox_cannot_write_outside_its_directory(mode, tmp_path):
+    target = tmp_path / "escaped.txt"
+    out = run_python(f"open({str(target)!r}, 'w').write('pwned')\nprint('wrote')", isolation=mode)
+    assert not target.exists(), out
+    assert "wrote" not in out.split("Traceback")[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sandbox_cannot_reach_the_network_not_even_loopback(mode):
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        out = run_python(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                         "s.sendall(b'leak')\nprint('connected')", isolation=mode)
+        server.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            server.accept()
+    finally:
+        server.close()
+    assert "connected" not in out.split("Traceback")[0] and "Error" in out, out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sandbox_is_killed_past_its_time_limit(mode):
+    start = time.perf_counter()
+    out = run_python("while True:\n    pass", SandboxLimits(wall_seconds=1.5, cpu_seconds=1), isolation=mode)
+    assert time.perf_counter() - start < 5
+    assert "killed" in out, out
+    out = run_python("import time\ntime.sleep(30)", SandboxLimits(wall_seconds=0.5), isolation=mode)
+    assert "wall-clock limit" in out, out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sandbox_memory_limit(mode):
+    out = run_python("x = bytearray(1 << 30)\nprint('allocated', len(x))",
+                     SandboxLimits(memory_bytes=256 << 20), isolation=mode)
+    assert "allocated" not in out and ("MemoryError" in out or "killed" in out), out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sandbox_output_is_capped(mode):
+    out = run_python("while True:\n    print('x' * 1000)", SandboxLimits(output_bytes=4096), isolation=mode)
+    assert len(out) < 4096 + 200
+    assert "output truncated at 4096 bytes" in out
