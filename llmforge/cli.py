@@ -185,8 +185,9 @@ def generate(args) -> None:
         raise UserError(f"--max-tokens must be positive, got {args.max_tokens}")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_token_ids=stops)
+    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=None if args.seed is None else args.seed + i,
+                             stop_token_ids=stops) for i in range(args.num_samples)]
     try:
         outs = Engine(model, tok, max_batch=max(1, args.num_samples)).generate([prompt] * args.num_samples, params)
     except ValueError as e:

@@ -224,7 +224,13 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch: int = 16
-    db: str = ""                    # feedback store: SQLite path or postgresql:// URL
+    db: str = ""                    # feedback store: SQLite path or postgresql:// URL ("" = RUN_DIR/feedback.sqlite)
+    index: str = ""                 # retrieval index (SQLite); "" = RUN_DIR/index.sqlite when it exists
+    batch_wait_ms: float = 5.0      # an idle server waits this long so requests arriving together share a step
+    default_max_tokens: int = 256   # when a request gives no max_tokens (capped by the context left)
+    max_n: int = 8                  # largest `n` (choices per request) accepted
+    builtin_tools: bool = True      # run the calculator / Python sandbox when the model calls them
+    retrieval_k: int = 3            # chunks retrieved per request with retrieval on
 
 
 @dataclass
@@ -252,10 +258,27 @@ def _micro(c: Config) -> None:
     c.data.shard_tokens = 200_000
     c.pretrain = TrainConfig(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10, max_steps=150,
                              eval_every=50, eval_batches=4, ckpt_every=50, log_every=10)
+    # alignment stages: seconds each (tests/test_alignment.py runs them end to end)
+    c.sft = SFTConfig(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10, max_steps=120, eval_every=0,
+                      ckpt_every=0, log_every=10, examples_per_task=300, eval_per_task=8)
+    c.rm = RMConfig(batch_size=16, seq_len=128, lr=1e-3, warmup_steps=5, max_steps=40, eval_every=0,
+                    ckpt_every=0, log_every=10, prompts_per_task=12, samples_per_prompt=2, heldout_per_task=6)
+    c.rl = RLConfig(batch_size=8, seq_len=128, lr=1e-4, max_steps=8, eval_every=0, ckpt_every=0, log_every=2,
+                    prompts_per_rollout=8, group_size=4, rounds=2, steps_per_round=10, eval_per_task=8,
+                    max_new_tokens=40)
+    c.eval = EvalConfig(eval_per_task=8, pass_k=2, bootstrap=50)
 
 
 def _cpu(c: Config) -> None:
     """Default: sized for 10 minutes of pretraining on 2 CPU cores (see bench/train_throughput.py)."""
+    # alignment stages: wall-clock budgets (train.minutes) so the speedrun fits 20 minutes
+    c.sft = SFTConfig(batch_size=16, seq_len=256, lr=1e-3, warmup_steps=20, max_steps=1000, minutes=3.0,
+                      eval_every=0, ckpt_every=0, examples_per_task=2000, eval_per_task=30)
+    c.rm = RMConfig(batch_size=16, lr=5e-4, warmup_steps=10, max_steps=300, minutes=1.0, eval_every=0,
+                    ckpt_every=0, prompts_per_task=60, samples_per_prompt=4, heldout_per_task=20)
+    c.rl = RLConfig(batch_size=16, lr=3e-5, max_steps=60, minutes=2.0, eval_every=0, ckpt_every=0, log_every=2,
+                    prompts_per_rollout=16, group_size=4, rounds=2, steps_per_round=40, eval_per_task=30)
+    c.eval = EvalConfig(eval_per_task=30, pass_k=4, bootstrap=200)
 
 
 def _gpt2_small(c: Config) -> None:

@@ -114,6 +114,12 @@ def test_parse_assistant_plain_and_truncated(tok):
     bad = [tok.token_id(TOOL_CALL)] + tok.encode("{not json") + [tok.token_id(END)]
     msg = parse_assistant(tok, bad)
     assert msg["tool_calls"][0]["function"] == {"name": "", "arguments": "{not json"}
+    # ...and renders back verbatim, so a model's malformed call can be scored and trained on
+    prompt = render_prompt(tok, [{"role": "user", "content": "hi"}])
+    assert render(tok, [{"role": "user", "content": "hi"}, msg])[0] == prompt + bad
+    template = chat.jinja_env().from_string(chat.CHAT_TEMPLATE)
+    conv = [{"role": "user", "content": "hi"}, msg]
+    assert template.render(messages=conv) == render_text(conv)
 
 
 def test_parse_tool_call_for_the_engine():

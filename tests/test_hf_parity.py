@@ -281,3 +281,17 @@ def test_mistral_sliding_window_caps_context(tokenizer, tmp_path):
     ids = tokens(16, seed=6)  # within the window, full attention is exact
     with torch.no_grad():
         assert torch.allclose(model.eval()(ids), hf_model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_export_of_a_lora_checkpoint_merges_the_adapters(tokenizer, tmp_path):
+    from llmforge.model.lora import add_lora, lora_meta
+    cfg = ModelConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64)
+    model = add_lora(Transformer(cfg), rank=4, alpha=8, targets="q_proj,v_proj,up_proj")
+    randomize(model, seed=7)  # adapters included, as if trained
+    save_checkpoint(tmp_path / "ckpt", model, kind="sft", model_cfg=cfg, tokenizer=tokenizer,
+                    meta={"lora": lora_meta(model)})
+    out = export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    ids = tokens(24, seed=8)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids), hf_model(ids).logits, atol=1e-4, rtol=0)

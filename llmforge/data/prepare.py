@@ -18,7 +18,6 @@ with more than k copies (see mixture.py), so repeated copies of a document are f
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import itertools
 import json
@@ -37,8 +36,8 @@ from llmforge.data import mixture
 from llmforge.data.clean import clean_document
 from llmforge.data.dedup import Deduplicator, exact_key
 from llmforge.data.encode import encode_chunks
-from llmforge.data.shards import MANIFEST, ShardWriter, shard_name, token_dtype
-from llmforge.data.sources import iter_documents
+from llmforge.data.shards import MANIFEST, ShardWriter, token_dtype
+from llmforge.data.sources import expand_paths, iter_documents
 from llmforge.errors import UserError
 from llmforge.run import RunDir, atomic_path, write_json_atomic
 from llmforge.tokenizer.bpe import Tokenizer
@@ -46,12 +45,20 @@ from llmforge.tokenizer.bpe import Tokenizer
 DOCS = "docs.jsonl"
 DOCS_STATS = "docs_stats.json"
 PROGRESS = "progress.json"
-CHUNK_BYTES = 1 << 20          # text per tokenization task
+CHUNK_BYTES = 1 << 20          # text per tokenization task (less when shards are small, see below)
 POOL_MIN_BYTES = 4 << 20       # smaller splits tokenize in-process: a pool's start-up would cost more
 
 
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON file we wrote earlier, or {} if it is missing or damaged (then we redo its step)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _workers(cfg: Config) -> int:
@@ -68,10 +75,9 @@ def _docs_key(cfg: Config) -> str:
     inputs = []
     for src in cfg.data.sources:
         if src.kind == "files":  # user files may be edited between runs
-            for pattern in (p.strip() for p in src.path.split(",") if p.strip()):
-                for path in sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True)):
-                    st = os.stat(path)
-                    inputs.append((path, st.st_size, st.st_mtime_ns))
+            for path in expand_paths(src):
+                st = path.stat()
+                inputs.append((str(path), st.st_size, st.st_mtime_ns))
     settings = {k: d[k] for k in ("sources", "clean", "val_fraction", "dedup_exact", "dedup_near",
                                   "near_threshold", "num_perm", "shingle_words", "seed")}
     return _sha([settings, inputs, sys.version, sysconfig.get_paths()["stdlib"]])
@@ -81,8 +87,8 @@ def collect_documents(cfg: Config, run: RunDir) -> dict:
     """Step 1. Returns the stats (also in data/docs_stats.json)."""
     stats_path, docs_path = run.data / DOCS_STATS, run.data / DOCS
     key = _docs_key(cfg)
-    if stats_path.is_file() and docs_path.is_file():
-        stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    if docs_path.is_file():
+        stats = _read_json(stats_path)
         if stats.get("key") == key:
             return stats
     if not cfg.data.sources:
@@ -203,7 +209,8 @@ def train_tokenizer(cfg: Config, run: RunDir) -> Tokenizer:
                     return
 
     started = time.time()
-    print(f"training BPE tokenizer: vocab {cfg.tokenizer.vocab_size} on ~{min(train_bytes, cfg.tokenizer.sample_bytes) / 1e6:.1f} MB "
+    sample_mb = min(train_bytes, cfg.tokenizer.sample_bytes) / 1e6
+    print(f"training BPE tokenizer: vocab {cfg.tokenizer.vocab_size} on ~{sample_mb:.1f} MB "
           f"of {stats['documents']} documents", file=sys.stderr)
     tok = Tokenizer.train(sample(), cfg.tokenizer.vocab_size, single_digits=cfg.tokenizer.single_digits,
                           show_progress=sys.stderr.isatty())
@@ -223,12 +230,12 @@ def _split_bytes(run: RunDir, split: str) -> int:
 
 # ------------------------------------------------------------------ 3. shards
 
-def _chunks(stream: Iterator[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+def _chunks(stream: Iterator[tuple[str, str]], max_bytes: int) -> Iterator[list[tuple[str, str]]]:
     chunk, size = [], 0
     for item in stream:
         chunk.append(item)
         size += len(item[0])
-        if size >= CHUNK_BYTES:
+        if size >= max_bytes:
             yield chunk
             chunk, size = [], 0
     if chunk:
@@ -240,7 +247,7 @@ def write_shards(cfg: Config, run: RunDir, tok: Tokenizer, stats: dict) -> dict:
     dtype = token_dtype(tok.vocab_size)
     key = _sha([stats["key"], tok.hash, cfg.data.shard_tokens, dtype.name])
     progress_path = run.data / PROGRESS
-    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+    progress = _read_json(progress_path)
     if progress.get("key") != key:  # different documents or tokenizer: start over
         for old in list(run.data.glob("train_*.bin")) + list(run.data.glob("val_*.bin")):
             old.unlink()
@@ -249,8 +256,19 @@ def write_shards(cfg: Config, run: RunDir, tok: Tokenizer, stats: dict) -> dict:
                     "val": {"shards": [], "complete": False}}
     for stale in run.data.glob(".*.tmp"):  # temp files of a killed run
         stale.unlink()
+    for split in ("train", "val"):  # a recorded shard deleted or damaged since: redo from there
+        shards = progress[split]["shards"]
+        for i, entry in enumerate(shards):
+            path = run.data / entry["file"]
+            if not path.is_file() or path.stat().st_size != entry["size"]:
+                del shards[i:]
+                progress[split]["complete"] = False
+                break
 
     workers = _workers(cfg)
+    # Shards close between chunks; a chunk of ~shard_tokens/2 bytes (a token is 2-4 bytes)
+    # keeps each shard within ~25% of shard_tokens.
+    chunk_bytes = max(16 << 10, min(CHUNK_BYTES, cfg.data.shard_tokens // 2))
     for split in ("train", "val"):
         state = progress[split]
         if state["complete"]:
@@ -270,8 +288,8 @@ def write_shards(cfg: Config, run: RunDir, tok: Tokenizer, stats: dict) -> dict:
         pool_workers = workers if total_bytes >= POOL_MIN_BYTES else 1
         with ShardWriter(run.data, split, dtype, cfg.data.shard_tokens, start_index=len(done),
                          on_shard=record) as writer:
-            for ids, n_docs, source_tokens, source_bytes in encode_chunks(_chunks(stream), tok.hf.to_str(),
-                                                                          pool_workers):
+            encoded = encode_chunks(_chunks(stream, chunk_bytes), tok.hf.to_str(), pool_workers)
+            for ids, n_docs, source_tokens, source_bytes in encoded:
                 position += n_docs
                 nbytes = sum(source_bytes.values())
                 writer.add(ids, position, docs=n_docs, text_bytes=nbytes, source_tokens=source_tokens)
@@ -319,12 +337,16 @@ def prepare(cfg: Config, run: RunDir) -> dict:
     stats = collect_documents(cfg, run)
     if run.tokenizer.is_file():
         tok = Tokenizer.load(run.tokenizer)
+        if tok.vocab_size != cfg.tokenizer.vocab_size:
+            print(f"note: {run.tokenizer} has vocab {tok.vocab_size}, config says tokenizer.vocab_size="
+                  f"{cfg.tokenizer.vocab_size}; keeping the existing one (`llmforge tokenizer train` replaces it)",
+                  file=sys.stderr)
     else:
         tok = train_tokenizer(cfg, run)
     manifest = write_shards(cfg, run, tok, stats)
     seconds = round(time.time() - started, 2)
     manifest_path = run.data / MANIFEST
-    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    previous = _read_json(manifest_path)
     write_json_atomic(manifest_path, manifest)
     if previous != manifest:  # log only when something was (re)built
         for name, counts in manifest["sources"].items():
@@ -343,8 +365,9 @@ def format_table(manifest: dict) -> str:
     rows = [head, "-" * len(head)]
     for name, c in manifest["sources"].items():
         removed = ", ".join(f"{r} {n}" for r, n in sorted(manifest["removed"].get(name, {}).items()))
+        mb_in, mb_kept = c.get("bytes_raw", 0) / 1e6, c.get("bytes_dedup", 0) / 1e6
         rows.append(f"{name:<12} {c['weight']:>6g} {c.get('docs_raw', 0):>7} {c.get('docs_clean', 0):>7} "
-                    f"{c.get('docs_dedup', 0):>7} {c.get('bytes_raw', 0) / 1e6:>7.2f} {c.get('bytes_dedup', 0) / 1e6:>7.2f} "
+                    f"{c.get('docs_dedup', 0):>7} {mb_in:>7.2f} {mb_kept:>7.2f} "
                     f"{c.get('tokens_train', 0):>10} {c.get('tokens_val', 0):>9}  {removed or '-'}")
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     rows.append(f"train: {tr['tokens']} tokens in {len(tr['shards'])} shard(s), "

@@ -75,7 +75,8 @@ def _pydoc(src: SourceConfig) -> Iterator[dict]:
 
 # ------------------------------------------------------------------ user corpora
 
-def _expand(src: SourceConfig) -> list[Path]:
+def expand_paths(src: SourceConfig) -> list[Path]:
+    """The files a `files` source names, in sorted order; UserError if a pattern matches nothing."""
     if not src.path.strip():
         raise UserError(f"data source '{src.name}' (kind files) has no path; "
                         "set its path to a file, folder or glob (comma-separated ok)")
@@ -109,7 +110,7 @@ def _read_text(path: Path) -> str:
 
 
 def _files(src: SourceConfig) -> Iterator[dict]:
-    for path in _expand(src):
+    for path in expand_paths(src):
         suffix = path.suffix.lower()
         if suffix in TEXT_SUFFIXES:
             text = _read_text(path)

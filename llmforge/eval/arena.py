@@ -65,7 +65,7 @@ def leaderboard(battles, rounds: int = 200, seed: int = 0) -> list[dict]:
     for m, r in ratings.items():
         n = sum(m in (a, b) for a, b, _ in battles)
         wins = sum((a == m and w == "a") or (b == m and w == "b") for a, b, w in battles)
-        rows.append({"model": m, "rating": r, "lo": intervals[m][0], "hi": intervals[m][1],
+        rows.append({"model": m, "rating": float(r), "lo": intervals[m][0], "hi": intervals[m][1],
                      "battles": n, "wins": wins})
     return sorted(rows, key=lambda row: -row["rating"])
 

@@ -36,7 +36,8 @@ from safetensors.torch import load_file, save_file
 
 from llmforge.config import ModelConfig
 from llmforge.errors import UserError
-from llmforge.train.checkpoint import POLICY_KINDS, load_model, save_checkpoint
+from llmforge.train.checkpoint import (POLICY_KINDS, load_model, load_weights, model_config_from, read_config,
+                                       resolve_checkpoint, save_checkpoint)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 CHAT_TOKENS = ["<|bos|>", "<|eot|>", "<|system|>", "<|user|>", "<|assistant|>",
@@ -171,13 +172,26 @@ def special_ids(tokenizer_json: dict) -> dict[str, int]:
     return {t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", [])}
 
 
+def load_policy(ckpt, device="cpu"):
+    """load_model() for exports and evaluation, also accepting a checkpoint the training loop saved
+    from a LoRA-wrapped model (config.json "lora"): the adapters are merged into the weights."""
+    folder = resolve_checkpoint(ckpt)
+    config = read_config(folder)
+    if not config.get("lora") or config.get("kind") not in POLICY_KINDS:
+        return load_model(folder, kinds=POLICY_KINDS, device=device)
+    from llmforge.model.lora import load_lora_checkpoint_into
+    from llmforge.model.transformer import Transformer
+    model = load_lora_checkpoint_into(Transformer(model_config_from(config)), load_weights(folder), config["lora"])
+    return model.to(device), config, folder
+
+
 def export_hf(ckpt, out, dtype: str = "fp32") -> Path:
     """Write checkpoint `ckpt` as a transformers folder `out` (written whole, then renamed)."""
     if dtype not in _DTYPES:
         raise UserError(f"unknown export dtype '{dtype}'; choose one of: {', '.join(_DTYPES)}")
     out = Path(out)
     _check_out(out, "config.json")
-    model, config, folder = load_model(ckpt, kinds=POLICY_KINDS)
+    model, config, folder = load_policy(ckpt)
     cfg: ModelConfig = model.cfg
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():

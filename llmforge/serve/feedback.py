@@ -386,3 +386,10 @@ def export_pairs(store: FeedbackStore | str | Path, out_path: str | Path) -> dic
     for p in pairs:
         counts[p["source"]] = counts.get(p["source"], 0) + 1
     return counts
+
+
+def export_cli(db: str | Path, out_path: str | Path) -> None:
+    """`llmforge feedback export --db DB --out prefs.jsonl`: write pairs, print a one-line summary."""
+    counts = export_pairs(db, out_path)
+    detail = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "pairs") or "no feedback yet"
+    print(f"wrote {counts['pairs']} preference pairs to {out_path} ({detail})")

@@ -54,8 +54,11 @@ CHAT_TEMPLATE = (
     "{% if m.get('tool_calls') %}"
     "{% for c in m['tool_calls'] %}"
     "{% set args = c['function']['arguments'] %}"
+    "{% if c['function']['name'] == '' and args is string %}{{ '<|tool_call|>' + args + '<|end|>' }}"
+    "{% else %}"
     "{% if args is string %}{% set args = args | fromjson %}{% endif %}"
     "{{ '<|tool_call|>' + {'name': c['function']['name'], 'arguments': args} | tojson_compact + '<|end|>' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% else %}{{ '<|end|>' }}{% endif %}"
     "{% endif %}"
@@ -80,13 +83,17 @@ def jinja_env():
     return env
 
 
-def _call_arguments(call: dict, where: str) -> tuple[str, dict]:
-    """(name, arguments dict) of one OpenAI tool_calls entry, validating its shape."""
+def _call_arguments(call: dict, where: str) -> tuple[str, dict | str]:
+    """(name, arguments dict) of one OpenAI tool_calls entry, validating its shape. The one
+    exception is what parse_completion returns for a malformed call a model wrote: name ""
+    and the raw text as arguments; it comes back as ("", raw text) and renders verbatim."""
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise UserError(f"{where}: a tool call needs {{'type': 'function', 'function': {{'name': ..., "
                         f"'arguments': '<json>'}}}}; fix the tool_calls entry")
     args = fn.get("arguments", {})
+    if fn["name"] == "" and isinstance(args, str):
+        return "", args
     if isinstance(args, str):
         try:
             args = json.loads(args) if args.strip() else {}
@@ -130,7 +137,8 @@ def _segments(messages) -> list[tuple[str, str, bool]]:
         calls = m.get("tool_calls") or [] if role == "assistant" else []
         for call in calls:
             name, args = _call_arguments(call, "messages")
-            out += [("special", TOOL_CALL, True), ("text", _dump_call(name, args), True), ("special", END, True)]
+            text = args if name == "" else _dump_call(name, args)
+            out += [("special", TOOL_CALL, True)] + ([("text", text, True)] if text else []) + [("special", END, True)]
         if not calls:
             out.append(("special", END, trained))
     return out

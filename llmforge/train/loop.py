@@ -175,9 +175,9 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     def elapsed() -> float:
         return prior_elapsed + time.perf_counter() - t_start
 
-    def save() -> None:
-        if ctx.is_main:
-            meta = {**ckpt.meta, "stage": stage, "step": step, "tokens": tokens}
+    def save(complete: bool = False) -> None:
+        if ctx.is_main:  # "complete" marks the end of the budget: the speedrun skips such stages
+            meta = {**ckpt.meta, "stage": stage, "step": step, "tokens": tokens, "complete": complete}
             ckpt_io.save_checkpoint(ckpt.dir, raw_model, kind=ckpt.kind, model_cfg=ckpt.model_cfg,
                                     tokenizer=ckpt.tokenizer, meta=meta,
                                     train_state=train_state_of(optimizer, step, tokens, elapsed()))
@@ -266,7 +266,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
             signal.signal(signal.SIGTERM, old_handler)
     if eval_fn and (not cfg.eval_every or step % cfg.eval_every):
         last_eval = evaluate()
-    save()
+    save(complete=stop["signal"] is None)
     summary = {"steps": step, "tokens": tokens, "elapsed_s": round(elapsed(), 2), **last_eval}
     if ctx.is_main:
         run.log(stage, event="done", **summary)

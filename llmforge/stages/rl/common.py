@@ -144,3 +144,88 @@ def mean(xs) -> float:
 
 def dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- rollouts as tensors
+
+
+def rollout_batch(samples, pad_id: int, max_len: int) -> dict:
+    """Graded samples (eval.tasks.Sample) -> tensors over *action* tokens.
+
+    A sample's full sequence is prompt + everything after it, including tool results the engine
+    inserted. Only tokens the model sampled are actions: action t of row b is token
+    input_ids[b, act_pos[b, t] + 1], predicted by the logits at act_pos[b, t]. Actions are
+    left-aligned (act_mask is 1 on a contiguous prefix), so GAE/whitening see one clean
+    sequence per row and inserted tool results simply become part of the environment."""
+    seqs, positions, tokens = [], [], []
+    for s in samples:
+        seq = (s.prompt_ids + s.completion.tokens)[:max_len]
+        pos = [len(s.prompt_ids) + j - 1 for j, gen in enumerate(s.completion.generated)
+               if gen and len(s.prompt_ids) + j < len(seq)]
+        seqs.append(seq)
+        positions.append(pos)
+        tokens.append([seq[p + 1] for p in pos])
+    A = max(1, max(len(p) for p in positions))
+    act_mask = torch.zeros(len(samples), A)
+    for i, p in enumerate(positions):
+        act_mask[i, :len(p)] = 1.0
+    return {"input_ids": pad(seqs, pad_id), "act_pos": pad(positions, 0, A), "act_tok": pad(tokens, 0, A),
+            "act_mask": act_mask, "lengths": torch.tensor([len(s) for s in seqs])}
+
+
+def gather_actions(logits: torch.Tensor, batch: dict):
+    """(log π(action), entropy) at each action position; logits (B, L, V) -> (B, A) each."""
+    rows = torch.arange(logits.shape[0])[:, None]
+    at = logits[rows, batch["act_pos"]].float()                      # (B, A, V)
+    logp_all = F.log_softmax(at, dim=-1)
+    logp = logp_all.gather(-1, batch["act_tok"][..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def trainable_top_layers(model, k: int) -> None:
+    """Freeze everything but the top k transformer layers and the final norm (InstructGPT-style
+    partial fine-tuning). With tied embeddings the output head is the embedding and stays frozen."""
+    if k <= 0:
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.layers[-k:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    for p in model.norm.parameters():
+        p.requires_grad_(True)
+    if not model.cfg.tie_embeddings:
+        model.lm_head.weight.requires_grad_(True)
+
+
+def prompt_pool(names: list[str], per_task: int, offset: int = 700_000):
+    from llmforge.tasks import get_task
+    return [item for n in names for item in get_task(n).train_items(per_task, offset=offset)]
+
+
+@torch.no_grad()
+def policy_eval(policy, ref, tok, names: list[str], per_task: int, max_tokens: int, seed: int = 0) -> dict:
+    """Held-out verified accuracy (greedy) plus, on temperature-1 samples of the same prompts,
+    the KL to the reference per response (Σ_t log π - log π_ref), response length and entropy."""
+    from llmforge.eval import tasks as task_eval
+    acc = task_eval.evaluate(policy, tok, names, per_task, max_tokens=max_tokens, seed=seed)
+    items = task_eval.heldout(names, max(1, per_task // 2))
+    samples = [row[0] for row in task_eval.sample(policy, tok, items, n=1, temperature=1.0,
+                                                  max_tokens=max_tokens, seed=seed + 7)]
+    stats = sample_stats(policy, ref, samples, tok.eot_id)
+    was = policy.training
+    policy.train(was)
+    return {"acc_mean": acc["mean"]["accuracy"], **{f"acc_{n}": acc[n]["accuracy"] for n in names},
+            "eval_kl": stats["kl"], "eval_length": stats["length"], "eval_entropy": stats["entropy"],
+            "eval_sample_reward": mean(s.reward for s in samples)}
+
+
+@torch.no_grad()
+def sample_stats(policy, ref, samples, pad_id: int) -> dict:
+    batch = rollout_batch(samples, pad_id, policy.cfg.max_seq_len)
+    logp, entropy = gather_actions(policy(batch["input_ids"]), batch)
+    ref_logp, _ = gather_actions(ref(batch["input_ids"]), batch)
+    m = batch["act_mask"]
+    return {"kl": float(((logp - ref_logp) * m).sum(1).mean()), "length": float(m.sum(1).mean()),
+            "entropy": float((entropy * m).sum() / m.sum().clamp(min=1))}

@@ -1,0 +1,103 @@
+"""`llmforge eval`: every checkpoint of the run, measured the same way, then report.md.
+
+    llmforge eval --out runs/demo
+
+For each policy checkpoint present (base, sft, rl_rejection, rl_ppo, rl_dpo, rl_grpo):
+  - bits per byte on the validation shards (when the run has them);
+  - verified accuracy per task on held-out items: greedy, and pass@k at temperature 1
+    (the base model is prompted few-shot, since it has not learned the chat format);
+  - reward-model win rate against the SFT model's answers to the same prompts;
+then an arena: every pair of checkpoints battles on every held-out prompt, the verifier judges
+(higher verified reward wins, equal is a tie), ratings by Bradley–Terry with bootstrap 95%
+intervals. Results go to eval.json and metrics.jsonl (stage "eval"); report.md is rewritten.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+
+import torch
+
+from llmforge.config import Config
+from llmforge.errors import UserError
+from llmforge.eval import arena, report
+from llmforge.eval import tasks as task_eval
+from llmforge.run import RunDir, write_json_atomic
+from llmforge.stages.rl import common
+from llmforge.tasks import task_names
+
+CANDIDATES = ("base", "sft", "rl_rejection", "rl_ppo", "rl_dpo", "rl_grpo")
+FEWSHOT = 2
+
+
+def bits_per_byte(model, run: RunDir, tok, batches: int = 8) -> float | None:
+    try:
+        from llmforge.data.shards import TokenShards
+        from llmforge.eval import bpb
+        val = TokenShards(run.data, "val")
+        T = min(128, model.cfg.max_seq_len)
+        token_bytes = torch.tensor(tok.token_bytes() + [0] * (model.cfg.vocab_size - tok.vocab_size))
+        return bpb.evaluate(model, val.sequential_batches(8, T, batches), token_bytes)["val_bpb"]
+    except (UserError, FileNotFoundError, ImportError, ValueError, AttributeError):
+        return None   # no validation shards in this run (e.g. a run built from an imported model)
+
+
+def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
+    ec = cfg.eval
+    tok = common.load_tokenizer(run)
+    names = task_names(cfg.sft.tasks)
+    present = [c for c in CANDIDATES if (run.ckpt(c) / "config.json").is_file()]
+    if not present:
+        raise UserError(f"{run.root} has no checkpoints to evaluate; run `llmforge pretrain --out {run.root}` first")
+    reward = common.load_reward(run, tok, cfg.rm.safety_threshold) if (run.ckpt("rm") / "config.json").is_file() \
+        else None
+    results: dict[str, dict] = {}
+    greedy: dict[str, list] = {}
+    for name in present:
+        kinds = ("base",) if name == "base" else ("sft",) if name == "sft" else ("rl",)
+        model, _ = common.load_checkpoint(run, name, kinds, tok, "")
+        model.eval()
+        with torch.no_grad():
+            acc, samples = task_eval.evaluate(model, tok, names, ec.eval_per_task, pass_k=ec.pass_k,
+                                              max_tokens=cfg.rl.max_new_tokens, seed=ec.seed,
+                                              shots=FEWSHOT if name == "base" else 0, return_samples=True)
+            bpb = bits_per_byte(model, run, tok)
+        greedy[name] = [row[0] for row in samples]
+        results[name] = {"tasks": acc, "bpb": bpb}
+        print(f"eval {name}: accuracy {acc['mean']['accuracy']:.1%}" + (f", bpb {bpb:.3f}" if bpb else ""))
+
+    if reward is not None and "sft" in greedy:
+        def scores(samples):
+            seqs = [(s.prompt_ids + s.completion.tokens) for s in samples]
+            return reward(seqs, [s.item.safety_relevant for s in samples])
+        # score the answers in the same (zero-shot) prompt context so the comparison is like for like
+        sft_scores = scores(greedy["sft"])
+        for name in present:
+            mine = [task_eval.Sample(s.item, ref.prompt_ids, s.completion, s.messages, s.reward)
+                    for s, ref in zip(greedy[name], greedy["sft"])]
+            a = scores(mine)
+            results[name]["rm_win_rate_vs_sft"] = float(((a > sft_scores).float() + 0.5 * (a == sft_scores).float()).mean())
+
+    battles = []
+    rng = random.Random(ec.seed)
+    for a, b in itertools.combinations(present, 2):
+        pairs = list(zip(greedy[a], greedy[b]))
+        rng.shuffle(pairs)
+        for sa, sb in pairs[:ec.arena_battles]:
+            # random side assignment, as in the arena: position must not matter
+            if rng.random() < 0.5:
+                battles.append((a, b, arena.judge(sa.reward, sb.reward)))
+            else:
+                battles.append((b, a, arena.judge(sb.reward, sa.reward)))
+    board = arena.leaderboard(battles, rounds=ec.bootstrap, seed=ec.seed) if len(present) > 1 else []
+    out = {"models": results, "arena": board, "tasks": names}
+    write_json_atomic(run.root / "eval.json", out)
+    for name in present:
+        r = results[name]
+        run.log("eval", model=name, acc_mean=r["tasks"]["mean"]["accuracy"],
+                **{f"acc_{t}": r["tasks"][t]["accuracy"] for t in names},
+                **({f"pass_at_{ec.pass_k}": r["tasks"]["mean"].get(f"pass@{ec.pass_k}")} if ec.pass_k else {}),
+                **({"bpb": r["bpb"]} if r["bpb"] is not None else {}),
+                **({"rm_win_rate_vs_sft": r["rm_win_rate_vs_sft"]} if "rm_win_rate_vs_sft" in r else {}))
+    report.write(run, cfg)
+    return out

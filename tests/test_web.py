@@ -1,0 +1,104 @@
+"""The web chat in a real browser: Playwright drives Debian's headless Chromium to send a
+message, edit the streamed answer, rate it, regenerate, and the test reads the rows back from
+the feedback database. Skips cleanly where Playwright or Chromium is missing.
+
+Setup (never `playwright install`; it downloads browsers):
+    apt-get install -y chromium && pip install playwright
+"""
+import shutil
+import sqlite3
+
+import pytest
+
+from llmforge.config import ServeConfig
+from llmforge.serve.api import create_app, load_served, run_in_thread
+from llmforge.serve.tiny import make_tiny_checkpoint
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="apt-get install chromium")
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    make_tiny_checkpoint(run / "ckpt" / "sft", max_seq_len=512)
+    db = run / "feedback.sqlite"
+    server = load_served(run, cfg=ServeConfig(batch_wait_ms=0), db=str(db))
+    url, stop = run_in_thread(create_app(server))
+    yield url, db, server
+    stop()
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def page(site):
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        yield page
+        browser.close()
+
+
+def test_send_edit_rate_regenerate_reaches_the_database(site, page):
+    url, db, server = site
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.wait_for_selector(f"text=model: {server.model_name}")
+    page.fill("#max-tokens", "12")
+    page.fill("[data-testid=input]", "Hello, who are you?")
+    page.click("[data-testid=send]")
+    # the stream finishes when the rating buttons become enabled (they need the generation id)
+    page.wait_for_selector("[data-testid=msg-assistant] [data-testid=thumbs-up]:not([disabled])")
+    assert page.inner_text("[data-testid=msg-user] [data-testid=content]") == "Hello, who are you?"
+    assert page.locator("[data-testid=conversations] li").count() == 1
+
+    page.click("[data-testid=edit]")
+    page.fill("[data-testid=edit-box]", "I am a tiny test model.")
+    page.click("[data-testid=save-edit]")
+    page.wait_for_selector("[data-testid=msg-assistant] .edited")
+    assert page.inner_text("[data-testid=msg-assistant] [data-testid=content]") == "I am a tiny test model."
+    page.click("[data-testid=thumbs-up]")
+    page.wait_for_selector("[data-testid=thumbs-up].on")
+
+    page.click("[data-testid=regenerate]")
+    page.wait_for_selector("[data-testid=variant-label]:has-text('2/2')")
+    page.wait_for_selector("[data-testid=msg-assistant] [data-testid=thumbs-down]:not([disabled])")
+    page.click("[data-testid=thumbs-down]")
+    page.wait_for_selector("[data-testid=thumbs-down].on")
+    assert not errors and page.inner_text("[data-testid=error]") == ""
+
+    con = sqlite3.connect(db)
+    gens = con.execute("SELECT id, content, model, checkpoint FROM generations ORDER BY created_at").fetchall()
+    assert len(gens) == 2 and all(g[2] == server.model_name and g[3] == server.checkpoint_id for g in gens)
+    edit = con.execute("SELECT generation_id, content, kept FROM edits").fetchall()
+    assert edit == [(gens[0][0], "I am a tiny test model.", 1)]
+    ratings = dict(con.execute("SELECT generation_id, value FROM ratings").fetchall())
+    assert ratings == {gens[0][0]: 1, gens[1][0]: -1}
+    prompt = con.execute("SELECT prompt FROM generations").fetchone()[0]
+    assert "Hello, who are you?" in prompt
+    con.close()
+
+
+def test_stop_button_cancels_the_stream(site, page):
+    url, _, server = site
+    page.goto(url + "/")
+    page.wait_for_selector(f"text=model: {server.model_name}")
+    page.click("[data-testid=new-chat]")
+    page.fill("#max-tokens", "400")
+    page.fill("[data-testid=input]", "Tell me a long story.")
+    page.click("[data-testid=send]")
+    page.wait_for_selector("[data-testid=stop]:visible")
+    page.click("[data-testid=stop]")
+    page.wait_for_selector("[data-testid=send]:visible")
+    page.wait_for_function("() => true")
+    import time
+    deadline = time.time() + 10
+    while time.time() < deadline and server.engine.has_work():
+        time.sleep(0.05)
+    assert not server.engine.has_work()
