@@ -7,6 +7,7 @@ Setup (never `playwright install`; it downloads browsers):
 """
 import shutil
 import sqlite3
+import time
 
 import pytest
 
@@ -85,20 +86,31 @@ def test_send_edit_rate_regenerate_reaches_the_database(site, page):
     con.close()
 
 
-def test_stop_button_cancels_the_stream(site, page):
+def test_stop_button_cancels_the_stream(site, page, monkeypatch):
     url, _, server = site
+    real_step = server.engine.step
+
+    def slow_step():   # a slow model, so the answer is still streaming when Stop is pressed
+        time.sleep(0.02)
+        return real_step()
+
+    monkeypatch.setattr(server.engine, "step", slow_step)
+    before = server.engine.stats.generated_tokens
     page.goto(url + "/")
     page.wait_for_selector(f"text=model: {server.model_name}")
-    page.click("[data-testid=new-chat]")
+    page.fill("#temperature", "0")      # greedy: this random model then never stops early
     page.fill("#max-tokens", "400")
     page.fill("[data-testid=input]", "Tell me a long story.")
     page.click("[data-testid=send]")
     page.wait_for_selector("[data-testid=stop]:visible")
+    deadline = time.time() + 10
+    while time.time() < deadline and server.engine.stats.generated_tokens - before < 5:
+        time.sleep(0.02)
     page.click("[data-testid=stop]")
     page.wait_for_selector("[data-testid=send]:visible")
-    page.wait_for_function("() => true")
-    import time
     deadline = time.time() + 10
     while time.time() < deadline and server.engine.has_work():
         time.sleep(0.05)
-    assert not server.engine.has_work()
+    assert not server.engine.has_work() and server.engine.stats.generated_tokens - before < 300
+    # a stopped answer is not recorded, so it cannot be rated
+    assert page.locator("[data-testid=msg-assistant] [data-testid=thumbs-up][disabled]").count() == 1
