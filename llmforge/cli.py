@@ -135,11 +135,11 @@ def dispatch(args, extra) -> None:
             from llmforge.stages import reward
             reward.run(cfg, run, resume=args.resume)
         elif verb == "rl":
-            from llmforge.stages.rl import run_algo
-            run_algo(cfg, run)
+            from llmforge.stages import rl
+            rl.run(cfg, run, algo=cfg.rl.algo)
         elif verb == "eval":
-            from llmforge.eval import tasks as eval_tasks
-            eval_tasks.run(cfg, run)
+            from llmforge.eval import stage as eval_stage
+            eval_stage.run(cfg, run)
         elif verb == "speedrun":
             from llmforge.stages import speedrun
             speedrun.run(cfg, run)

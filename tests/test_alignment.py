@@ -96,15 +96,14 @@ def test_identical_pair_and_bad_lines_are_user_errors(tmp_path):
 
 def test_wrong_checkpoint_kind_and_tokenizer_are_user_errors(tmp_path):
     cfg, run, tok = make_run(tmp_path / "run", vocab_size=300)
+    with pytest.raises(UserError, match="missing; run `llmforge sft"):
+        rl_stages.run(cfg, run, algo="ppo")      # no ckpt/sft yet
     # SFT needs a base checkpoint; an "rm" checkpoint where a policy is expected is refused
     shutil.copytree(run.ckpt("base"), run.ckpt("sft"))
     cfg_json = json.loads((run.ckpt("sft") / "config.json").read_text())
     (run.ckpt("sft") / "config.json").write_text(json.dumps({**cfg_json, "kind": "rm"}))
     with pytest.raises(UserError, match="'rm' checkpoint"):
         common.load_checkpoint(run, "sft", ("sft", "rl"), tok, "")
-    with pytest.raises(UserError, match="missing; run `llmforge sft"):
-        rl_stages.run(cfg, RunDir(tmp_path / "empty").create(), algo="dpo") if False else \
-            common.load_checkpoint(run, "nothing", ("sft",), tok, "run `llmforge sft` first")
     other = Tokenizer.train(["completely different text " * 50], vocab_size=300)
     other.save(run.tokenizer)
     with pytest.raises(UserError, match="different tokenizer"):

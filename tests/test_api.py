@@ -32,7 +32,8 @@ def served(tmp_path_factory):
 
 def test_models_and_health(served):
     server, url, client = served
-    assert [m.id for m in client.models.list()] == [server.model_name] == ["run0-sft"]
+    assert [m.id for m in client.models.list()] == [server.model_name]
+    assert server.model_name.endswith("-sft")          # run directory name + checkpoint kind
     health = httpx.get(url + "/health").json()
     assert health["status"] == "ok" and health["checkpoint"].endswith("@step0")
 
@@ -132,22 +133,26 @@ def test_legacy_completions(served):
 
 @pytest.mark.parametrize("body,status,param", [
     (b"{not json", 400, None),
-    ({"model": "run0-sft"}, 400, "messages"),
+    ({"model": "MODEL"}, 400, "messages"),
     ({"model": "gpt-9", "messages": HI}, 404, "model"),
-    ({"model": "run0-sft", "messages": [{"role": "user", "content": "x " * 1200}]}, 400, "messages"),
-    ({"model": "run0-sft", "messages": HI, "max_tokens": -5}, 400, "max_tokens"),
-    ({"model": "run0-sft", "messages": HI, "max_tokens": 10**9}, 400, "max_tokens"),
-    ({"model": "run0-sft", "messages": HI, "temperature": "hot"}, 400, "temperature"),
-    ({"model": "run0-sft", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
-    ({"model": "run0-sft", "messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "x " * 1200}]}, 400, "messages"),
+    ({"model": "MODEL", "messages": HI, "max_tokens": -5}, 400, "max_tokens"),
+    ({"model": "MODEL", "messages": HI, "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": "MODEL", "messages": HI, "temperature": "hot"}, 400, "temperature"),
+    ({"model": "MODEL", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ({"model": "MODEL", "messages": HI, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format"),
-    ({"model": "run0-sft", "messages": HI, "tool_choice": {"type": "function", "function": {"name": "rm_rf"}}},
+    ({"model": "MODEL", "messages": HI, "conversation_id": "conv-nope"}, 400, "conversation_id"),
+    ({"model": "MODEL", "messages": HI, "tool_choice": {"type": "function", "function": {"name": "rm_rf"}}},
      400, "tool_choice"),
-    ({"model": "run0-sft", "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}],
+    ({"model": "MODEL", "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
 ])
 def test_bad_requests_get_openai_error_bodies(served, body, status, param):
     _, url, _ = served
+    server = served[0]
+    if isinstance(body, dict) and body.get("model") == "MODEL":
+        body = {**body, "model": server.model_name}
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(url + "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
@@ -223,3 +228,62 @@ def test_feedback_round_trip_through_the_api(served, tmp_path):
     export_pairs(server.store, out)
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     assert any(p["source"] == "edit" and p["chosen"] == "Hello there!" and p["prompt"] == HI for p in pairs)
+
+
+def test_builtin_tool_run_is_shown_as_content_and_tool_runs(served):
+    """What the engine writes when it runs a built-in tool mid-answer, as the client sees it."""
+    from llmforge.infer.engine import Completion
+    from llmforge.serve.api import Answer
+
+    server, _, _ = served
+    tok = server.tok
+    sp = tok.token_id
+    call = '{"name":"calculator","arguments":{"expression":"2+2"}}'
+    tokens = (tok.encode("Let me compute. ") + [sp("<|tool_call|>")] + tok.encode(call) + [sp("<|end|>")] +
+              [sp("<|tool_result|>")] + tok.encode("4") + [sp("<|end|>"), sp("<|assistant|>")] +
+              tok.encode("It is 4.") + [sp("<|end|>")])
+    comp = Completion(prompt_len=5, tokens=tokens, generated=[True] * len(tokens), logprobs=[0.0] * len(tokens),
+                      text=tok.decode(tokens[:-1]), finish_reason="stop")
+    content, calls, runs = Answer(server, None, 0).view(comp)
+    assert content == "Let me compute. It is 4."
+    assert calls == [] and runs == [{"name": "calculator", "arguments": '{"expression": "2+2"}', "result": "4"}]
+
+
+def test_terminal_chat_streams_and_keeps_history(served, tmp_path):
+    import io
+
+    from llmforge.serve.chat_cli import chat_cli
+
+    server, _, _ = served
+    out = io.StringIO()
+    folder = server.checkpoint_id.rsplit("@", 1)[0]
+    chat_cli(folder, max_tokens=5, stdin=io.StringIO("hello\n/reset\nagain\n/quit\n"), stdout=out)
+    text = out.getvalue()
+    assert text.count("assistant> ") == 2 and "(new conversation)" in text
+
+
+def test_a_client_that_stops_reading_does_not_block_others(served):
+    server, url, client = served
+    body = {"model": server.model_name, "messages": HI, "max_tokens": 300, "stream": True, "temperature": 0}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30):   # opened, never read
+        start = time.perf_counter()
+        r = client.chat.completions.create(model=server.model_name, messages=HI, max_tokens=8)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert time.perf_counter() - start < 20
+
+
+def test_terminal_chat_shows_tool_runs_and_only_grows(served):
+    from llmforge.serve.chat_cli import _visible
+
+    server, _, _ = served
+    tok, sp = server.tok, server.tok.token_id
+    call = '{"name":"calculator","arguments":{"expression":"2+2"}}'
+    tokens = (tok.encode("Let me compute.") + [sp("<|tool_call|>")] + tok.encode(call) + [sp("<|end|>")] +
+              [sp("<|tool_result|>")] + tok.encode("4") + [sp("<|end|>"), sp("<|assistant|>")] +
+              tok.encode("It is 4.") + [sp("<|end|>")])
+    shown = ""
+    for i in range(1, len(tokens) + 1):
+        now = _visible(tok, tokens[:i], set(server.special))
+        assert now.startswith(shown), (shown, now)
+        shown = now
+    assert shown == 'Let me compute.\n[calculator({"expression": "2+2"}) -> 4]\nIt is 4.'

@@ -5,7 +5,7 @@ import pytest
 
 from llmforge.errors import UserError
 from llmforge.tokenizer import chat
-from llmforge.tokenizer.chat import (ASSISTANT, END, SPECIALS, TOOL_CALL, TOOL_RESULT, parse_assistant,
+from llmforge.tokenizer.chat import (ASSISTANT, END, SPECIALS, TOOL_CALL, parse_assistant,
                                      parse_completion, render, render_prompt, render_text)
 
 

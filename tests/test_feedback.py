@@ -2,6 +2,7 @@
 exactly the preference pairs it implies."""
 import importlib.util
 import json
+import os
 import sqlite3
 
 import pytest
@@ -10,6 +11,8 @@ from llmforge.errors import UserError
 from llmforge.serve.feedback import MIGRATIONS, export_pairs, open_store
 
 MODEL, CKPT = "tiny-sft", "runs/t/ckpt/sft"
+# e.g. postgresql://llmforge:llmforge@127.0.0.1/feedback (the test drops and recreates its tables)
+POSTGRES_URL = os.environ.get("LLMFORGE_TEST_POSTGRES_URL", "")
 
 
 def user(text):
@@ -142,3 +145,24 @@ def test_bad_input_is_a_user_error_and_leaves_no_file(tmp_path):
 def test_postgres_url_without_psycopg_says_how_to_fix():
     with pytest.raises(UserError, match="psycopg"):
         open_store("postgresql://user@localhost/feedback")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("psycopg") is None, reason="pip install 'psycopg[binary]'")
+def test_unreachable_postgres_is_a_user_error():
+    with pytest.raises(UserError, match="cannot connect"):
+        open_store("postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="set LLMFORGE_TEST_POSTGRES_URL to a scratch PostgreSQL database")
+def test_postgres_store_exports_the_same_pairs(tmp_path):
+    import psycopg
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS ratings, edits, generations, messages, conversations, schema_version CASCADE")
+    store = open_store(POSTGRES_URL)
+    assert store.kind == "postgresql" and store.schema_version() == MIGRATIONS[-1][0]
+    ids = scripted_session(store)
+    counts = export_pairs(store, tmp_path / "pg.jsonl")
+    assert counts == {"pairs": 3, "edit": 1, "rating": 1, "regeneration": 1}
+    assert store.conversation(ids["c1"])["messages"][1]["content"] == "4"
+    store.close()
+    assert open_store(POSTGRES_URL).schema_version() == MIGRATIONS[-1][0]   # reopening does not re-migrate

@@ -131,6 +131,11 @@ def test_export_refuses_reward_model_and_foreign_folder(tokenizer, tmp_path):
     with pytest.raises(UserError, match="non-empty folder"):
         export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(UserError, match="non-empty folder"):  # never over the checkpoint itself
+        export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "hf")
+    export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "hf")  # an earlier export is replaced
     with pytest.raises(UserError, match="unknown export format"):
         export_checkpoint(tmp_path / "ckpt", "onnx", tmp_path / "out")
 
@@ -216,7 +221,7 @@ def test_import_adds_chat_tokens_to_foreign_tokenizer(tmp_path):
     d = tmp_path / "foreign"
     hf_model.save_pretrained(d)
     tk.save(str(d / "tokenizer.json"))
-    ckpt = import_hf(d, tmp_path / "ckpt")
+    ckpt = import_hf(d, tmp_path / "run" / "ckpt" / "base")
     model, config, _ = load_model(ckpt)
     assert config["added_chat_tokens"] == CHAT_TOKENS
     assert model.cfg.vocab_size == n_old + len(CHAT_TOKENS)
@@ -228,6 +233,23 @@ def test_import_adds_chat_tokens_to_foreign_tokenizer(tmp_path):
         assert torch.allclose(model.eval()(ids)[..., :n_old], hf_model(ids).logits, atol=1e-4, rtol=0)
         new_row = model.embed.weight[tok.token_id("<|user|>")]
         assert torch.allclose(new_row, hf_model.model.embed_tokens.weight.mean(0), atol=1e-6)
+
+    # the run directory is ready for `llmforge sft`: its tokenizer is the import's, chats render
+    from llmforge.run import RunDir
+    from llmforge.stages.rl.common import load_checkpoint, load_tokenizer
+    from llmforge.tokenizer.chat import render
+    run = RunDir(tmp_path / "run")
+    run_tok = load_tokenizer(run)
+    load_checkpoint(run, "base", ("base",), run_tok, "import it first")
+    ids, mask = render(run_tok, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}])
+    assert ids[0] == run_tok.bos_id and run_tok.token_id("<|end|>") in ids and sum(mask) > 0
+    # a run whose tokenizer is another one is refused before anything is written
+    other = tmp_path / "other"
+    (other / "tokenizer").mkdir(parents=True)
+    Tokenizer.train(["something else entirely"] * 5, vocab_size=280).save(other / "tokenizer" / "tokenizer.json")
+    with pytest.raises(UserError, match="different tokenizer"):
+        import_hf(d, other / "ckpt" / "base")
+    assert not (other / "ckpt").exists()
 
 
 def test_import_errors(tokenizer, tmp_path):

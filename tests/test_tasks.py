@@ -109,7 +109,7 @@ def test_user_jsonl_loads_and_bad_lines_name_file_and_line(tmp_path):
     for label, line in cases.items():
         bad = tmp_path / "bad.jsonl"
         bad.write_text(good.read_text().strip() + "\n" + line + "\n")
-        with pytest.raises(UserError, match=rf"bad.jsonl:2\b"):
+        with pytest.raises(UserError, match=r"bad.jsonl:2\b"):
             load_conversations(bad)
     with pytest.raises(UserError, match="does not exist"):
         load_conversations(tmp_path / "missing.jsonl")

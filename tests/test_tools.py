@@ -102,3 +102,15 @@ def test_sandbox_output_is_capped(mode):
     out = run_python("while True:\n    print('x' * 1000)", SandboxLimits(output_bytes=4096), isolation=mode)
     assert len(out) < 4096 + 200
     assert "output truncated at 4096 bytes" in out
+
+
+@pytest.mark.skipif("namespaces" not in MODES, reason="needs root and util-linux unshare/setpriv")
+def test_namespace_sandbox_hides_the_host(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret")
+    secret.chmod(0o600)
+    out = run_python(f"import os\nprint(os.getuid(), len([p for p in os.listdir('/proc') if p.isdigit()]))\n"
+                     f"print(open({str(secret)!r}).read())")
+    uid, processes = out.split("\n")[0].split()
+    assert uid == "65534" and int(processes) <= 3          # nobody, and only its own namespace's processes
+    assert "s3cret" not in out and "PermissionError" in out

@@ -119,7 +119,7 @@ class ModelEmbedder:
         self.model, self.tok = model, tok
         self.dim = model.cfg.d_model
         # The embedding space is the model's own: name it by a fingerprint of its weights.
-        fingerprint = hashlib.sha1(model.embed.weight[:64].detach().float().numpy().tobytes()).hexdigest()[:12]
+        fingerprint = hashlib.sha1(model.embed.weight[:64].detach().float().cpu().numpy().tobytes()).hexdigest()[:12]
         self.name = name or f"llmforge-mean-pool:{fingerprint}"
 
     def embed(self, texts: list[str], batch_size: int = 16) -> np.ndarray:

@@ -10,10 +10,12 @@ a UserError), so an API request naming one becomes a 400.
 
 Python sandbox isolation, strongest first (`sandbox_isolation()` says which is in force):
   "namespaces"   (root + util-linux `unshare`/`setpriv`): fresh network namespace (no
-                 interfaces up, so not even the host's loopback), fresh PID namespace (killing
-                 its first process kills everything the code spawned), fresh mount namespace
-                 where every mount is read-only except the sandbox's own directory, all
-                 capabilities dropped so the code cannot undo any of it.
+                 interfaces up, so not even the host's loopback), fresh PID namespace with its
+                 own /proc (no other process is visible; killing its first process kills
+                 everything the code spawned), fresh mount namespace where every mount is
+                 read-only except the sandbox's own directory and /root, /home are empty (the
+                 interpreter's own folders are bound back), and the code runs as `nobody` with
+                 no capabilities, so it can neither undo any of it nor read root-only files.
   "python-guard" (anything else): a preamble replaces `socket.socket` and refuses file writes
                  outside the sandbox directory through `open`/`os.open`. Best effort only:
                  code using ctypes or os.system can get around it.
@@ -143,25 +145,47 @@ class SandboxLimits:
 _LAUNCHER = r'''
 import json, os, resource, subprocess, sys
 cfg = json.loads(sys.argv[1])
-box = cfg["dir"]
+box, keep = cfg["dir"], cfg["keep"]
 def mount(*args):
     return subprocess.run(["mount", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+def fail(why):
+    sys.exit(f"sandbox: {why}")
 if mount("--make-rprivate", "/") or mount("--bind", box, box):
-    sys.exit("sandbox: could not set up the mount namespace")
+    fail("could not set up the mount namespace")
+# Hide home directories behind empty tmpfs, then bind the interpreter's own folders back
+# (pyenv/venv interpreters often live under /root), staged on a private /dev/shm meanwhile.
+stage = "/dev/shm"
+if mount("-t", "tmpfs", "-o", "size=1m,mode=755", "tmpfs", stage):
+    fail("could not mount a staging tmpfs")
+for i, path in enumerate(keep):
+    os.makedirs(f"{stage}/{i}")
+    if mount("--rbind", path, f"{stage}/{i}"):
+        fail(f"could not keep {path}")
+for hidden in ("/root", "/home"):
+    if os.path.isdir(hidden) and mount("-t", "tmpfs", "-o", "size=1m,mode=755", "tmpfs", hidden):
+        fail(f"could not hide {hidden}")
+for i, path in enumerate(keep):
+    if path.startswith(("/root/", "/home/")):
+        os.makedirs(path, exist_ok=True)
+        if mount("--move", f"{stage}/{i}", path):
+            fail(f"could not restore {path}")
+os.chown(box, 65534, 65534)
 points = []
 with open("/proc/self/mountinfo") as f:
     for line in f:
         points.append(line.split()[4].replace("\\040", " "))
 for point in points:
     if point != box and not point.startswith(("/proc", "/sys")):
-        if mount("-o", "remount,bind,ro", point) and point in ("/", "/tmp", "/dev/shm"):
-            sys.exit(f"sandbox: could not make {point} read-only")
+        if mount("-o", "remount,bind,ro", point) and point in ("/", "/tmp", "/dev/shm", "/root", "/home"):
+            fail(f"could not make {point} read-only")
 def limit():
     for name, value in cfg["rlimits"].items():
         resource.setrlimit(getattr(resource, name), tuple(value))
 # This launcher is PID 1 of the namespace: it waits (reaping orphans) and turns a fatal signal
-# into exit code 128+N, since unshare itself reports signalled children poorly.
-proc = subprocess.run([cfg["setpriv"], "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs",
+# into exit code 128+N, since unshare itself reports signalled children poorly. The code runs as
+# nobody with no capabilities, so it can neither undo the mounts nor read root-only files.
+proc = subprocess.run([cfg["setpriv"], "--reuid=65534", "--regid=65534", "--clear-groups",
+                       "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs",
                        "--", cfg["python"], "-I", "main.py"], cwd=box, env=cfg["env"], preexec_fn=limit)
 sys.exit(128 - proc.returncode if proc.returncode < 0 else proc.returncode)
 '''
@@ -194,13 +218,13 @@ del _b, _socket
 
 @functools.cache
 def sandbox_isolation() -> str:
-    """'namespaces' when the kernel-level isolation works here, else 'python-guard'."""
+    """'namespaces' when the kernel-level isolation works here (checked by running a probe
+    through it once), else 'python-guard'."""
     unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
     if os.name != "posix" or os.geteuid() != 0 or not unshare or not setpriv or not shutil.which("mount"):
         return "python-guard"
-    probe = subprocess.run([unshare, "--mount", "--net", "--pid", "--fork", "--kill-child", "true"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
-    return "namespaces" if probe.returncode == 0 else "python-guard"
+    probe = run_python("print('sandbox-ok')", SandboxLimits(wall_seconds=20), isolation="namespaces")
+    return "namespaces" if probe.strip() == "sandbox-ok" else "python-guard"
 
 
 def _rlimits(limits: SandboxLimits) -> dict:
@@ -258,9 +282,10 @@ def run_python(code: str, limits: SandboxLimits | None = None, isolation: str | 
                "PYTHONDONTWRITEBYTECODE": "1"}
         if isolation == "namespaces":
             Path(box, "main.py").write_text(code, encoding="utf-8")
+            keep = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix)})
             cfg = {"dir": box, "rlimits": _rlimits(limits), "env": env, "python": sys.executable,
-                   "setpriv": shutil.which("setpriv")}
-            argv = [shutil.which("unshare"), "--mount", "--net", "--pid", "--fork", "--kill-child",
+                   "setpriv": shutil.which("setpriv"), "keep": keep}
+            argv = [shutil.which("unshare"), "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
                     sys.executable, "-I", "-c", _LAUNCHER, json.dumps(cfg)]
             preexec = None
         else:

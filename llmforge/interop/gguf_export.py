@@ -113,9 +113,12 @@ def _tokenizer_fields(tok_json: dict, vocab_size: int):
     return "gpt2", tokens, [int(t) for t in types], merges
 
 
-def _pre_tokenizer_name(tok_json: dict) -> str:
+def _pre_tokenizer_name(tok_json: dict, config: dict) -> str:
     """llama.cpp picks its pre-tokenizer regex by name. llmforge's split is GPT-4's, the same
-    family as llama.cpp's "llama-bpe" (Llama 3) regex; anything else gets "default" (GPT-2)."""
+    family as llama.cpp's "llama-bpe" (Llama 3) regex; an imported Qwen2 model gets "qwen2";
+    anything else "default" (GPT-2's split), with a warning."""
+    if (config.get("hf") or {}).get("model_type") == "qwen2":
+        return "qwen2"
     text = json.dumps(tok_json.get("pre_tokenizer") or {})
     if r"\\p{N}{1,3}" in text and "Split" in text:
         return "llama-bpe"
@@ -163,7 +166,7 @@ def export_gguf(ckpt, out, dtype: str = "f16") -> Path:
         w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
 
         w.add_tokenizer_model(tok_model)
-        w.add_tokenizer_pre(_pre_tokenizer_name(tok_json))
+        w.add_tokenizer_pre(_pre_tokenizer_name(tok_json, config))
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)

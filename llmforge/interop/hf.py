@@ -142,7 +142,8 @@ def hf_config(cfg: ModelConfig, *, bos_id, eos_id, pad_id, dtype: str = "float32
     return out
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+           "f32": torch.float32, "f16": torch.float16}  # the GGUF spellings the CLI also uses
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -158,11 +159,18 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_out(out: Path, marker: str) -> None:
-    """Refuse to replace a non-empty folder that is not an earlier export (it may be user data)."""
+def _check_out(out: Path) -> None:
+    """Refuse to replace a non-empty folder that is not an earlier Hugging Face export: it may be
+    user data, or the very checkpoint being exported."""
     if out.is_file():
         raise UserError(f"--out {out} is a file; give a folder path for the export")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = {}
+    if "architectures" not in earlier or "kind" in earlier:
         raise UserError(f"--out {out} is a non-empty folder that is not an earlier export; "
                         "choose a new folder or empty it")
 
@@ -190,7 +198,7 @@ def export_hf(ckpt, out, dtype: str = "fp32") -> Path:
     if dtype not in _DTYPES:
         raise UserError(f"unknown export dtype '{dtype}'; choose one of: {', '.join(_DTYPES)}")
     out = Path(out)
-    _check_out(out, "config.json")
+    _check_out(out)
     model, config, folder = load_policy(ckpt)
     cfg: ModelConfig = model.cfg
     tok_path = folder / "tokenizer.json"
@@ -253,7 +261,8 @@ def _tokenizer_and_generation_config(config: dict, carried: dict, tok_json: dict
         "pad_token": "<|eot|>",
         "model_max_length": cfg.max_seq_len,
         "clean_up_tokenization_spaces": False,
-        "extra_special_tokens": [t for t in CHAT_TOKENS if t in ids and t not in ("<|bos|>", "<|eot|>")],
+        # the key transformers 4 and 5 both read (5's "extra_special_tokens" is a dict in 4)
+        "additional_special_tokens": [t for t in CHAT_TOKENS if t in ids and t not in ("<|bos|>", "<|eot|>", eos)],
     }
     gen = {"bos_token_id": ids["<|bos|>"], "eos_token_id": [ids["<|end|>"], ids["<|eot|>"]],
            "pad_token_id": ids["<|eot|>"], "do_sample": False}
@@ -391,7 +400,8 @@ def import_hf(hf_dir, out, *, dtype: str = "auto", max_seq_len: int | None = Non
     by it). add_chat_tokens adds llmforge's chat special tokens (<|user|>, <|end|>, ...) the
     tokenizer lacks, with embeddings initialised to the mean embedding (Hewitt, 2021), so the
     imported model can go through SFT / RM / RL in llmforge's chat format; logits of the
-    original vocabulary are unchanged."""
+    original vocabulary are unchanged. With `out` = RUN/ckpt/base, RUN/tokenizer/tokenizer.json
+    is written too (or checked, if RUN has one), so `llmforge sft --out RUN` trains the import."""
     import tokenizers
 
     hf_dir = Path(hf_dir)
@@ -425,6 +435,8 @@ def import_hf(hf_dir, out, *, dtype: str = "auto", max_seq_len: int | None = Non
             hf_tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in added])
             cfg = _grow_vocab(weights, cfg, hf_tok.get_vocab_size(with_added_tokens=True))
 
+    tokenizer = _wrap_tokenizer(hf_tok)
+    run_tokenizer = _run_tokenizer_path(Path(out), tokenizer)
     model = _model_from_weights(weights, cfg)
     meta = {
         "stage": "import",
@@ -435,7 +447,27 @@ def import_hf(hf_dir, out, *, dtype: str = "auto", max_seq_len: int | None = Non
                "bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id"),
                "pad_token_id": hf.get("pad_token_id")},
     }
-    return save_checkpoint(out, model, kind="base", model_cfg=cfg, tokenizer=_wrap_tokenizer(hf_tok), meta=meta)
+    folder = save_checkpoint(out, model, kind="base", model_cfg=cfg, tokenizer=tokenizer, meta=meta)
+    if run_tokenizer is not None:
+        run_tokenizer.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / "tokenizer.json", run_tokenizer.with_suffix(".json.tmp"))
+        os.replace(run_tokenizer.with_suffix(".json.tmp"), run_tokenizer)
+    return folder
+
+
+def _run_tokenizer_path(out: Path, tokenizer) -> Path | None:
+    """Importing into RUN/ckpt/base makes RUN a run directory the later stages (sft, rm, rl) can use:
+    its tokenizer/tokenizer.json must be the imported one. Returns the path to write, or None."""
+    if out.parent.name != "ckpt":
+        return None
+    path = out.parent.parent / "tokenizer" / "tokenizer.json"
+    if not path.is_file():
+        return path
+    from llmforge.tokenizer.bpe import Tokenizer
+    if Tokenizer.load(path).hash != tokenizer.hash:
+        raise UserError(f"{path} is a different tokenizer than the imported model's; import into a new run "
+                        f"directory (--out NEWRUN/ckpt/base) so the run's data and model agree")
+    return None
 
 
 def _rename_and_check(hf_weights: dict, cfg: ModelConfig, hf_dir: Path) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ with llmforge's template) reach the model as the special tokens it was trained o
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,10 @@ class LLMForgeLM(LM):
     def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int | str = 8,
                  max_length: int | None = None, **_ignored):
         super().__init__()
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's CLI passes --device cuda unless told otherwise
+            warnings.warn(f"device {device!r} requested but CUDA is not available; running on cpu")
+            device = "cpu"
         self.model, self.config, self.folder = load_policy(checkpoint, device=device)
         self.model.eval()
         self.tok = load_tokenizer(self.folder)
@@ -86,10 +91,8 @@ class LLMForgeLM(LM):
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         template = self.config.get("chat_template")
-        if template:  # an imported model's own template
-            import jinja2
-            return jinja2.Environment().from_string(template).render(
-                messages=chat_history, add_generation_prompt=add_generation_prompt)
+        if template:  # an imported model's own template, rendered as transformers does
+            return _render_hf_template(template, chat_history, add_generation_prompt, self.config)
         from llmforge.tokenizer.chat import render_text
         return render_text(chat_history, add_generation_prompt=add_generation_prompt)
 
@@ -178,6 +181,28 @@ class LLMForgeLM(LM):
                     text = text[:text.index(s)]
             outputs.append(text)
         return outputs
+
+
+def _render_hf_template(template: str, messages: list[dict], add_generation_prompt: bool, config: dict) -> str:
+    """A Hub chat template in a sandbox with the helpers such templates use (raise_exception,
+    tojson without HTML escaping) and the special tokens they reference."""
+    import json
+
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: json.dumps(
+        x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    tok_cfg = (config.get("hf") or {}).get("tokenizer_config") or {}
+    specials = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tok_cfg.items()
+                if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **specials)
 
 
 def main(argv: list[str] | None = None) -> None:

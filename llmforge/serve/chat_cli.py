@@ -13,7 +13,7 @@ def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95
     from llmforge.infer.engine import Engine
     from llmforge.infer.sampling import SamplingParams
     from llmforge.infer.tools import run_tool
-    from llmforge.serve.api import SERVE_STOPS
+    from llmforge.serve.scheduler import SERVE_STOPS
     from llmforge.tokenizer.chat import final_answer, parse_completion, render_prompt
     from llmforge.train.checkpoint import load_model, load_tokenizer
 
@@ -66,9 +66,9 @@ def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95
                 for ev in engine.step():
                     if ev.request_id != rid:
                         continue
-                    # stream only the model's visible words; specials mark tool calls and results
-                    ids = [t for t in ev.completion.tokens if t not in specials]
-                    visible = tok.decode(ids).rstrip("\ufffd") if not ev.finished else tok.decode(ids)
+                    visible = _visible(tok, ev.completion.tokens, specials)
+                    if not ev.finished:
+                        visible = visible.rstrip("\ufffd")   # half of a multi-byte character
                     if len(visible) > shown:
                         print(visible[shown:], end="", file=stdout, flush=True)
                         shown = len(visible)
@@ -82,3 +82,24 @@ def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95
         print(file=stdout, flush=True)
         answer = final_answer(parse_completion(tok, completion.tokens)) or completion.text
         messages.append({"role": "assistant", "content": answer})
+
+
+def _visible(tok, tokens: list[int], specials: set[int]) -> str:
+    """The answer as a reader should see it: words, and each tool run as [name(args) -> result].
+    A call or result still being written is held back, so what is shown only ever grows."""
+    from llmforge.tokenizer.chat import parse_completion
+
+    tool_call, tool_result = tok.token_id("<|tool_call|>"), tok.token_id("<|tool_result|>")
+    last_special = next((t for t in reversed(tokens) if t in specials), None)
+    if last_special in (tool_call, tool_result):   # a call or result still open: show up to its start
+        tokens = tokens[:len(tokens) - 1 - tokens[::-1].index(last_special)]
+    if tool_call not in tokens:
+        return tok.decode([t for t in tokens if t not in specials])
+    parts = []
+    for m in parse_completion(tok, tokens):
+        if m["role"] == "assistant":
+            parts.append(m.get("content") or "")
+            parts += [f"\n[{c['function']['name']}({c['function']['arguments']})" for c in m.get("tool_calls") or []]
+        elif m["role"] == "tool":
+            parts.append(f" -> {m['content']}]\n")
+    return "".join(parts)

@@ -178,6 +178,9 @@ class FeedbackStore:
                       (cid, title[:200], time.time()))
         return cid
 
+    def has_conversation(self, conversation_id: str) -> bool:
+        return bool(self._execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)))
+
     def _require(self, table: str, row_id: str, what: str) -> tuple:
         rows = self._execute(f"SELECT * FROM {table} WHERE id = ?", (row_id,))
         if not rows:

@@ -7,6 +7,10 @@ response of the train pairs); rl/common.CombinedReward combines the two as Llama
 """
 from __future__ import annotations
 
+import copy
+import json
+import random
+
 import torch
 
 from llmforge.config import Config
@@ -16,6 +20,7 @@ from llmforge.run import RunDir, write_json_atomic
 from llmforge.stages import prefs
 from llmforge.stages.rl.common import load_checkpoint, load_tokenizer, pad, score_sequences
 from llmforge.stages.rl.objectives import bradley_terry_loss
+from llmforge.tasks.safety import is_refusal
 from llmforge.tokenizer.chat import render
 from llmforge.train import distributed
 from llmforge.train.loop import Checkpointing, train
@@ -89,7 +94,6 @@ def train_one(cfg: Config, run: RunDir, tok, sft_model, name: str, train_pairs, 
              "heldout_pairs": len(heldout_enc)}
     if ctx.is_main:
         config_path = run.ckpt(name) / "config.json"
-        import json
         write_json_atomic(config_path, {**json.loads(config_path.read_text()), **stats})
         run.log(name, event="normalized", **stats)
     return {**summary, **stats}
@@ -100,10 +104,12 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     tok = load_tokenizer(run)
     sft_model, _ = load_checkpoint(run, "sft", ("sft",), tok, f"run `llmforge sft --out {run.root}` first")
     train_path, heldout_path = run.prefs / "train.jsonl", run.prefs / "heldout.jsonl"
-    if train_path.is_file() and heldout_path.is_file():
-        train_pairs, heldout_pairs = prefs.load_pairs(train_path), prefs.load_pairs(heldout_path)
-    else:
-        train_pairs, heldout_pairs = prefs.build(cfg, run, sft_model, tok)
+    if not (train_path.is_file() and heldout_path.is_file()):
+        if ctx.is_main:        # one process samples and writes the pairs; the others read them
+            prefs.build(cfg, run, sft_model, tok)
+        if ctx.enabled:
+            torch.distributed.barrier()
+    train_pairs, heldout_pairs = prefs.load_pairs(train_path), prefs.load_pairs(heldout_path)
     results = {}
     try:
         # helpfulness: every pair except "refuse the harmful request" (that is the safety model's job)
@@ -111,9 +117,13 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
         helpful_heldout = [p for p in heldout_pairs if not (p["source"] == "safety" and _is_refusal_pair(p))]
         results["rm"] = train_one(cfg, run, tok, _copy(sft_model), "rm", helpful, helpful_heldout, ctx,
                                   show_progress)
+        # safety: the safety pairs, mixed with as many helpfulness pairs so that its scores on
+        # ordinary prompts are meaningful too (Llama 2 mixes the two kinds of data in both models)
         safety = [p for p in train_pairs if p.get("safety")]
         if cfg.rm.safety and safety:
-            results["rm_safety"] = train_one(cfg, run, tok, _copy(sft_model), "rm_safety", safety,
+            others = [p for p in train_pairs if not p.get("safety")]
+            mix = safety + random.Random(cfg.rm.seed).sample(others, min(len(others), len(safety)))
+            results["rm_safety"] = train_one(cfg, run, tok, _copy(sft_model), "rm_safety", mix,
                                              [p for p in heldout_pairs if p.get("safety")], ctx, show_progress)
     finally:
         distributed.teardown()
@@ -121,10 +131,8 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
 
 
 def _is_refusal_pair(pair: dict) -> bool:
-    from llmforge.tasks.safety import is_refusal
     return is_refusal(pair["chosen"][-1].get("content") or "")
 
 
 def _copy(model):
-    import copy
     return copy.deepcopy(model)

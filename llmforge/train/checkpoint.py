@@ -77,13 +77,24 @@ def resolve_checkpoint(path: str | os.PathLike, kinds=LATEST_ORDER) -> Path:
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
     for kind in kinds:
-        candidate = path / "ckpt" / kind
-        if (candidate / "config.json").is_file():
-            return candidate
+        # RL policies live in ckpt/rl_<algo>; the most recently written one is the latest
+        found = sorted((c for c in (path / "ckpt").glob(f"{kind}*") if _is_policy_folder(c, kind)),
+                       key=lambda c: (c / "config.json").stat().st_mtime, reverse=True)
+        if found:
+            return found[0]
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; pass a checkpoint folder or a run directory")
     raise UserError(f"{path} is not a checkpoint (no config.json + model.safetensors) nor a run directory "
                     f"with ckpt/{{{','.join(kinds)}}}; train one first or pass the right path")
+
+
+def _is_policy_folder(folder: Path, kind: str) -> bool:
+    if folder.name != kind and not (kind == "rl" and folder.name.startswith("rl_")):
+        return False
+    try:
+        return json.loads((folder / "config.json").read_text()).get("kind") == kind
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -94,7 +94,6 @@ function button(label, testid, onclick, opts = {}) {
   b.type = "button";
   b.textContent = label;
   b.dataset.testid = testid;
-  b.setAttribute("data-testid", testid);
   if (opts.on) b.classList.add("on");
   if (opts.disabled) b.disabled = true;
   if (opts.title) b.title = opts.title;
@@ -141,8 +140,8 @@ function renderMessage(m, i) {
       {disabled: busy || m.v === m.variants.length - 1}));
   }
   const why = noId ? "stopped answers are not recorded" : "";
-  bar.appendChild(button("👍", "thumbs-up", () => rate(m, 1), {on: variant.rating === 1, disabled: busy || noId, title: why}));
-  bar.appendChild(button("👎", "thumbs-down", () => rate(m, -1), {on: variant.rating === -1, disabled: busy || noId, title: why}));
+  bar.appendChild(button("▲ Good", "thumbs-up", () => rate(m, 1), {on: variant.rating === 1, disabled: busy || noId, title: why}));
+  bar.appendChild(button("▼ Bad", "thumbs-down", () => rate(m, -1), {on: variant.rating === -1, disabled: busy || noId, title: why}));
   bar.appendChild(button("Edit", "edit", () => startEdit(div, m), {disabled: busy || noId, title: why}));
   if (i === state.messages.length - 1) {
     bar.appendChild(button("Regenerate", "regenerate", regenerate, {disabled: busy}));

@@ -214,8 +214,6 @@ def policy_eval(policy, ref, tok, names: list[str], per_task: int, max_tokens: i
     samples = [row[0] for row in task_eval.sample(policy, tok, items, n=1, temperature=1.0,
                                                   max_tokens=max_tokens, seed=seed + 7)]
     stats = sample_stats(policy, ref, samples, tok.eot_id)
-    was = policy.training
-    policy.train(was)
     return {"acc_mean": acc["mean"]["accuracy"], **{f"acc_{n}": acc[n]["accuracy"] for n in names},
             "eval_kl": stats["kl"], "eval_length": stats["length"], "eval_entropy": stats["entropy"],
             "eval_sample_reward": mean(s.reward for s in samples)}

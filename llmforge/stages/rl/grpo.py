@@ -21,7 +21,7 @@ from llmforge.run import RunDir
 from llmforge.stages.rl import common
 from llmforge.stages.rl.objectives import grpo_advantages, masked_mean, ppo_policy_loss
 from llmforge.tasks import task_names
-from llmforge.train.loop import Checkpointing, train
+from llmforge.train.loop import Checkpointing, autocast, autocast_dtype, train
 
 ALGO = "grpo"
 STAGE = "rl_grpo"
@@ -49,7 +49,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
         rewards = torch.tensor([[s.reward for s in row] for row in groups])
         advantages = grpo_advantages(rewards).flatten()
         batch = common.rollout_batch(samples, tok.eot_id, policy.cfg.max_seq_len)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(ctx.device, autocast_dtype(rc, ctx.device)):
             old_logp, entropy = common.gather_actions(policy(batch["input_ids"]), batch)
             ref_logp, _ = common.gather_actions(ref(batch["input_ids"]), batch)
         mask = batch["act_mask"]

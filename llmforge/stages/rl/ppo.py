@@ -25,8 +25,7 @@ from llmforge.stages.rl import common
 from llmforge.stages.rl.objectives import (AdaptiveKL, FixedKL, gae, kl_penalized_rewards, masked_mean,
                                            ppo_policy_loss, ppo_value_loss, whiten)
 from llmforge.tasks import task_names
-from llmforge.train import distributed
-from llmforge.train.loop import Checkpointing, train
+from llmforge.train.loop import Checkpointing, autocast, autocast_dtype, train
 
 ALGO = "ppo"
 STAGE = "rl_ppo"
@@ -90,7 +89,8 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
         score = reward_model(seqs, [s.item.safety_relevant for s in samples])
         ended = torch.tensor([s.ended for s in samples])
         score = score - rc.no_end_penalty * (~ended).float()
-        with torch.no_grad():
+        # same precision as the training forward, so the first PPO ratio is exactly 1
+        with torch.no_grad(), autocast(ctx.device, autocast_dtype(rc, ctx.device)):
             logits, values = model(batch["input_ids"])
             old_logp, entropy = common.gather_actions(logits, batch)
             old_values = values[torch.arange(len(samples))[:, None], batch["act_pos"]]

@@ -1,0 +1,191 @@
+"""How concurrent requests share one model: the Scheduler thread that owns the engine, and the
+ModelServer that bundles a loaded checkpoint with it (plus the feedback store and retrieval index).
+
+Every HTTP request becomes one or more engine requests (n > 1 means n of them). A single
+background thread owns the engine and calls step() while anything is queued; each step decodes
+every active request in one batched forward, and a request arriving mid-flight joins at the next
+step (continuous batching). Events go back to each request's asyncio queue, so a slow reader only
+delays its own stream. An idle scheduler waits `batch_wait_ms` before its first step so requests
+that arrive together start in the same batch. Cancellations (client disconnects) are applied
+between steps, never while the engine is mid-step.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import asdict
+
+from llmforge.serve.protocol import APIError
+
+SERVE_STOPS = ("<|end|>", "<|eot|>")   # an assistant turn ends at <|end|>; <|eot|> ends a document
+
+
+class Scheduler:
+    """Owns the engine: one thread steps it whenever there is work and hands events to callbacks.
+    Cancellations are applied between steps, so the engine is never mutated mid-step."""
+
+    def __init__(self, engine, batch_wait_s: float = 0.005):
+        self.engine = engine
+        self.batch_wait_s = batch_wait_s
+        self.callbacks: dict[int, callable] = {}
+        self.cancelled: set[int] = set()
+        self.cv = threading.Condition()
+        self.stopped = False
+        self.steps_by_batch: dict[int, int] = {}   # active requests in a step -> how many such steps
+        self.errors = 0
+        self.thread = threading.Thread(target=self._loop, name="llmforge-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt, params, constraint, on_event) -> int:
+        with self.cv:
+            rid = self.engine.add(prompt, params, constraint)
+            self.callbacks[rid] = on_event
+            self.cv.notify()
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        with self.cv:
+            if self.callbacks.pop(rid, None) is not None:
+                self.cancelled.add(rid)
+                self.cv.notify()
+
+    def active(self) -> int:
+        with self.cv:
+            return len(self.callbacks)
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopped = True
+            self.cv.notify()
+        self.thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                idle = not self.engine.has_work()
+                while not self.stopped and not self.engine.has_work() and not self.cancelled:
+                    self.cv.wait()
+                if self.stopped:
+                    return
+                cancelled, self.cancelled = self.cancelled, set()
+            if idle and self.batch_wait_s:
+                time.sleep(self.batch_wait_s)   # let requests that arrive together share the first step
+            for rid in cancelled:
+                self.engine.cancel(rid)
+            try:
+                batch = len(self.engine.active) + len(self.engine.waiting)
+                events = self.engine.step()
+            except Exception as e:  # never let one bad step kill the server: fail the requests in flight
+                self.errors += 1
+                with self.cv:
+                    callbacks, self.callbacks = self.callbacks, {}
+                for rid, cb in callbacks.items():
+                    self.engine.cancel(rid)
+                    cb(e)
+                continue
+            self.steps_by_batch[min(batch, self.engine.max_batch)] = \
+                self.steps_by_batch.get(min(batch, self.engine.max_batch), 0) + 1
+            for ev in events:
+                with self.cv:
+                    cb = self.callbacks.pop(ev.request_id, None) if ev.finished else self.callbacks.get(ev.request_id)
+                if cb is not None:
+                    cb(ev)
+
+
+# ---------------------------------------------------------------- the served model
+
+class ModelServer:
+    """A loaded checkpoint + tokenizer + engine + scheduler + feedback store (+ retrieval index)."""
+
+    def __init__(self, model, tok, *, model_name: str, checkpoint_id: str, cfg=None, store=None, index=None):
+        from llmforge.config import ServeConfig
+        from llmforge.infer.engine import Engine
+        from llmforge.infer.tools import run_tool
+
+        self.cfg = cfg or ServeConfig()
+        self.model, self.tok = model, tok
+        self.model_name, self.checkpoint_id = model_name, checkpoint_id
+        self.context = model.cfg.max_seq_len
+        self.vocab_size = model.cfg.vocab_size
+        self.engine = Engine(model, tok, max_batch=self.cfg.max_batch,
+                             tool_runner=run_tool if self.cfg.builtin_tools else None)
+        self.scheduler = Scheduler(self.engine, self.cfg.batch_wait_ms / 1000)
+        self.store = store
+        self.index = index
+        self.stop_ids = [tok.token_id(s) for s in SERVE_STOPS]
+        self.special = {tok.token_id(s): s for s in ("<|bos|>", "<|eot|>", "<|system|>", "<|user|>",
+                                                     "<|assistant|>", "<|tool_call|>", "<|tool_result|>", "<|end|>")}
+        self.tool_call_id = tok.token_id("<|tool_call|>")
+        self.started = time.time()
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        if self.store is not None:
+            self.store.close()
+
+    def stats(self) -> dict:
+        s = asdict(self.engine.stats)
+        s["mean_decode_batch"] = round(s["decode_rows"] / s["decode_batches"], 3) if s["decode_batches"] else 0.0
+        s["steps_by_batch"] = dict(sorted(self.scheduler.steps_by_batch.items()))
+        s["in_flight"] = self.scheduler.active()
+        s["max_batch"] = self.engine.max_batch
+        s["step_errors"] = self.scheduler.errors
+        return s
+
+    async def run(self, prompt: list[int], params, constraint=None):
+        """Async iterator over engine events of one request; cancels it if the consumer goes away."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        rid = self.scheduler.submit(prompt, params, constraint,
+                                    lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        finished = False
+        try:
+            while True:
+                ev = await queue.get()
+                if isinstance(ev, Exception):
+                    raise APIError(500, f"generation failed: {ev}", type="server_error", code="engine_error")
+                if ev.finished:
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.scheduler.cancel(rid)
+
+
+def load_served(checkpoint_or_run, cfg=None, db: str | None = None, index: str | None = None) -> ModelServer:
+    """Load a checkpoint folder or a run directory's latest policy (rl > sft > base) for serving."""
+    from llmforge.serve.feedback import open_store
+    from llmforge.train.checkpoint import load_model, load_tokenizer
+
+    import torch
+
+    # GPU when there is one (bf16 weights and KV cache there), else CPU fp32. The CPU path is the tested one.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, config, folder = load_model(checkpoint_or_run, device=device)
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        model = model.to(torch.bfloat16)
+    tok = load_tokenizer(folder)
+    in_run = folder.parent.name == "ckpt"
+    run_dir = folder.parent.parent if in_run else None
+    name = f"{run_dir.name}-{folder.name}" if in_run else folder.name
+    checkpoint_id = f"{folder.resolve()}@step{config.get('step', '?')}"
+    if cfg is None:
+        from llmforge.config import resolve
+        cfg = resolve(run_dir=run_dir).serve if run_dir else None
+        if cfg is None:
+            from llmforge.config import ServeConfig
+            cfg = ServeConfig()
+    db = db or cfg.db or str((run_dir or folder.parent) / "feedback.sqlite")
+    index_path = index or cfg.index or (str(run_dir / "index.sqlite") if run_dir and (run_dir / "index.sqlite").exists()
+                                        else "")
+    rag = None
+    if index_path:
+        from llmforge.infer.rag import RagIndex
+        rag = RagIndex.open(index_path, model=model, tok=tok)
+    return ModelServer(model, tok, model_name=name, checkpoint_id=checkpoint_id, cfg=cfg,
+                       store=open_store(db), index=rag)
+
+

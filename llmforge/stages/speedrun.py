@@ -1,0 +1,58 @@
+"""The whole recipe in one command: data -> tokenizer -> pretrain -> SFT -> reward models ->
+rejection sampling -> PPO -> eval -> report.md.
+
+    llmforge speedrun --preset cpu --out runs/cpu      # <= 20 minutes on 2 CPU cores
+    llmforge speedrun --preset micro --out runs/micro  # <= 2 minutes: the end-to-end test
+
+A stage whose checkpoint is complete is skipped; one that was interrupted resumes from its
+last checkpoint, so re-running the command after a crash or Ctrl-C continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from llmforge.config import Config
+from llmforge.run import RunDir
+
+
+def _complete(run: RunDir, folder: str) -> bool:
+    config = run.ckpt(folder) / "config.json"
+    if not config.is_file():
+        return False
+    return bool(json.loads(config.read_text()).get("complete", True))
+
+
+def _started(run: RunDir, folder: str) -> bool:
+    return (run.ckpt(folder) / "train_state.json").is_file()
+
+
+def run(cfg: Config, run: RunDir) -> dict:
+    from llmforge.data.prepare import prepare
+    from llmforge.eval import stage as eval_stage
+    from llmforge.stages import pretrain, reward, rl, sft
+
+    steps = [
+        ("data", lambda: (run.data / "manifest.json").is_file() and run.tokenizer.is_file(),
+         lambda: prepare(cfg, run)),
+        ("pretrain", lambda: _complete(run, "base"),
+         lambda: pretrain.run(cfg, run, resume=_started(run, "base"))),
+        ("sft", lambda: _complete(run, "sft"), lambda: sft.run(cfg, run, resume=_started(run, "sft"))),
+        ("rm", lambda: _complete(run, "rm"), lambda: reward.run(cfg, run)),
+        ("rl_rejection", lambda: _complete(run, "rl_rejection"), lambda: rl.run(cfg, run, algo="rejection")),
+        ("rl_ppo", lambda: _complete(run, "rl_ppo"), lambda: rl.run(cfg, run, algo="ppo")),
+        ("eval", lambda: False, lambda: eval_stage.run(cfg, run)),
+    ]
+    timings = {}
+    for name, done, stage in steps:
+        if done():
+            print(f"speedrun: {name} already done, skipping")
+            continue
+        print(f"speedrun: {name} ...", flush=True)
+        t0 = time.perf_counter()
+        stage()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        run.log("speedrun", step_name=name, seconds=timings[name])
+    total = sum(timings.values())
+    print(f"speedrun: finished in {total / 60:.1f} min; report at {run.report}")
+    return timings
