@@ -43,7 +43,7 @@ def _prompt(tok, text):
 def test_constrained_samples_parse_and_validate(tiny, schema):
     model, tok, engine = tiny
     end = tok.token_id("<|end|>")
-    n = 6
+    n = 4
     constraints = [json_constraint(tok, schema, stop_token_ids=[end], vocab_size=model.cfg.vocab_size)
                    for _ in range(n)]
     params = [SamplingParams(max_tokens=120, temperature=1.0, seed=s, stop_token_ids=[end]) for s in range(n)]
@@ -63,7 +63,7 @@ def test_json_object_mode_gives_an_object(tiny):
     model, tok, engine = tiny
     end = tok.token_id("<|end|>")
     c = json_constraint(tok, None, stop_token_ids=[end], vocab_size=model.cfg.vocab_size)
-    out = engine.generate([_prompt(tok, "json please")], SamplingParams(max_tokens=200, temperature=0.0,
+    out = engine.generate([_prompt(tok, "json please")], SamplingParams(max_tokens=60, temperature=0.0,
                                                                        stop_token_ids=[end]), constraints=[c])[0]
     assert out.text.startswith("{")
     if out.finish_reason == "stop":

@@ -167,3 +167,41 @@ def test_bad_settings_are_clear_errors():
         for kind in ("int8", "nf4"):
             with pytest.raises(UserError, match="bitsandbytes|CUDA"):
                 add_lora(base_model(), rank=4, base_dtype=kind)
+
+
+def test_lora_through_the_training_loop_saves_resumes_and_loads_merged(tmp_path):
+    """The stage recipe from lora.py's docstring, through train/loop.py."""
+    from llmforge.interop.hf import load_policy
+    from llmforge.run import RunDir
+    from llmforge.train.distributed import DistContext
+    from llmforge.train.loop import Checkpointing, train
+
+    cfg = SFTConfig(batch_size=2, seq_len=15, max_steps=4, warmup_steps=1, eval_every=0, ckpt_every=2,
+                    log_every=1, dtype="fp32", lr=1e-2, lora_rank=4, lora_alpha=8.0, lora_targets="q_proj,v_proj")
+    run = RunDir(tmp_path / "run").create()
+    x = ids(3)
+
+    def get_batch(step, micro, ctx):
+        return {"input_ids": x[:, :-1], "targets": x[:, 1:]}
+
+    def loss_fn(model, batch):
+        _, loss = model(batch["input_ids"], targets=batch["targets"])
+        return loss, {}
+
+    def run_loop(resume: bool):
+        model = apply_lora(base_model(), cfg)
+        ck = Checkpointing(run.ckpt("sft"), "sft", CFG, None, {"lora": lora_meta(model)})
+        train(model, cfg, run, stage="sft", ctx=DistContext(), get_batch=get_batch, loss_fn=loss_fn,
+              ckpt=ck, resume=resume, show_progress=False)
+        return model
+
+    frozen_before = base_model().state_dict()
+    model = run_loop(resume=False)
+    assert all(torch.equal(frozen_before[k], v) for k, v in model.state_dict().items() if ".lora_" not in k)
+    cfg.max_steps = 6
+    model = run_loop(resume=True)  # picks up the adapters and their optimizer state at step 4
+    assert [r["step"] for r in run.read_metrics("sft") if "loss" in r][-2:] == [5, 6]
+    plain, config, _ = load_policy(run.ckpt("sft"))
+    assert config["lora"]["rank"] == 4 and not any(isinstance(m, LoRALinear) for m in plain.modules())
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(ids()), model.eval()(ids()), atol=1e-5)

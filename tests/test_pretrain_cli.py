@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from llmforge.cli import main
+from llmforge.config import resolve
 from llmforge.data.shards import TokenShards
 from llmforge.run import RunDir
 
@@ -109,7 +110,7 @@ def test_micro_pretraining_beats_the_unigram_entropy_by_far(micro_run, capsys):
     trained half as long (or not at all: ~6.2) fails."""
     entropy = unigram_entropy_nats(micro_run / "data")
     done = [r for r in RunDir(micro_run).read_metrics("pretrain") if r.get("event") == "done"]
-    assert len(done) == 1 and done[0]["steps"] == 150
+    assert len(done) == 1 and done[0]["steps"] == resolve("micro").pretrain.max_steps
     assert done[0]["val_loss"] < entropy - 1.0, (done[0]["val_loss"], entropy)
     assert 0 < done[0]["val_bpb"] < 8
     config = json.loads((micro_run / "ckpt" / "base" / "config.json").read_text())
@@ -192,15 +193,23 @@ def test_good_file_beside_a_non_utf8_one_still_writes_nothing(capsys, tmp_path):
 
 # ------------------------------------------------------------------ bad run state and configs
 
-def test_truncated_shard(run_copy, capsys):
-    shard = run_copy / "data" / "train_000.bin"
-    shard.write_bytes(shard.read_bytes()[:-7])
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+@pytest.mark.parametrize("damage,needles", [
+    (lambda run: _truncate(run / "data" / "train_000.bin"), ["train_000.bin", "truncated or corrupt"]),
+    (lambda run: (run / "data" / "val_000.bin").unlink(), ["val_000.bin", "is missing"]),
+    (lambda run: (run / "data" / "manifest.json").write_text("{oops"), ["manifest.json", "corrupt"]),
+])
+def test_damaged_shards(run_copy, capsys, damage, needles):
+    damage(run_copy)
     shutil.rmtree(run_copy / "ckpt")
     before = files_under(run_copy)
     code, _, err = cli(capsys, "pretrain", "--out", run_copy)
     assert code == 2
     line = error_line(err)
-    assert "train_000.bin" in line and "truncated or corrupt" in line and "data prepare" in line
+    assert all(n in line for n in needles) and "data prepare" in line
     assert files_under(run_copy) == before  # no checkpoint, no temp files
 
 

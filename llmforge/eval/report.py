@@ -141,7 +141,7 @@ def plots(run: RunDir, metrics: list[dict], ev: dict) -> list[str]:
     models = _ordered(ev.get("models", {}))
     if models:
         tasks = ev["tasks"] + ["mean"]
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(tasks) * max(1, len(models)) / 3), 3.2))
+        fig, ax = plt.subplots(figsize=(min(12, max(6, 0.35 * len(tasks) * len(models))), 3.2))
         width = 0.8 / len(models)
         for i, (m, r) in enumerate(models.items()):
             ax.bar([j + i * width for j in range(len(tasks))], [r["tasks"][t]["accuracy"] for t in tasks],

@@ -84,6 +84,7 @@ class Engine:
         self.waiting: list[_Request] = []
         self.ids = itertools.count()
         self.lock = threading.Lock()
+        self.cancelled: set[int] = set()
         self.stats = EngineStats()
         self.tool_runner = tool_runner
         self.end_id = self._special("<|end|>")
@@ -114,11 +115,10 @@ class Engine:
         return rid
 
     def cancel(self, request_id: int) -> None:
+        """Drop a request (e.g. its client disconnected); safe to call from any thread: it
+        takes effect at the start of the next step, never in the middle of one."""
         with self.lock:
-            self.waiting = [r for r in self.waiting if r.id != request_id]
-            req = self.active.pop(request_id, None)
-            if req is not None:
-                self.free_slots.append(req.slot)
+            self.cancelled.add(request_id)
 
     def has_work(self) -> bool:
         return bool(self.active or self.waiting)
@@ -127,6 +127,12 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[Event]:
         with self.lock:
+            for rid in self.cancelled:
+                req = self.active.pop(rid, None)
+                if req is not None:
+                    self.free_slots.append(req.slot)
+            self.waiting = [r for r in self.waiting if r.id not in self.cancelled]
+            self.cancelled.clear()
             while self.waiting and self.free_slots:
                 req = self.waiting.pop(0)
                 req.slot = self.free_slots.pop()
@@ -204,8 +210,10 @@ class Engine:
         if finish is None and (len(out.tokens) >= p.max_tokens or req.position + len(req.pending) >= self.max_len):
             finish = "length"
         out.text = text
-        delta = text[len(req.emitted_text):] if text.startswith(req.emitted_text) else ""
-        req.emitted_text = text
+        # hold back a trailing partial UTF-8 character until its remaining bytes arrive
+        settled = text if finish is not None else text.rstrip("\ufffd")
+        delta = settled[len(req.emitted_text):] if settled.startswith(req.emitted_text) else ""
+        req.emitted_text = settled
         if finish is not None:
             out.finish_reason = finish
             with self.lock:

@@ -230,7 +230,7 @@ class RagIndex:
     def __len__(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
 
-    def add(self, source: str, text: str, show_progress: bool = False) -> int:
+    def add(self, source: str, text: str) -> int:
         """Chunk and embed one document; chunks already in the index (same text) are skipped."""
         new = []
         for position, chunk in enumerate(chunk_text(text)):

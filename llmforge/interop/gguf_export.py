@@ -183,6 +183,8 @@ def export_gguf(ckpt, out, dtype: str = "f16") -> Path:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        from llmforge.interop.hf import default_permissions
+        default_permissions(tmp)
     return out
 
 

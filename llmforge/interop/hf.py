@@ -147,8 +147,18 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def default_permissions(path: Path) -> None:
+    """mkdtemp/mkstemp create owner-only files; an export is meant to be shared like any file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished temp folder onto `out` (replacing an earlier export there)."""
+    default_permissions(tmp)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old")

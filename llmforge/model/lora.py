@@ -11,14 +11,19 @@ default q_proj,v_proj targets that is well under 1% of a model's parameters.
 How a stage uses it (SFT, DPO, reward, RL):
 
     from llmforge.model.lora import apply_lora, lora_meta, merge_lora, save_adapter
-    model = apply_lora(model, cfg)                  # a no-op when cfg.lora_rank == 0
-    ... train(model, ...)                           # the loop's optimizer only sees trainable params
-    save_adapter(model, run.ckpt("sft") / "adapter") # the small file: adapters + base hash
-    save_checkpoint(..., merge_lora(model), ...)    # a plain checkpoint every other stage can load
+    model = apply_lora(model, cfg)        # a no-op when cfg.lora_rank == 0; freezes the base
+    ckpt = Checkpointing(..., meta={..., "lora": lora_meta(model)})   # None without LoRA
+    train(model, cfg, ...)                # the loop's optimizer only sees trainable params
+    if lora_meta(model):
+        save_adapter(model, run.root / "adapters" / "sft")   # the small file: adapters + base hash
+        save_checkpoint(ckpt.dir, merge_lora(model), ...)    # a plain checkpoint for later stages
 
-Checkpoints the loop writes mid-run hold the wrapped model's state (base names unchanged plus
-`*.lora_A` / `*.lora_B`); pass `meta={"lora": lora_meta(model)}` and load them back with
-`load_lora_checkpoint_into(plain_model, weights, meta["lora"])`.
+(keep the adapter folder outside ckpt/KIND: save_checkpoint replaces that folder whole).
+Checkpoints the loop writes mid-run hold the wrapped model's state: base names unchanged plus
+`*.lora_A` / `*.lora_B`, and config.json "lora" = lora_meta(model). `--resume` works as usual
+(apply_lora before the loop loads the state); any other reader loads them with
+`load_lora_checkpoint_into(Transformer(cfg), weights, config["lora"])`, as
+llmforge.interop.hf.load_policy() does for export and lm_eval.
 
 Tensor names do not change: a wrapped layers.0.attn.q_proj still has `.weight` (and `.bias`),
 plus `.lora_A` and `.lora_B`, so base checkpoints load into a wrapped model unchanged.
@@ -289,6 +294,10 @@ def save_adapter(model: nn.Module, out: str | os.PathLike) -> Path:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
         save_file(tensors, str(tmp / "adapter.safetensors"), metadata={"format": ADAPTER_FORMAT})
         (tmp / "adapter.json").write_text(json.dumps({"format": ADAPTER_FORMAT, **meta}, indent=2), encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in (tmp, *tmp.iterdir()):  # mkdtemp makes owner-only folders; share like any file
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import torch
 
 from llmforge.config import Config
-from llmforge.data.shards import TokenShards
+from llmforge.data.shards import TokenShards, read_manifest
 from llmforge.errors import UserError
 from llmforge.eval import bpb
 from llmforge.model.transformer import Transformer
@@ -30,7 +29,7 @@ def load_data(run: RunDir):
     manifest_path = run.data / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} is missing; run `llmforge data prepare --out {run.root}` first")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(run.data)  # a UserError, not a traceback, when it is corrupt
     if manifest.get("tokenizer_hash") not in (None, tok.hash):
         raise UserError(f"the shards in {run.data} were made with another tokenizer than {run.tokenizer}; "
                         f"re-run `llmforge data prepare --out {run.root}`")

@@ -26,8 +26,11 @@ class CountLetter(Task):
 
     def make(self, rng):
         word = rng.choice(WORDS)
-        # mostly letters that occur (the interesting case), sometimes one that does not
-        letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        # a balanced mix of answers (0, 1, 2+), so that always saying "1" scores poorly
+        repeated = sorted({c for c in word if word.count(c) > 1})
+        absent = sorted(set("abcdefghijklmnopqrstuvwxyz") - set(word))
+        kinds = [absent, sorted(set(word) - set(repeated))] + ([repeated] if repeated else [])
+        letter = rng.choice(rng.choice([k for k in kinds if k]))
         count = word.count(letter)
         phrasing = rng.choice(["How many times does the letter '{l}' appear in '{w}'?",
                                "Count the letter '{l}' in the word '{w}'."])

@@ -23,7 +23,9 @@ Generation protocol (what infer/engine.py does with this layout):
       <|tool_result|>{result}<|end|><|assistant|> and continue generating;
     - otherwise the turn is over.
   `parse_completion(tok, generated_ids)` turns everything the model and engine wrote after the
-  prompt back into messages: [assistant(tool_calls), tool, assistant, ...].
+  prompt back into messages: [assistant(tool_calls), tool, assistant, ...]. A call whose text is
+  not valid JSON comes back as {"name": "", "arguments": RAW_TEXT} and renders back verbatim,
+  so a model's malformed call can still be scored and trained on.
 
 Loss mask: 1 on the tokens the model must learn to produce: an assistant turn's content, its
 `<|tool_call|>{call}<|end|>` spans and its closing `<|end|>`. 0 on <|bos|>, every role opener
