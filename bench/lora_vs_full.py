@@ -80,7 +80,10 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 suits these tiny models (2 threads on a busy 2-core CPU thrash)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     cfg = ModelConfig(vocab_size=args.vocab, n_layer=3, n_head=4, n_kv_head=2, d_model=96,

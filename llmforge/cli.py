@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = idx.add_parser("add", help="chunk, embed and store documents")
     p.add_argument("paths", nargs="+", help="files, globs, or 'pydoc' for the built-in pydoc topics")
     p.add_argument("--db", default="index.sqlite")
+    p.add_argument("--model", default=None, help="checkpoint whose hidden states embed when MiniLM is not installed")
     fb = sub.add_parser("feedback", help="feedback store").add_subparsers(dest="action", required=True)
     p = fb.add_parser("export", help="write preference pairs from the feedback store")
     p.add_argument("--db", required=True)
@@ -159,7 +160,7 @@ def dispatch(args, extra) -> None:
         import_hf(args.hf_dir, args.out)
     elif verb == "index":
         from llmforge.infer.rag import index_add
-        index_add(args.paths, args.db)
+        index_add(args.paths, args.db, model=args.model)
     elif verb == "feedback":
         from llmforge.serve.feedback import export_cli
         export_cli(args.db, args.out)

@@ -279,10 +279,10 @@ def _cpu(c: Config) -> None:
     c.sft = SFTConfig(batch_size=16, seq_len=256, lr=1e-3, warmup_steps=20, max_steps=1000, minutes=3.0,
                       eval_every=0, ckpt_every=0, examples_per_task=2000, eval_per_task=30)
     c.rm = RMConfig(batch_size=16, lr=5e-4, warmup_steps=10, max_steps=300, minutes=1.0, eval_every=0,
-                    ckpt_every=0, prompts_per_task=60, samples_per_prompt=4, heldout_per_task=20)
+                    ckpt_every=0, prompts_per_task=40, samples_per_prompt=4, heldout_per_task=15)
     c.rl = RLConfig(batch_size=16, lr=3e-5, max_steps=60, minutes=2.0, eval_every=0, ckpt_every=0, log_every=2,
                     prompts_per_rollout=16, group_size=4, rounds=2, steps_per_round=40, eval_per_task=30)
-    c.eval = EvalConfig(eval_per_task=30, pass_k=4, bootstrap=200)
+    c.eval = EvalConfig(eval_per_task=20, pass_k=4, bootstrap=200)
 
 
 def _gpt2_small(c: Config) -> None:

@@ -18,6 +18,16 @@ from llmforge.interop.hf import HF_CHAT_TEMPLATE, CHAT_TOKENS
 from llmforge.model.transformer import Transformer
 from llmforge.train.checkpoint import load_model, read_config, save_checkpoint
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread. Two OpenMP threads on a busy 2-core machine spend each small
+    matmul waiting for each other (measured: 1.3 s vs 5 ms per training step here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 VOCAB = 300
 
 

@@ -64,8 +64,8 @@ def error_line(err: str) -> str:
 def sources_toml(folder: Path, **source) -> Path:
     """A --config file with one data source (--set cannot give a list of tables)."""
     path = folder / f"sources_{source['name']}.toml"
-    fields = ", ".join(f"{k} = {json.dumps(v)}" for k, v in source.items())
-    path.write_text(f"[[data.sources]]\n{fields.replace(', ', chr(10))}\n", encoding="utf-8")
+    fields = "".join(f"{key} = {json.dumps(value)}\n" for key, value in source.items())  # JSON scalars are TOML
+    path.write_text(f"[[data.sources]]\n{fields}", encoding="utf-8")
     return path
 
 

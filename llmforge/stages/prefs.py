@@ -146,13 +146,14 @@ def build(cfg, run, policy, tok) -> tuple[list[dict], list[dict]]:
     names = task_names(cfg.sft.tasks)
     train_items = [i for n in names for i in get_task(n).train_items(rc.prompts_per_task, offset=500_000)]
     heldout_items = task_eval.heldout(names, rc.heldout_per_task)
+    user_pairs = load_pairs(rc.user_prefs) if rc.user_prefs else []   # fail fast, before sampling
     out = []
     for which, items, seed in (("train", train_items, rc.seed), ("heldout", heldout_items, rc.seed + 1)):
         samples = task_eval.sample(policy, tok, items, n=rc.samples_per_prompt, temperature=1.0,
                                    max_tokens=cfg.rl.max_new_tokens, seed=seed)
         pairs = pairs_for(samples, seed)
-        if which == "train" and rc.user_prefs:
-            pairs += load_pairs(rc.user_prefs)
+        if which == "train":
+            pairs += user_pairs
         if not pairs:
             raise UserError(f"no preference pairs could be built for {which}; raise rm.prompts_per_task")
         save_pairs(run.prefs / f"{which}.jsonl", pairs)

@@ -40,7 +40,9 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     pool = common.prompt_pool(names, max(rc.prompts_per_rollout, 50))
     rng = random.Random(rc.seed)
     N, max_len = rc.group_size, policy.cfg.max_seq_len
-    tc = dataclasses.replace(rc, max_steps=rc.steps_per_round, seq_len=max_len, eval_every=0)
+    # a time budget (rl.minutes) is shared out between the rounds' fine-tuning
+    tc = dataclasses.replace(rc, max_steps=rc.steps_per_round, seq_len=max_len, eval_every=0,
+                             minutes=rc.minutes / rc.rounds if rc.minutes > 0 else 0.0)
     summary: dict = {}
     for round_ in range(rc.rounds):
         items = rng.sample(pool, min(rc.prompts_per_rollout, len(pool)))
