@@ -12,12 +12,13 @@ line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 from llmforge import config as config_mod
 from llmforge.errors import UserError
-from llmforge.run import RunDir
+from llmforge.run import RunDir, write_text_atomic
 
 
 def _stage_args(p: argparse.ArgumentParser) -> None:
@@ -107,6 +108,56 @@ def resolve_config(args, extra: list[str]) -> tuple[config_mod.Config, RunDir]:
     return cfg, run
 
 
+@contextlib.contextmanager
+def recorded_config(cfg, run: RunDir, speedrun: bool = False):
+    """Record cfg as the run's config.toml while its stage runs. If the stage refuses it
+    (a UserError: bad --set, resume mismatch), put back the previous file: a config that
+    never ran must not become the run's recorded config that later commands inherit. A
+    speedrun keeps it: its earlier stages did run with it."""
+    path = run.root / "config.toml"
+    main_rank = int(os.environ.get("RANK", 0)) == 0
+    previous = path.read_text(encoding="utf-8") if path.is_file() else None
+    if main_rank:
+        run.create()
+        config_mod.save(cfg, run.root)
+    try:
+        yield
+    except UserError:
+        if main_rank and not speedrun:
+            if previous is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_text_atomic(path, previous)
+        raise
+
+
+def run_stage(verb, args, cfg, run) -> None:
+    if verb == "data":
+        from llmforge.data.prepare import prepare
+        prepare(cfg, run)
+    elif verb == "tokenizer":
+        from llmforge.data.prepare import train_tokenizer
+        train_tokenizer(cfg, run)
+    elif verb == "pretrain":
+        from llmforge.stages import pretrain
+        pretrain.run(cfg, run, resume=args.resume)
+    elif verb == "sft":
+        from llmforge.stages import sft
+        sft.run(cfg, run, resume=args.resume)
+    elif verb == "rm":
+        from llmforge.stages import reward
+        reward.run(cfg, run, resume=args.resume)
+    elif verb == "rl":
+        from llmforge.stages import rl
+        rl.run(cfg, run, algo=cfg.rl.algo)
+    elif verb == "eval":
+        from llmforge.eval import stage as eval_stage
+        eval_stage.run(cfg, run)
+    elif verb == "speedrun":
+        from llmforge.stages import speedrun
+        speedrun.run(cfg, run)
+
+
 def dispatch(args, extra) -> None:
     verb = args.verb
     if verb in ("data", "tokenizer", "pretrain", "sft", "rm", "rl", "eval", "speedrun"):
@@ -117,33 +168,8 @@ def dispatch(args, extra) -> None:
             cfg.pretrain.minutes = args.minutes
         if verb == "rl" and args.algo:
             cfg.rl.algo = args.algo
-        if int(os.environ.get("RANK", 0)) == 0:
-            run.create()
-            config_mod.save(cfg, run.root)
-        if verb == "data":
-            from llmforge.data.prepare import prepare
-            prepare(cfg, run)
-        elif verb == "tokenizer":
-            from llmforge.data.prepare import train_tokenizer
-            train_tokenizer(cfg, run)
-        elif verb == "pretrain":
-            from llmforge.stages import pretrain
-            pretrain.run(cfg, run, resume=args.resume)
-        elif verb == "sft":
-            from llmforge.stages import sft
-            sft.run(cfg, run, resume=args.resume)
-        elif verb == "rm":
-            from llmforge.stages import reward
-            reward.run(cfg, run, resume=args.resume)
-        elif verb == "rl":
-            from llmforge.stages import rl
-            rl.run(cfg, run, algo=cfg.rl.algo)
-        elif verb == "eval":
-            from llmforge.eval import stage as eval_stage
-            eval_stage.run(cfg, run)
-        elif verb == "speedrun":
-            from llmforge.stages import speedrun
-            speedrun.run(cfg, run)
+        with recorded_config(cfg, run, speedrun=verb == "speedrun"):
+            run_stage(verb, args, cfg, run)
     elif verb == "generate":
         generate(args)
     elif verb == "chat":

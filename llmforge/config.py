@@ -208,6 +208,8 @@ class RLConfig(TrainConfig):
     ptx_coef: float = 0.0           # pretraining-mix loss weight (InstructGPT PPO-ptx); needs data/
     train_layers: int = 0           # > 0: train only the top k transformer layers (+ norm, heads)
     steps_per_round: int = 30       # rejection sampling: fine-tuning steps per round
+    rejection_prompts: int = 64     # rejection sampling: prompts per round (N = group_size samples each)
+    rejection_lr: float = 3e-4      # rejection sampling: fine-tuning lr (it is SFT on the winners)
 
 
 @dataclass
@@ -265,7 +267,7 @@ def _micro(c: Config) -> None:
                     ckpt_every=0, log_every=10, prompts_per_task=12, samples_per_prompt=2, heldout_per_task=6)
     c.rl = RLConfig(batch_size=8, seq_len=128, lr=1e-4, max_steps=8, eval_every=0, ckpt_every=0, log_every=2,
                     prompts_per_rollout=8, group_size=4, rounds=2, steps_per_round=10, eval_per_task=8,
-                    max_new_tokens=40)
+                    max_new_tokens=40, rejection_prompts=16, rejection_lr=3e-4)
     c.eval = EvalConfig(eval_per_task=8, pass_k=2, bootstrap=50)
 
 
@@ -315,6 +317,8 @@ def _merge(obj, values: dict, where: str) -> None:
                 raise UserError(f"config key '{path}' is a section; give it as a TOML table")
             _merge(current, value, path + ".")
         elif key == "sources":
+            if isinstance(value, str):  # from --set data.sources=[{...}]
+                value = _parse_literal(value, path)
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 raise UserError(f"'{path}' must be a list of tables ([[data.sources]] in TOML)")
             sources = []

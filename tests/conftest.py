@@ -1,10 +1,13 @@
 import os
 
-import pytest
-import torch
+# Tiny test models gain nothing from threads, and when the cores are shared an
+# oversubscribed OpenMP pool is 10-50x slower. Subprocesses (CLI, torchrun) inherit this.
+os.environ["OMP_NUM_THREADS"] = "1"
 
-# two cores: keep each test process from oversubscribing them
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture

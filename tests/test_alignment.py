@@ -110,3 +110,48 @@ def test_wrong_checkpoint_kind_and_tokenizer_are_user_errors(tmp_path):
         common.load_checkpoint(run, "base", ("base",), Tokenizer.load(run.tokenizer), "")
     with pytest.raises(UserError, match="unknown RL algorithm"):
         rl_stages.run(cfg, run, algo="reinforce")
+
+
+def test_sft_packing_keeps_conversations_whole():
+    seqs = [([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1]), ([6, 7, 8, 9], [0, 0, 1, 1]), (list(range(10, 20)), [1] * 10)]
+    rows, masks, truncated = sft.pack(seqs, width=6, pad_id=0, packing=True)
+    assert rows.tolist() == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 0, 0], [10, 11, 12, 13, 14, 15]]
+    assert masks.tolist() == [[0, 1, 1, 0, 1, 0], [0, 0, 1, 1, 0, 0], [1] * 6]
+    assert truncated == 1
+    rows, _, _ = sft.pack(seqs, width=6, pad_id=0, packing=False)
+    assert len(rows) == 4
+
+
+def test_rollout_batch_keeps_only_sampled_tokens_as_actions():
+    from llmforge.eval.tasks import Sample
+    from llmforge.infer.engine import Completion
+    # prompt [1, 2, 3]; the model wrote 10, 11 (a tool call), the engine inserted 20, 21, the model wrote 12
+    completion = Completion(prompt_len=3, tokens=[10, 11, 20, 21, 12], generated=[True, True, False, False, True])
+    batch = common.rollout_batch([Sample(None, [1, 2, 3], completion, [], 0.0)], pad_id=0, max_len=64)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11, 20, 21, 12]]
+    assert batch["act_pos"].tolist() == [[2, 3, 6]]          # logits at these positions predict the actions
+    assert batch["act_tok"].tolist() == [[10, 11, 12]]
+    assert batch["act_mask"].tolist() == [[1.0, 1.0, 1.0]]
+    logits = torch.randn(1, 8, 30)
+    logp, _ = common.gather_actions(logits, batch)
+    expected = torch.log_softmax(logits[0, [2, 3, 6]], -1)[torch.arange(3), torch.tensor([10, 11, 12])]
+    assert torch.allclose(logp[0], expected)
+
+
+def test_combined_reward_routes_like_llama2():
+    class ConstantRM(torch.nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.values = torch.tensor(values)
+            self.trunk = type("T", (), {"cfg": type("C", (), {"max_seq_len": 16})()})()
+
+        def score_last(self, idx, lengths):
+            return self.values[:len(idx)]
+
+    helpful = ConstantRM([1.0, 2.0, 3.0])
+    safety = ConstantRM([-0.5, -5.0, 0.5])   # sigmoid(-5) < 0.15: unsafe whatever the prompt
+    reward = common.CombinedReward(helpful, {}, safety, {}, threshold=0.15)
+    out = reward([[1], [1], [1]], safety_relevant=[True, False, False])
+    assert out.tolist() == [-0.5, -5.0, 3.0]
+    normalized = common.CombinedReward(helpful, {"reward_mean": 2.0, "reward_std": 0.5}, None, None)
+    assert normalized([[1], [1], [1]], [False] * 3).tolist() == [-2.0, 0.0, 2.0]

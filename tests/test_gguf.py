@@ -166,3 +166,21 @@ def test_gguf_export_errors(tokenizer, tmp_path):
     with pytest.raises(UserError, match="no tokenizer.json"):
         export_checkpoint(tmp_path / "ckpt", "gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_gguf_of_an_imported_model_keeps_its_special_ids(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from llmforge.interop import import_hf
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   bos_token_id=3, eos_token_id=5)
+    d = tmp_path / "hf"
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(d)
+    tokenizer.save(d / "tokenizer.json")
+    import_hf(d, tmp_path / "ckpt")
+    path = export_checkpoint(tmp_path / "ckpt", "gguf", tmp_path / "q.gguf", dtype="f32")
+    reader = gguf.GGUFReader(path)
+    assert field(reader, "general.architecture") == "qwen2"
+    assert field(reader, "tokenizer.ggml.pre") == "qwen2"
+    assert field(reader, "tokenizer.ggml.bos_token_id") == 3 and field(reader, "tokenizer.ggml.eos_token_id") == 5
+    assert "blk.0.attn_q.bias" in {t.name for t in reader.tensors}

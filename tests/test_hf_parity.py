@@ -16,7 +16,7 @@ from llmforge.errors import UserError
 from llmforge.interop import export_checkpoint, import_hf
 from llmforge.interop.hf import HF_CHAT_TEMPLATE, CHAT_TOKENS
 from llmforge.model.transformer import Transformer
-from llmforge.train.checkpoint import load_model, read_config, save_checkpoint
+from llmforge.train.checkpoint import load_model, save_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,7 +97,15 @@ def test_export_matches_transformers(case, tokenizer, tmp_path):
         ours = model.eval()(ids)
         theirs = hf_model(ids).logits
         assert torch.allclose(ours, theirs, atol=1e-4, rtol=0), (ours - theirs).abs().max()
-        assert our_greedy(model, ids[:1, :10], 12) == hf_greedy(hf_model, ids[:1, :10], 12)
+        expected = hf_greedy(hf_model, ids[:1, :10], 12)
+        assert our_greedy(model, ids[:1, :10], 12) == expected
+    # the generation engine (KV cache, batched slots) gives the same greedy tokens
+    from llmforge.infer.engine import Engine
+    from llmforge.infer.sampling import SamplingParams
+    prompts = [ids[0, :10].tolist(), ids[1, :7].tolist()]
+    outs = Engine(model, tokenizer, max_batch=2).generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+    assert prompts[0] + outs[0].tokens == expected
+    assert prompts[1] + outs[1].tokens == hf_greedy(hf_model, ids[1:2, :7], 12)
 
 
 def test_exported_tokenizer_and_chat_template(tokenizer, tmp_path):
@@ -327,3 +335,23 @@ def test_export_of_a_lora_checkpoint_merges_the_adapters(tokenizer, tmp_path):
     ids = tokens(24, seed=8)
     with torch.no_grad():
         assert torch.allclose(model.eval()(ids), hf_model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_import_keeps_bf16_weights_bf16(tokenizer, tmp_path):
+    from safetensors import safe_open
+    d, hf_model = hf_model_dir(tmp_path, tokenizer, "llama", tied=False, n_kv=2)
+    hf_model = hf_model.to(torch.bfloat16)
+    hf_model.save_pretrained(d)
+    ckpt = import_hf(d, tmp_path / "ckpt")
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # half the disk
+    model, _, _ = load_model(ckpt)
+    # the reference: transformers loading the bf16 folder into fp32 (a bf16-cast model's own
+    # RoPE inv_freq buffer would be rounded to bf16 too)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = tokens(20, seed=9)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids), reference(ids).logits, atol=1e-4, rtol=0)
+    fp32 = import_hf(d, tmp_path / "ckpt32", dtype="fp32")
+    with safe_open(str(fp32 / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}

@@ -79,6 +79,11 @@ def test_loglikelihood_and_rolling_equal_by_hand(checkpoint):
         assert score == pytest.approx(expect, abs=1e-4)
         assert greedy == expect_greedy
     assert got[0][0] > got[1][0]  # the trained model prefers the text it saw
+    # a chat-template prompt starts with <|bos|> as SFT conversations do: no extra prefix
+    chat = lm.apply_chat_template([{"role": "user", "content": "2 + 2 ="}])
+    ctx, cont = lm.encode_pair(chat, " 4")
+    assert ctx[:2] == [lm.tok.bos_id, lm.tok.token_id("<|user|>")] and ctx[-1] == lm.tok.token_id("<|assistant|>")
+    assert cont == lm.tok.encode(" 4")
 
     text = "The dog sat on the log. The cat sat on the mat. 1 + 1 = 2. " * 2  # longer than the context
     ids = lm.encode(text)
@@ -103,6 +108,10 @@ def test_generate_until_is_greedy_and_cut_at_stop(checkpoint):
     expect = expect.split(".")[0]
     assert out == expect
     assert "." not in out
+    # a context longer than the model's window and lm_eval's default 256-token budget still run
+    long_ctx = "The dog sat on the log. " * 20
+    (out,) = lm.generate_until([Instance("generate_until", {}, (long_ctx, {"until": ["\n"]}), 0)])
+    assert isinstance(out, str)
 
 
 def write_tasks(folder, data_dir) -> None:

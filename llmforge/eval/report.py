@@ -114,7 +114,15 @@ def plots(run: RunDir, metrics: list[dict], ev: dict) -> list[str]:
         fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.8), squeeze=False)
         for ax, s in zip(axes[0], stages):
             pts = [(r["step"], r["loss"]) for r in metrics if r["stage"] == s and "loss" in r and "step" in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+            # a new segment whenever the step counter restarts (rejection rounds, re-runs)
+            segments, seg = [], []
+            for p in pts:
+                if seg and p[0] <= seg[-1][0]:
+                    segments.append(seg)
+                    seg = []
+                seg.append(p)
+            for i, seg in enumerate(segments + [seg]):
+                ax.plot([p[0] for p in seg], [p[1] for p in seg], lw=1, color=f"C{i % 10}")
             ax.set_title(s, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
         axes[0][0].set_ylabel("training loss")

@@ -21,7 +21,6 @@ The "qwen2" graph uses NEOX (rotate-half) RoPE, so that export keeps our layout 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 

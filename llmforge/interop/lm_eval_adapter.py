@@ -16,7 +16,8 @@ The three request types:
                                         the `until` strings
 
 Contexts start with the token documents start with in training: <|eot|> for llmforge's own
-models (pretraining puts it between documents), the original BOS for imported ones. Text is
+models (pretraining puts it between documents), the original BOS for imported ones; a prompt
+that already begins with <|bos|> (`--apply_chat_template`) is left as it is. Text is
 encoded with the chat special tokens recognised, so `--apply_chat_template` prompts (rendered
 with llmforge's template) reach the model as the special tokens it was trained on.
 """
@@ -73,6 +74,13 @@ class LLMForgeLM(LM):
                 ids += self.tok.encode(piece)
         return ids
 
+    def with_prefix(self, ids: list[int]) -> list[int]:
+        """Ids as a document starts in training: after the prefix token, unless the text already
+        begins with <|bos|> (a chat-template prompt, as SFT conversations begin)."""
+        if ids and ids[0] == self.specials.get("<|bos|>"):
+            return ids
+        return self.prefix + ids
+
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Context and continuation ids split where the whole string's tokens split, so a merge
         across the boundary is not counted twice; trailing context spaces move to the continuation."""
@@ -82,8 +90,8 @@ class LLMForgeLM(LM):
         whole = self.encode(context + continuation)
         ctx = self.encode(context)
         if whole[:len(ctx)] != ctx:  # the boundary token merged: encode the halves apart
-            return self.prefix + ctx, self.encode(continuation)
-        return self.prefix + ctx, whole[len(ctx):]
+            return self.with_prefix(ctx), self.encode(continuation)
+        return self.with_prefix(ctx), whole[len(ctx):]
 
     @property
     def tokenizer_name(self) -> str:
@@ -119,11 +127,13 @@ class LLMForgeLM(LM):
             batch = torch.full((len(rows), width), self.tok.eot_id, dtype=torch.long)
             for r, row in enumerate(rows):
                 batch[r, :len(row)] = torch.tensor(row)
-            logprobs = F.log_softmax(self.model(batch.to(self._device)).float(), dim=-1).cpu()
+            logits = self.model(batch.to(self._device))
             for r, i in enumerate(chunk):
                 first, cont = spans[r]
                 target = torch.tensor(cont)
-                lp = logprobs[r, first:first + len(cont)]
+                # softmax over the continuation positions only: (B, T, V) in fp32 would not fit
+                # for a real vocabulary and context
+                lp = F.log_softmax(logits[r, first:first + len(cont)].float(), dim=-1).cpu()
                 total = float(lp.gather(1, target[:, None]).sum())
                 greedy = bool((lp.argmax(-1) == target).all())
                 results[i] = (total, greedy)
@@ -166,11 +176,13 @@ class LLMForgeLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", 256))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            budget = max(1, self.max_length - max_new - 1)
-            prompt = (self.prefix + self.encode(context))[-budget:]
-            max_new = min(max_new, self.max_length - len(prompt) - 1)
+            # keep the end of the prompt; generation gets at most half the context, so a small
+            # model's window is not all spent on room for max_gen_toks (256 by default)
+            room = max(1, min(max_new, self.max_length // 2))
+            prompt = self.with_prefix(self.encode(context))[-(self.max_length - room):]
             prompts.append(prompt)
-            params.append(SamplingParams(max_tokens=max(1, max_new), temperature=temperature, seed=0,
+            params.append(SamplingParams(max_tokens=min(max_new, self.max_length - len(prompt)),
+                                         temperature=temperature, seed=0,
                                          stop=until, stop_token_ids=stop_ids))
             stops.append(until)
         outputs = []

@@ -4,6 +4,9 @@ fine-tune on those winners -> ckpt/rl_rejection.
 
     llmforge rl --algo rejection --out runs/demo [--set rl.group_size=8] [--set rl.rounds=2]
 
+Knobs: rl.rejection_prompts prompts per round, rl.group_size = N, rl.steps_per_round steps at
+rl.rejection_lr (this is supervised fine-tuning, so its lr is SFT-like, unlike PPO's rl.lr).
+
 Each round logs the mean over prompts of the median and of the max reward among the N
 samples (their gap is what best-of-N buys), and the verified reward of all samples vs. of the
 selected ones (selection that raises RM reward but not verified reward is reward hacking).
@@ -37,15 +40,15 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     reward_model = common.load_reward(run, tok, cfg.rm.safety_threshold)
     common.trainable_top_layers(policy, rc.train_layers)
     names = task_names(cfg.sft.tasks)
-    pool = common.prompt_pool(names, max(rc.prompts_per_rollout, 50))
+    pool = common.prompt_pool(names, max(rc.rejection_prompts // len(names) + 1, 50))
     rng = random.Random(rc.seed)
     N, max_len = rc.group_size, policy.cfg.max_seq_len
     # a time budget (rl.minutes) is shared out between the rounds' fine-tuning
-    tc = dataclasses.replace(rc, max_steps=rc.steps_per_round, seq_len=max_len, eval_every=0,
+    tc = dataclasses.replace(rc, lr=rc.rejection_lr, max_steps=rc.steps_per_round, seq_len=max_len, eval_every=0,
                              minutes=rc.minutes / rc.rounds if rc.minutes > 0 else 0.0)
     summary: dict = {}
     for round_ in range(rc.rounds):
-        items = rng.sample(pool, min(rc.prompts_per_rollout, len(pool)))
+        items = rng.sample(pool, min(rc.rejection_prompts, len(pool)))
         groups = task_eval.sample(policy, tok, items, n=N, temperature=rc.temperature,
                                   max_tokens=rc.max_new_tokens, seed=rc.seed + 1000 * round_)
         flat = [s for row in groups for s in row]
