@@ -113,7 +113,7 @@ class DataConfig:
 class TokenizerConfig:
     vocab_size: int = 4096
     sample_bytes: int = 20_000_000  # mixture sample the BPE merges are learned from
-    single_digits: bool = False     # True: every digit its own token; False: GPT-4's 1-3 digit groups
+    single_digits: bool = True      # every digit its own token (as Llama): arithmetic is learnable; False: GPT-4 1-3 digit groups
 
 
 @dataclass

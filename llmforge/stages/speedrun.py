@@ -38,7 +38,7 @@ def run(cfg: Config, run: RunDir) -> dict:
         ("pretrain", lambda: _complete(run, "base"),
          lambda: pretrain.run(cfg, run, resume=_started(run, "base"))),
         ("sft", lambda: _complete(run, "sft"), lambda: sft.run(cfg, run, resume=_started(run, "sft"))),
-        ("rm", lambda: _complete(run, "rm"), lambda: reward.run(cfg, run)),
+        ("rm", lambda: _complete(run, "rm") and _complete(run, "rm_safety"), lambda: reward.run(cfg, run)),
         ("rl_rejection", lambda: _complete(run, "rl_rejection"), lambda: rl.run(cfg, run, algo="rejection")),
         ("rl_ppo", lambda: _complete(run, "rl_ppo"), lambda: rl.run(cfg, run, algo="ppo")),
         ("eval", lambda: False, lambda: eval_stage.run(cfg, run)),

@@ -81,15 +81,17 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype | None, n: int 
     if key not in _PEAK:
         a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
         b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
-        for _ in range(2):
-            a @ b
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.3:
-            a @ b
-            reps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        _PEAK[key] = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+        a @ b
+        best = 0.0
+        for _ in range(3):  # the best of three short trials: other processes only slow a trial down
+            reps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 0.15:
+                a @ b
+                reps += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+        _PEAK[key] = best
     return _PEAK[key]
 
 
