@@ -28,6 +28,14 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. pretrain.lr=1e-3")
 
 
+def _lora_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA (train low-rank adapters of a frozen base)")
+    g.add_argument("--lora-rank", type=int, default=None, help="adapter rank; 0 = full fine-tuning")
+    g.add_argument("--lora-alpha", type=float, default=None, help="adapter scale is alpha / rank")
+    g.add_argument("--lora-targets", default=None, help="comma-separated Linear names or all-linear")
+    g.add_argument("--lora-dtype", default=None, help="frozen base precision: fp32 | bf16 | int8 | nf4")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmforge", description="Raw text to an aligned, served assistant.")
     sub = ap.add_subparsers(dest="verb", required=True)
@@ -46,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         _stage_args(p)
         if verb != "eval":
             p.add_argument("--resume", action="store_true")
+            _lora_args(p)
     p = sub.add_parser("rl", help="RLHF: rejection sampling, PPO, DPO or GRPO")
     _stage_args(p)
     p.add_argument("--algo", choices=["rejection", "ppo", "dpo", "grpo"], default=None)
+    _lora_args(p)
     p = sub.add_parser("speedrun", help="every stage in order, skipping finished ones; writes report.md")
     _stage_args(p)
     p.set_defaults(out=None)
@@ -103,6 +113,11 @@ def resolve_config(args, extra: list[str]) -> tuple[config_mod.Config, RunDir]:
         if not (item.startswith("--") and "=" in item):
             raise UserError(f"unrecognized argument '{item}'; overrides look like --set section.key=value")
         overrides.append(item[2:])
+    section = {"sft": "sft", "rm": "rm", "rl": "rl"}.get(args.verb)
+    for name in ("rank", "alpha", "targets", "dtype"):
+        value = getattr(args, f"lora_{name}", None)
+        if section and value is not None:
+            overrides.append(f"{section}.lora_{name}={value}")
     run = RunDir(args.out)
     cfg = config_mod.resolve(args.preset, args.config, overrides, run_dir=run.root)
     return cfg, run

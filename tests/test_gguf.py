@@ -184,3 +184,23 @@ def test_gguf_of_an_imported_model_keeps_its_special_ids(tokenizer, tmp_path):
     assert field(reader, "tokenizer.ggml.pre") == "qwen2"
     assert field(reader, "tokenizer.ggml.bos_token_id") == 3 and field(reader, "tokenizer.ggml.eos_token_id") == 5
     assert "blk.0.attn_q.bias" in {t.name for t in reader.tensors}
+
+
+def test_llama_cpp_runs_the_export_with_our_logits(tokenizer, tmp_path):
+    """The real consumer: llama.cpp loads the f32 file and computes our logits (f32 KV cache)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    for variant in ({"n_kv_head": 2, "tie_embeddings": True},
+                    {"n_kv_head": 1, "tie_embeddings": False, "qkv_bias": True}):
+        model, cfg = make_checkpoint(tmp_path / str(len(variant)), tokenizer, n_head=4, **variant)
+        path = export_checkpoint(tmp_path / str(len(variant)) / "ckpt", "gguf", tmp_path / f"{len(variant)}.gguf",
+                                 dtype="f32")
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                              type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache: no f16 rounding
+        text = "def add(a, b):\n    return a + b  # the quick brown fox"
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text)
+        ids = [tokenizer.bos_id] + tokenizer.encode(text)
+        llm.eval(ids)
+        theirs = torch.tensor(np.array(llm.scores[:len(ids)]))
+        with torch.no_grad():
+            ours = model(torch.tensor([ids]))[0]
+        assert torch.allclose(theirs, ours, atol=2e-4, rtol=0), (theirs - ours).abs().max()

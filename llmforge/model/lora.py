@@ -180,7 +180,7 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float = 16.0, targets: str = "q_proj,v_proj",
-             base_dtype: str = "fp32", keep_trainable: tuple[str, ...] = ("head.",),
+             base_dtype: str = "fp32", keep_trainable: tuple[str, ...] = ("head.", "value_head."),
              base_hash: str | None = None) -> nn.Module:
     """Wrap `targets` of `model` in place; freeze everything but the adapters (and parameters whose
     name starts with one of `keep_trainable`: a reward/value model's scalar head). Returns `model`."""

@@ -45,6 +45,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, kind: st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a checkpoint is meant to be shared
     try:
         save_file(_weights_of(model), str(tmp / "model.safetensors"))
         config = {"kind": kind, "model": dataclasses.asdict(model_cfg), **(meta or {})}
@@ -150,7 +151,11 @@ def load_model(path: str | os.PathLike, kinds=POLICY_KINDS, device="cpu"):
     model = Transformer(model_config_from(config))
     if config.get("head") == "scalar":
         model = ScalarHeadModel(model)
-    load_into(model, load_weights(folder), folder)
+    if config.get("lora"):  # saved from a LoRA-wrapped model: load base + adapters, merge
+        from llmforge.model.lora import load_lora_checkpoint_into
+        load_lora_checkpoint_into(model, load_weights(folder), config["lora"])
+    else:
+        load_into(model, load_weights(folder), folder)
     return model.to(device), config, folder
 
 

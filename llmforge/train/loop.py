@@ -12,7 +12,7 @@ loss_fn must call the model through forward (model(...)), not other methods, so 
 gradient hooks fire when the model is wrapped.
 
 The loop owns: AdamW, warmup + cosine/WSD schedule, gradient accumulation, clipping,
-bf16 autocast, torch.compile, DDP, the budget (steps / tokens / minutes), metrics.jsonl,
+bf16 autocast, torch.compile, DDP, LoRA (cfg.lora_rank > 0 wraps the model's Linears), the budget (steps / tokens / minutes), metrics.jsonl,
 the progress bar (tokens/s, MFU, ETA), periodic atomic checkpoints and exact resume.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from llmforge.config import ModelConfig, TrainConfig
 from llmforge.errors import UserError
+from llmforge.model.lora import apply_lora, lora_meta, save_adapter
 from llmforge.run import RunDir
 from llmforge.train import checkpoint as ckpt_io
 from llmforge.train.distributed import DistContext, all_reduce_mean
@@ -141,7 +142,12 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
           eval_fn: Callable | None = None, sample_fn: Callable | None = None,
           resume: bool = False, show_progress: bool = True) -> dict:
     device = ctx.device
+    if cfg.lora_rank and lora_meta(model) is None:  # --set STAGE.lora_rank=8: train adapters only
+        model = apply_lora(model, cfg)
     raw_model = model.to(device)
+    lora = lora_meta(raw_model)
+    if lora:
+        ckpt.meta["lora"] = lora
     amp = autocast_dtype(cfg, device)
     optimizer = build_optimizer(raw_model, cfg, device.type)
     torch.manual_seed(cfg.seed)
@@ -269,6 +275,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     if eval_fn and (not cfg.eval_every or step % cfg.eval_every):
         last_eval = evaluate()
     save(complete=stop["signal"] is None)
+    if lora and ctx.is_main:  # the small file: adapters alone, with the hash of their base
+        save_adapter(raw_model, run.root / "adapters" / stage)
     summary = {"steps": step, "tokens": tokens, "elapsed_s": round(elapsed(), 2), **last_eval}
     if ctx.is_main:
         run.log(stage, event="done", **summary)
