@@ -132,7 +132,13 @@ def test_parse_tool_call_for_the_engine():
 def test_jinja_template_matches_render_text():
     env = chat.jinja_env()
     template = env.from_string(chat.CHAT_TEMPLATE)
-    for conv in (tool_conversation(), [{"role": "user", "content": "hi"}]):
+    # the template inserts string arguments as they are (no JSON parsing in transformers'
+    # Jinja), so it matches render_text for dict arguments and for compact JSON strings
+    compact = tool_conversation()
+    compact[2]["tool_calls"][0]["function"]["arguments"] = '{"expression":"12*34"}'
+    as_dict = tool_conversation()
+    as_dict[2]["tool_calls"][0]["function"]["arguments"] = {"expression": "12*34"}
+    for conv in (compact, as_dict, [{"role": "user", "content": "hi"}]):
         assert template.render(messages=conv, add_generation_prompt=False) == render_text(conv)
         assert template.render(messages=conv, add_generation_prompt=True) == render_text(conv, True)
 

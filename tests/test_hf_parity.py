@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 from llmforge.config import ModelConfig
 from llmforge.errors import UserError
 from llmforge.interop import export_checkpoint, import_hf
-from llmforge.interop.hf import HF_CHAT_TEMPLATE, CHAT_TOKENS
+from llmforge.interop.hf import CHAT_TOKENS
+from llmforge.tokenizer.chat import CHAT_TEMPLATE
 from llmforge.model.transformer import Transformer
 from llmforge.train.checkpoint import load_model, save_checkpoint
 
@@ -135,7 +136,7 @@ def test_exported_tokenizer_and_chat_template(tokenizer, tmp_path):
     # arguments given as an object (the transformers convention) render the same
     messages[2]["tool_calls"][0]["function"]["arguments"] = {"expr": "2+3"}
     assert hf_tok.apply_chat_template(messages, tokenize=False) == chat.render_text(messages)
-    assert (out / "chat_template.jinja").read_text() == HF_CHAT_TEMPLATE
+    assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATE
 
 
 def test_export_refuses_reward_model_and_foreign_folder(tokenizer, tmp_path):

@@ -170,8 +170,8 @@ def export_gguf(ckpt, out, dtype: str = "f16") -> Path:
         w.add_token_types(types)
         w.add_token_merges(merges)
         _add_special_ids(w, config, specials)
-        from llmforge.interop.hf import HF_CHAT_TEMPLATE
-        w.add_chat_template(config.get("chat_template") or HF_CHAT_TEMPLATE)
+        from llmforge.tokenizer.chat import CHAT_TEMPLATE
+        w.add_chat_template(config.get("chat_template") or CHAT_TEMPLATE)
 
         for name, t in gguf_tensors(model, cfg, arch).items():
             array = t.numpy()

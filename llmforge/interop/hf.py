@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from llmforge.config import ModelConfig
 from llmforge.errors import UserError
+from llmforge.tokenizer.chat import CHAT_TEMPLATE
 from llmforge.train.checkpoint import (POLICY_KINDS, load_model, load_weights, model_config_from, read_config,
                                        resolve_checkpoint, save_checkpoint)
 
@@ -43,30 +44,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 CHAT_TOKENS = ["<|bos|>", "<|eot|>", "<|system|>", "<|user|>", "<|assistant|>",
                "<|tool_call|>", "<|tool_result|>", "<|end|>"]
 
-# llmforge's chat format (llmforge/tokenizer/chat.py) written with only what transformers'
-# Jinja environment offers: chat.py's CHAT_TEMPLATE uses two custom filters (fromjson,
-# tojson_compact) that transformers, vLLM and llama.cpp do not have. Arguments given as a
-# JSON string are emitted as they are (chat.py re-serialises them compactly; the same text
-# whenever the string is already compact JSON, which is what our engine and parser produce).
-# tests/test_hf_parity.py checks transformers renders exactly chat.render_text().
-HF_CHAT_TEMPLATE = (
-    "{{ '<|bos|>' }}"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ '<|system|>' + m['content'] + '<|end|>' }}"
-    "{% elif m['role'] == 'user' %}{{ '<|user|>' + m['content'] + '<|end|>' }}"
-    "{% elif m['role'] == 'tool' %}{{ '<|tool_result|>' + m['content'] + '<|end|>' }}"
-    "{% elif m['role'] == 'assistant' %}{{ '<|assistant|>' + (m['content'] or '') }}"
-    "{% if m.get('tool_calls') %}"
-    "{% for c in m['tool_calls'] %}"
-    "{% set args = c['function']['arguments'] %}"
-    "{% if args is not string %}{% set args = args | tojson(separators=(',', ':')) %}{% endif %}"
-    "{{ '<|tool_call|>' + '{\"name\":' + c['function']['name'] | tojson + ',\"arguments\":' + args + '}' + '<|end|>' }}"
-    "{% endfor %}"
-    "{% else %}{{ '<|end|>' }}{% endif %}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
 
 # ---------------------------------------------------------------- tensor names
 
@@ -218,7 +195,7 @@ def export_hf(ckpt, out, dtype: str = "fp32") -> Path:
     tok_json = json.loads(tok_path.read_text(encoding="utf-8"))
     carried = config.get("hf") or {}   # what an imported model brought with it
     tok_cfg, gen_cfg = _tokenizer_and_generation_config(config, carried, tok_json, cfg)
-    template = config.get("chat_template") or HF_CHAT_TEMPLATE
+    template = config.get("chat_template") or CHAT_TEMPLATE
 
     torch_dtype = _DTYPES[dtype]
     weights = {}

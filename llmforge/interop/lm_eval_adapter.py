@@ -105,8 +105,8 @@ class LLMForgeLM(LM):
         return render_text(chat_history, add_generation_prompt=add_generation_prompt)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        from llmforge.interop.hf import HF_CHAT_TEMPLATE
-        return self.config.get("chat_template") or HF_CHAT_TEMPLATE
+        from llmforge.tokenizer.chat import CHAT_TEMPLATE
+        return self.config.get("chat_template") or CHAT_TEMPLATE
 
     # ------------------------------------------------------------ scoring
     @torch.no_grad()

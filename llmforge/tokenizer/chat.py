@@ -58,8 +58,8 @@ CHAT_TEMPLATE = (
     "{% set args = c['function']['arguments'] %}"
     "{% if c['function']['name'] == '' and args is string %}{{ '<|tool_call|>' + args + '<|end|>' }}"
     "{% else %}"
-    "{% if args is string %}{% set args = args | fromjson %}{% endif %}"
-    "{{ '<|tool_call|>' + {'name': c['function']['name'], 'arguments': args} | tojson_compact + '<|end|>' }}"
+    "{% if args is not string %}{% set args = args | tojson(separators=(',', ':')) %}{% endif %}"
+    "{{ '<|tool_call|>' + '{\"name\":' + c['function']['name'] | tojson + ',\"arguments\":' + args + '}' + '<|end|>' }}"
     "{% endif %}"
     "{% endfor %}"
     "{% else %}{{ '<|end|>' }}{% endif %}"
@@ -67,8 +67,10 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
-# Standard Jinja has no JSON parsing and its `tojson` escapes HTML characters and sorts keys
-# differently from json.dumps, so exporters register these two filters (see jinja_env()).
+# Only features transformers' sandbox has (its `tojson` takes json.dumps keyword arguments), so
+# the exported tokenizer_config.json works there unchanged. String arguments are inserted as
+# they are: render() re-dumps them compactly, so the two agree whenever the string is compact
+# JSON, which is what the engine and parser produce.
 
 
 def _dump_call(name: str, arguments: dict) -> str:
@@ -76,12 +78,12 @@ def _dump_call(name: str, arguments: dict) -> str:
 
 
 def jinja_env():
-    """A jinja2 Environment with the two filters CHAT_TEMPLATE uses."""
+    """A jinja2 Environment whose `tojson` behaves as transformers' (json.dumps keywords, no
+    HTML escaping), for rendering CHAT_TEMPLATE outside transformers."""
     import jinja2
 
     env = jinja2.Environment(autoescape=False, keep_trailing_newline=True)
-    env.filters["fromjson"] = json.loads
-    env.filters["tojson_compact"] = lambda obj: json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    env.filters["tojson"] = lambda obj, **kw: json.dumps(obj, ensure_ascii=False, **kw)
     return env
 
 
