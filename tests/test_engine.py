@@ -19,14 +19,6 @@ from llmforge.tokenizer.bpe import Tokenizer
 MAX_LEN = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a busy machine a thread pool
-    waiting for a descheduled partner makes every op ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,6 @@ from llmforge.model.transformer import Transformer
 from llmforge.train.checkpoint import load_model, save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread. Two OpenMP threads on a busy 2-core machine spend each small
-    matmul waiting for each other (measured: 1.3 s vs 5 ms per training step here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 VOCAB = 300
 

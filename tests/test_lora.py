@@ -17,14 +17,6 @@ from llmforge.model.transformer import Transformer
 from llmforge.train.checkpoint import load_model, load_weights, save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread. Two OpenMP threads on a busy 2-core machine spend each small
-    matmul waiting for each other (measured: 1.3 s vs 5 ms per training step here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 CFG = ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=32, qkv_bias=True)
 

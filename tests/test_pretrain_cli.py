@@ -30,14 +30,6 @@ SMALL = ["--preset", "micro",
          "--set", "pretrain.eval_every=0", "--set", "pretrain.eval_batches=2", "--set", "pretrain.warmup_steps=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 0.1M-parameter model gains nothing from a second thread, and on a busy machine a
-    thread pool waiting for a descheduled partner makes every op ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from llmforge.config import ModelConfig
 from llmforge.errors import UserError
+from llmforge.run import replace_dir
 from llmforge.tokenizer.chat import CHAT_TEMPLATE
 from llmforge.train.checkpoint import (POLICY_KINDS, load_model, load_weights, model_config_from, read_config,
                                        resolve_checkpoint, save_checkpoint)
@@ -134,16 +135,9 @@ def default_permissions(path: Path) -> None:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished temp folder onto `out` (replacing an earlier export there)."""
+    """Move the finished export folder onto `out`, readable by everyone like any file."""
     default_permissions(tmp)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 def _check_out(out: Path) -> None:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from llmforge.config import ModelConfig
 from llmforge.errors import UserError
+from llmforge.run import replace_dir
 
 POLICY_KINDS = ("base", "sft", "rl")
 LATEST_ORDER = ("rl", "sft", "base")  # what a run directory means when given as a model
@@ -57,14 +58,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, kind: st
             save_file({k: v.detach().cpu().contiguous() for k, v in train_state["tensors"].items()},
                       str(tmp / "train_state.safetensors"))
             (tmp / "train_state.json").write_text(json.dumps(train_state["json"]), encoding="utf-8")
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -127,6 +127,16 @@ def load_reward(run: RunDir, tok, threshold: float) -> CombinedReward:
 # ---------------------------------------------------------------- misc
 
 
+def policy_and_reference(run: RunDir, rc):
+    """(tokenizer, policy to train, frozen copy as the KL reference) for an RL stage; the
+    policy starts from ckpt/<rl.init> and trains only its top rl.train_layers when set."""
+    tok = load_tokenizer(run)
+    policy, _ = load_checkpoint(run, rc.init, ("sft", "rl"), tok, f"run `llmforge sft --out {run.root}` first")
+    ref = frozen(policy)
+    trainable_top_layers(policy, rc.train_layers)
+    return tok, policy, ref
+
+
 def save_policy(run: RunDir, folder: str, model, tok, meta: dict) -> None:
     """Write the trained policy as an ordinary "rl" checkpoint (a plain Transformer)."""
     ckpt_io.save_checkpoint(run.ckpt(folder), model, kind="rl", model_cfg=model.cfg, tokenizer=tok, meta=meta)

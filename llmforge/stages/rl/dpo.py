@@ -28,11 +28,7 @@ STAGE = "rl_dpo"
 def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     rc = cfg.rl
     ctx = common.single_process()
-    tok = common.load_tokenizer(run)
-    policy, _ = common.load_checkpoint(run, rc.init, ("sft", "rl"), tok,
-                                       f"run `llmforge sft --out {run.root}` first")
-    ref = common.frozen(policy)
-    common.trainable_top_layers(policy, rc.train_layers)
+    tok, policy, ref = common.policy_and_reference(run, rc)
     path = run.prefs / "train.jsonl"
     if not path.is_file():
         raise UserError(f"{path} is missing; run `llmforge rm --out {run.root}` first (it writes the pairs)")

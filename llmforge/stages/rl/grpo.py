@@ -30,11 +30,7 @@ STAGE = "rl_grpo"
 def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     rc = cfg.rl
     ctx = common.single_process()
-    tok = common.load_tokenizer(run)
-    policy, _ = common.load_checkpoint(run, rc.init, ("sft", "rl"), tok,
-                                       f"run `llmforge sft --out {run.root}` first")
-    ref = common.frozen(policy)
-    common.trainable_top_layers(policy, rc.train_layers)
+    tok, policy, ref = common.policy_and_reference(run, rc)
     names = task_names(cfg.sft.tasks)
     pool = common.prompt_pool(names, max(rc.prompts_per_rollout, 50))
     rng = random.Random(rc.seed)

@@ -66,12 +66,8 @@ def ptx_batches(run: RunDir, rc, seq_len: int):
 def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     rc = cfg.rl
     ctx = common.single_process()      # rollouts are generated in-process; one rank
-    tok = common.load_tokenizer(run)
-    policy, _ = common.load_checkpoint(run, rc.init, ("sft", "rl"), tok,
-                                       f"run `llmforge sft --out {run.root}` first")
-    ref = common.frozen(policy)
+    tok, policy, ref = common.policy_and_reference(run, rc)
     reward_model = common.load_reward(run, tok, cfg.rm.safety_threshold)
-    common.trainable_top_layers(policy, rc.train_layers)
     model = PolicyWithValue(policy)
     names = task_names(cfg.sft.tasks)
     pool = common.prompt_pool(names, max(rc.prompts_per_rollout, 50))
