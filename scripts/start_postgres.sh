@@ -4,13 +4,13 @@
 set -euo pipefail
 if ! command -v pg_ctlcluster >/dev/null 2>&1; then
   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || exit 1
-  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } >/dev/null 2>&1
 fi
 version=$(ls /usr/lib/postgresql | sort -n | tail -1)
-pg_lsclusters -h | grep -q "^$version main" || pg_createcluster "$version" main >/dev/null
-pg_ctlcluster "$version" main start 2>/dev/null || true
+pg_lsclusters -h | grep -q "^$version main" || pg_createcluster "$version" main >/dev/null 2>&1
+pg_ctlcluster "$version" main start >/dev/null 2>&1 || true
 su postgres -c "psql -qtc \"SELECT 1 FROM pg_roles WHERE rolname='llmforge'\"" | grep -q 1 ||
-  su postgres -c "psql -qc \"CREATE ROLE llmforge LOGIN PASSWORD 'llmforge'\""
+  su postgres -c "psql -qc \"CREATE ROLE llmforge LOGIN PASSWORD 'llmforge'\"" >/dev/null
 su postgres -c "psql -qtc \"SELECT 1 FROM pg_database WHERE datname='feedback'\"" | grep -q 1 ||
-  su postgres -c "createdb -O llmforge feedback"
+  su postgres -c "createdb -O llmforge feedback" >/dev/null
 echo "postgresql://llmforge:llmforge@127.0.0.1/feedback"
