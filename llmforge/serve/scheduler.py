@@ -21,6 +21,15 @@ from llmforge.serve.protocol import APIError
 SERVE_STOPS = ("<|end|>", "<|eot|>")   # an assistant turn ends at <|end|>; <|eot|> ends a document
 
 
+def _weights_digest(path, chars: int = 12) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:chars]
+
+
 class Scheduler:
     """Owns the engine: one thread steps it whenever there is work and hands events to callbacks.
     Cancellations are applied between steps, so the engine is never mutated mid-step."""
@@ -171,7 +180,8 @@ def load_served(checkpoint_or_run, cfg=None, db: str | None = None, index: str |
     in_run = folder.parent.name == "ckpt"
     run_dir = folder.parent.parent if in_run else None
     name = f"{run_dir.name}-{folder.name}" if in_run else folder.name
-    checkpoint_id = f"{folder.resolve()}@step{config.get('step', '?')}"
+    # the weights' content hash: feedback rows name exactly the model that produced them
+    checkpoint_id = f"{folder.resolve()}@{_weights_digest(folder / 'model.safetensors')}"
     if cfg is None:
         from llmforge.config import resolve
         cfg = resolve(run_dir=run_dir).serve if run_dir else None
