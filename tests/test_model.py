@@ -3,7 +3,6 @@ import dataclasses
 import pytest
 import torch
 
-from llmforge.config import ModelConfig
 from llmforge.errors import UserError
 from llmforge.model.kv_cache import KVCache
 from llmforge.model.transformer import Transformer

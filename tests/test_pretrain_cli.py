@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from llmforge.cli import main
 from llmforge.config import resolve

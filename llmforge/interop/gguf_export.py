@@ -137,14 +137,9 @@ def export_gguf(ckpt, out, dtype: str = "f16") -> Path:
         if out.is_file():
             raise UserError(f"--out {out} is a file without the .gguf suffix; give a folder or a NAME.gguf path")
         out = out / f"model-{dtype}.gguf"
-    from llmforge.interop.hf import load_policy
-    model, config, folder = load_policy(ckpt)
+    from llmforge.interop.hf import load_for_export
+    model, config, folder, tok_json = load_for_export(ckpt)
     cfg: ModelConfig = model.cfg
-    tok_path = folder / "tokenizer.json"
-    if not tok_path.is_file():
-        raise UserError(f"checkpoint {folder} has no tokenizer.json; copy the run's tokenizer/tokenizer.json "
-                        "into it and export again")
-    tok_json = json.loads(tok_path.read_text(encoding="utf-8"))
     tok_model, tokens, types, merges = _tokenizer_fields(tok_json, cfg.vocab_size)
     specials = {t["content"]: t["id"] for t in tok_json.get("added_tokens", [])}
     arch = "qwen2" if cfg.qkv_bias else "llama"

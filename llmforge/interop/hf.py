@@ -174,19 +174,24 @@ def load_policy(ckpt, device="cpu"):
     return model.to(device), config, folder
 
 
+def load_for_export(ckpt):
+    """(merged policy, config.json, folder, tokenizer.json as a dict) of a checkpoint to export."""
+    model, config, folder = load_policy(ckpt)
+    tok_path = folder / "tokenizer.json"
+    if not tok_path.is_file():
+        raise UserError(f"checkpoint {folder} has no tokenizer.json; copy the run's tokenizer/tokenizer.json "
+                        "into it and export again")
+    return model, config, folder, json.loads(tok_path.read_text(encoding="utf-8"))
+
+
 def export_hf(ckpt, out, dtype: str = "fp32") -> Path:
     """Write checkpoint `ckpt` as a transformers folder `out` (written whole, then renamed)."""
     if dtype not in _DTYPES:
         raise UserError(f"unknown export dtype '{dtype}'; choose one of: {', '.join(_DTYPES)}")
     out = Path(out)
     _check_out(out)
-    model, config, folder = load_policy(ckpt)
+    model, config, folder, tok_json = load_for_export(ckpt)
     cfg: ModelConfig = model.cfg
-    tok_path = folder / "tokenizer.json"
-    if not tok_path.is_file():
-        raise UserError(f"checkpoint {folder} has no tokenizer.json; copy the run's tokenizer/tokenizer.json "
-                        "into it and export again")
-    tok_json = json.loads(tok_path.read_text(encoding="utf-8"))
     carried = config.get("hf") or {}   # what an imported model brought with it
     tok_cfg, gen_cfg = _tokenizer_and_generation_config(config, carried, tok_json, cfg)
     template = config.get("chat_template") or CHAT_TEMPLATE
@@ -206,7 +211,7 @@ def export_hf(ckpt, out, dtype: str = "fp32") -> Path:
                                 pad_id=gen_cfg.get("pad_token_id"), dtype=_DTYPE_NAMES[torch_dtype])
         _write_json(tmp / "config.json", config_json)
         _write_json(tmp / "generation_config.json", gen_cfg)
-        shutil.copyfile(tok_path, tmp / "tokenizer.json")
+        shutil.copyfile(folder / "tokenizer.json", tmp / "tokenizer.json")
         _write_json(tmp / "tokenizer_config.json", {**tok_cfg, "chat_template": template})
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         _replace_dir(tmp, out)
