@@ -55,6 +55,24 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_jsonl(path: str | os.PathLike, what: str):
+    """Yield ("file:line", record) for each non-blank line of a user's JSONL file of `what`
+    (e.g. "preference"); a missing file or a bad line is a UserError naming file:line."""
+    from llmforge.errors import UserError
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {path} does not exist; pass an existing .jsonl file")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg}); write one JSON object per line") from None
+
+
 class RunDir:
     """Paths inside one run directory, plus the shared metrics log."""
 

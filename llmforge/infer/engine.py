@@ -58,6 +58,8 @@ class _Request:
     position: int = 0                                     # cache position of pending[0]
     out: Completion = None
     emitted_text: str = ""
+    decoded_text: str = ""                                # text of out.tokens[:decoded_upto]
+    decoded_upto: int = 0                                 # always on a whole-character boundary
 
 
 @dataclass
@@ -202,7 +204,7 @@ class Engine:
                 finish = "stop"
         elif req.constraint is not None and req.constraint.is_done():
             finish = "stop"
-        text = self._visible_text(out, p)
+        text = self._visible_text(req)
         if finish is None and p.stop:
             cut = min((text.find(s) for s in p.stop if s in text), default=-1)
             if cut >= 0:
@@ -221,12 +223,16 @@ class Engine:
                 self.free_slots.append(req.slot)
         return Event(req.id, token, delta, finish is not None, out)
 
-    def _visible_text(self, out: Completion, params: SamplingParams) -> str:
-        """Completion text without a final stop token."""
-        toks = out.tokens
-        if toks and toks[-1] in params.stop_token_ids:
-            toks = toks[:-1]
-        return self.tok.decode(toks)
+    def _visible_text(self, req: _Request) -> str:
+        """Completion text without a final stop token. Decodes only the tokens since the last
+        whole-character boundary, so a step costs O(1) decoding, not O(length)."""
+        toks = req.out.tokens
+        end = len(toks) - (1 if toks and toks[-1] in req.params.stop_token_ids else 0)
+        tail = self.tok.decode(toks[req.decoded_upto:end])
+        if tail and not tail.endswith("\ufffd"):  # no partial UTF-8 character left: commit it
+            req.decoded_text += tail
+            req.decoded_upto, tail = end, ""
+        return req.decoded_text + tail
 
     # ------------------------------------------------------------ tools
     def _in_tool_call(self, out: Completion) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from llmforge.errors import UserError
 from llmforge.eval import tasks as task_eval
-from llmforge.run import atomic_path
+from llmforge.run import atomic_path, read_jsonl
 from llmforge.tasks import Item, get_task, task_names
 from llmforge.tasks.safety import REFUSALS
 from llmforge.tokenizer.chat import validate_messages
@@ -57,19 +57,7 @@ def check_pair(record, where: str) -> dict:
 
 
 def load_pairs(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"preference file {path} does not exist; pass an existing .jsonl file")
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); write one JSON object per line") from None
-            pairs.append(check_pair(record, f"{path}:{lineno}"))
+    pairs = [check_pair(record, where) for where, record in read_jsonl(path, "preference")]
     if not pairs:
         raise UserError(f"{path} holds no preference pairs; add JSONL lines or drop the option")
     return pairs

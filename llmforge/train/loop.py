@@ -218,6 +218,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
             lr = lr_at(step, progress(), cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            loss_sum = torch.zeros((), device=device)  # stays on the device: no sync per micro-step
             sums: dict[str, float] = {}
             step_tokens = 0
             for micro in range(cfg.grad_accum):
@@ -227,12 +228,10 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, amp):
                     loss, metrics = loss_fn(model, batch)
                 (loss / cfg.grad_accum).backward()
-                for k, v in {"loss": float(loss.detach()), **metrics}.items():
+                loss_sum += loss.detach().float() / cfg.grad_accum
+                for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
                 step_tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
-            if not math.isfinite(sums["loss"]):
-                raise RuntimeError(f"{stage}: loss became {sums['loss']} at step {step}; lower the lr "
-                                   "or check the data")
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in raw_model.parameters() if p.requires_grad],
                 cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -243,7 +242,14 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
             window_tokens += step_tokens * ctx.world
             bar.update(1)
 
-            if step % cfg.log_every == 0 or step == 1:
+            logging_step = step % cfg.log_every == 0 or step == 1
+            if logging_step or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                # the one host sync of a step, and only on steps that log or save
+                sums["loss"] = float(loss_sum)
+                if not math.isfinite(sums["loss"]):
+                    raise RuntimeError(f"{stage}: loss became {sums['loss']} at step {step}; lower the lr "
+                                       "or check the data")
+            if logging_step:
                 now = time.perf_counter()
                 tok_s = window_tokens / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, 0

@@ -137,9 +137,11 @@ def policy_and_reference(run: RunDir, rc):
     return tok, policy, ref
 
 
-def save_policy(run: RunDir, folder: str, model, tok, meta: dict) -> None:
-    """Write the trained policy as an ordinary "rl" checkpoint (a plain Transformer)."""
-    ckpt_io.save_checkpoint(run.ckpt(folder), model, kind="rl", model_cfg=model.cfg, tokenizer=tok, meta=meta)
+def publish_policy(run: RunDir, stage: str, model, tok, meta: dict) -> None:
+    """Write the trained policy as an ordinary "rl" checkpoint (a plain Transformer) in
+    ckpt/<stage>, kept for the arena, and in ckpt/rl, the run's latest RL policy."""
+    for folder in (stage, "rl"):
+        ckpt_io.save_checkpoint(run.ckpt(folder), model, kind="rl", model_cfg=model.cfg, tokenizer=tok, meta=meta)
 
 
 def single_process() -> DistContext:

@@ -68,6 +68,5 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     ckpt = Checkpointing(run.ckpt(f"{STAGE}_train"), "rl_train", policy.cfg, tok, {"algo": ALGO})
     summary = train(policy, tc, run, stage=STAGE, ctx=ctx, get_batch=get_batch, loss_fn=loss_fn, ckpt=ckpt,
                     eval_fn=eval_fn, show_progress=show_progress)
-    for folder in (STAGE, "rl"):
-        common.save_policy(run, folder, policy, tok, {"algo": ALGO, "init": rc.init, "preset": cfg.preset})
+    common.publish_policy(run, STAGE, policy, tok, {"algo": ALGO, "init": rc.init, "preset": cfg.preset})
     return summary
