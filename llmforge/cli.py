@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_args(p)
     p.add_argument("--algo", choices=["rejection", "ppo", "dpo", "grpo"], default=None)
     _lora_args(p)
+    scaling = sub.add_parser("scaling", help="scaling laws: sweep sizes x budgets, fit, plan").add_subparsers(
+        dest="action", required=True)
+    _stage_args(scaling.add_parser("sweep", help="train a grid of model sizes per compute budget (resumable)"))
+    _stage_args(scaling.add_parser("fit", help="Chinchilla approaches 2 and 3 with bootstrap intervals"))
+    p = scaling.add_parser("plan", help="recommend model, tokens, batch and lr for a budget")
+    _stage_args(p)
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--minutes", type=float, help="wall-clock budget on this machine")
+    budget.add_argument("--flops", type=float, help="compute budget C = 6 N D")
     p = sub.add_parser("speedrun", help="every stage in order, skipping finished ones; writes report.md")
     _stage_args(p)
     p.set_defaults(out=None)
@@ -171,11 +180,19 @@ def run_stage(verb, args, cfg, run) -> None:
     elif verb == "speedrun":
         from llmforge.stages import speedrun
         speedrun.run(cfg, run)
+    elif verb == "scaling":
+        from llmforge.scaling import fit, plan, sweep
+        if args.action == "sweep":
+            sweep.run(cfg, run)
+        elif args.action == "fit":
+            fit.run(cfg, run)
+        else:
+            plan.run(cfg, run, minutes=args.minutes, flops=args.flops)
 
 
 def dispatch(args, extra) -> None:
     verb = args.verb
-    if verb in ("data", "tokenizer", "pretrain", "sft", "rm", "rl", "eval", "speedrun"):
+    if verb in ("data", "tokenizer", "pretrain", "sft", "rm", "rl", "eval", "speedrun", "scaling"):
         if verb == "speedrun" and args.out is None:
             args.out = f"runs/{args.preset or 'cpu'}"
         cfg, run = resolve_config(args, extra)
@@ -183,8 +200,11 @@ def dispatch(args, extra) -> None:
             cfg.pretrain.minutes = args.minutes
         if verb == "rl" and args.algo:
             cfg.rl.algo = args.algo
-        with recorded_config(cfg, run, speedrun=verb == "speedrun"):
+        if verb == "scaling" and args.action != "sweep":  # fit and plan only read the sweep
             run_stage(verb, args, cfg, run)
+        else:
+            with recorded_config(cfg, run, speedrun=verb == "speedrun"):
+                run_stage(verb, args, cfg, run)
     elif verb == "generate":
         generate(args)
     elif verb == "chat":
@@ -243,7 +263,7 @@ def generate(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.verb not in ("data", "tokenizer", "pretrain", "sft", "rm", "rl", "eval", "speedrun"):
+    if extra and args.verb not in ("data", "tokenizer", "pretrain", "sft", "rm", "rl", "eval", "speedrun", "scaling"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         dispatch(args, extra)

@@ -14,6 +14,7 @@ from pathlib import Path
 import tomli_w
 
 from llmforge.errors import UserError
+from llmforge.scaling.config import ScalingConfig  # the stage's knobs live beside it
 
 
 @dataclass
@@ -150,6 +151,14 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig(TrainConfig):
+    mid_fraction: float = 0.0       # the last share of the steps is midtraining: conversations mixed in
+    mid_chat_share: float = 0.3     # share of each midtraining batch's rows that are conversations
+    mid_examples_per_task: int = 2000  # train conversations per task for midtraining (+ spelling drills)
+    mid_spelling_examples: int = 3000
+
+
+@dataclass
 class SFTConfig(TrainConfig):
     lr: float = 1e-3
     warmup_steps: int = 20
@@ -157,6 +166,8 @@ class SFTConfig(TrainConfig):
     eval_every: int = 100
     ckpt_every: int = 100
     examples_per_task: int = 2000   # train conversations generated per task
+    spelling_examples: int = 3000   # "Spell 'word'." drills on corpus words (never the eval words)
+    text_share: float = 0.2         # share of each batch's rows that are pretraining text (no forgetting)
     eval_per_task: int = 50         # held-out items per task for verified accuracy
     user_data: str = ""             # JSONL conversations in the `messages` format
     packing: bool = True
@@ -177,39 +188,33 @@ class RMConfig(TrainConfig):
     heldout_per_task: int = 20      # held-out prompts per task for pairwise accuracy
     safety: bool = True             # also train the safety reward model (ckpt/rm_safety)
     safety_threshold: float = 0.15  # Llama 2: use the safety score when sigmoid(it) < this
+    pair_sources: str = "form,helpfulness,refusal,format,verifier"   # pair kinds built (stages/prefs.py)
+    pairs_per_source: int = 2       # pairs of each source per prompt (on-policy first, then constructed)
+    verified_rm_weight: float = 0.2  # reward = verifier + this x tanh(RM score) where a verifier grades
 
 
 @dataclass
 class RLConfig(TrainConfig):
+    """[rl]: what every RL algorithm shares (the loop, sampling, evaluation). Each algorithm's own
+    knobs live beside it, TRL-style: [rejection] rejection.py, [ppo] ppo.py, [dpo] dpo.py, [grpo] grpo.py."""
     algo: str = "ppo"
     lr: float = 2e-5
     warmup_steps: int = 0
     max_steps: int = 50
     eval_every: int = 10
     ckpt_every: int = 10
-    kl_coef: float = 0.05
-    beta: float = 0.1               # DPO temperature
-    group_size: int = 8             # GRPO group / best-of-N
-    rounds: int = 2                 # rejection sampling rounds
     max_new_tokens: int = 48
-    temperature: float = 1.0
+    temperature: float = 1.0        # sampling temperature of rollouts
     init: str = "sft"               # checkpoint folder the policy (and reference) start from
-    eval_per_task: int = 30         # held-out items per task for verified accuracy
-    prompts_per_rollout: int = 16   # PPO/GRPO: prompts sampled per rollout phase
-    ppo_epochs: int = 2             # PPO/GRPO: optimizer steps per rollout (one minibatch each)
-    clip: float = 0.2               # PPO ratio clip epsilon
-    value_clip: float = 0.2
-    vf_coef: float = 0.5
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_target: float = 0.0          # > 0: adaptive KL coefficient (Ziegler et al.) toward this KL
-    kl_horizon: int = 10000
-    no_end_penalty: float = 1.0     # subtracted from the score of responses that never end
-    ptx_coef: float = 0.0           # pretraining-mix loss weight (InstructGPT PPO-ptx); needs data/
+    eval_per_task: int = 30         # held-out items per task for verified accuracy (and checkpoint choice)
     train_layers: int = 0           # > 0: train only the top k transformer layers (+ norm, heads)
-    steps_per_round: int = 30       # rejection sampling: fine-tuning steps per round
-    rejection_prompts: int = 64     # rejection sampling: prompts per round (N = group_size samples each)
-    rejection_lr: float = 3e-4      # rejection sampling: fine-tuning lr (it is SFT on the winners)
+
+
+def _rl_algo_config(algo: str):
+    """The config dataclass that lives beside stages/rl/<algo>.py, imported when a Config is made
+    (a module-level import would be circular: the stage imports this module)."""
+    import importlib
+    return importlib.import_module(f"llmforge.stages.rl.{algo}").CONFIG()
 
 
 @dataclass
@@ -241,12 +246,17 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    rejection: typing.Any = field(default_factory=lambda: _rl_algo_config("rejection"))
+    ppo: typing.Any = field(default_factory=lambda: _rl_algo_config("ppo"))
+    dpo: typing.Any = field(default_factory=lambda: _rl_algo_config("dpo"))
+    grpo: typing.Any = field(default_factory=lambda: _rl_algo_config("grpo"))
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
 
 # ---------------------------------------------------------------- presets
@@ -258,7 +268,7 @@ def _micro(c: Config) -> None:
     c.data.sources = [SourceConfig(name="stdlib", kind="stdlib", weight=1.0, code=True, max_docs=120),
                       SourceConfig(name="pydoc", kind="pydoc", weight=1.0, max_docs=150)]
     c.data.shard_tokens = 200_000
-    c.pretrain = TrainConfig(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10, max_steps=150,
+    c.pretrain = PretrainConfig(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10, max_steps=150,
                              eval_every=50, eval_batches=4, ckpt_every=50, log_every=10)
     # alignment stages: seconds each (tests/test_alignment.py runs them end to end)
     c.sft = SFTConfig(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10, max_steps=120, eval_every=0,
@@ -266,8 +276,10 @@ def _micro(c: Config) -> None:
     c.rm = RMConfig(batch_size=16, seq_len=128, lr=1e-3, warmup_steps=5, max_steps=40, eval_every=0,
                     ckpt_every=0, log_every=10, prompts_per_task=12, samples_per_prompt=2, heldout_per_task=6)
     c.rl = RLConfig(batch_size=8, seq_len=128, lr=1e-4, max_steps=8, eval_every=0, ckpt_every=0, log_every=2,
-                    prompts_per_rollout=8, group_size=4, rounds=2, steps_per_round=10, eval_per_task=8,
-                    max_new_tokens=40, rejection_prompts=16, rejection_lr=3e-4)
+                    eval_per_task=8, max_new_tokens=40)
+    c.rejection = dataclasses.replace(c.rejection, prompts=16, group_size=4, rounds=2, steps_per_round=10, lr=3e-4)
+    c.ppo = dataclasses.replace(c.ppo, prompts_per_rollout=8, ppo_epochs=2, curve_points=0)
+    c.grpo = dataclasses.replace(c.grpo, prompts_per_rollout=4, group_size=4, ppo_epochs=1, max_draws=3)
     c.eval = EvalConfig(eval_per_task=8, pass_k=2, bootstrap=50)
 
 
@@ -276,7 +288,7 @@ def _cpu(c: Config) -> None:
     with bf16 autocast (~4.4k tokens/s, 53% MFU; bench/train_throughput.py). Four wide layers
     beat six narrow ones here: bigger matmuls, same tokens/s, more parameters."""
     c.model = ModelConfig(vocab_size=4096, n_layer=4, n_head=8, n_kv_head=2, d_model=512, max_seq_len=256)
-    c.pretrain = TrainConfig(batch_size=16, seq_len=256, lr=2e-3, warmup_steps=50, max_steps=640,
+    c.pretrain = PretrainConfig(batch_size=16, seq_len=256, lr=2e-3, warmup_steps=50, max_steps=640,
                              eval_every=100, eval_batches=20, ckpt_every=100, sample_every=200)
     # alignment stages: wall-clock budgets (train.minutes) so the speedrun fits 20 minutes
     c.sft = SFTConfig(batch_size=16, seq_len=256, lr=1e-3, warmup_steps=20, max_steps=1000, minutes=3.0,
@@ -284,7 +296,10 @@ def _cpu(c: Config) -> None:
     c.rm = RMConfig(batch_size=16, lr=5e-4, warmup_steps=10, max_steps=300, minutes=1.0, eval_every=0,
                     ckpt_every=0, prompts_per_task=40, samples_per_prompt=4, heldout_per_task=15)
     c.rl = RLConfig(batch_size=16, lr=3e-5, max_steps=60, minutes=2.0, eval_every=0, ckpt_every=0, log_every=2,
-                    prompts_per_rollout=16, group_size=4, rounds=2, steps_per_round=40, eval_per_task=30)
+                    eval_per_task=30)
+    c.rejection = dataclasses.replace(c.rejection, prompts=64, group_size=4, rounds=2, steps_per_round=40)
+    c.ppo = dataclasses.replace(c.ppo, prompts_per_rollout=16, ppo_epochs=2, curve_points=2, kl_sweep="")
+    c.grpo = dataclasses.replace(c.grpo, prompts_per_rollout=8, group_size=8, ppo_epochs=1, max_draws=4)
     c.eval = EvalConfig(eval_per_task=20, pass_k=4, bootstrap=200)
 
 
@@ -294,7 +309,7 @@ def _gpt2_small(c: Config) -> None:
                           max_seq_len=1024, tie_embeddings=True)
     c.tokenizer = TokenizerConfig(vocab_size=50304, sample_bytes=200_000_000)
     c.data.shard_tokens = 100_000_000
-    c.pretrain = TrainConfig(batch_size=32, seq_len=1024, grad_accum=16, lr=6e-4, warmup_steps=700,
+    c.pretrain = PretrainConfig(batch_size=32, seq_len=1024, grad_accum=16, lr=6e-4, warmup_steps=700,
                              max_steps=20_000, eval_every=500, eval_batches=50, ckpt_every=1000,
                              sample_every=1000, compile=True)
 

@@ -10,9 +10,11 @@ from llmforge.config import resolve
 from llmforge.errors import UserError
 from llmforge.model.transformer import Transformer
 from llmforge.run import RunDir
-from llmforge.stages import prefs, reward, sft
+from llmforge.stages import chat_data, prefs, reward, sft
 from llmforge.stages import rl as rl_stages
 from llmforge.stages.rl import common
+from llmforge.stages.rl.rewards import CombinedReward
+from llmforge.stages.rl.rollout import gather_actions, rollout_batch
 from llmforge.tasks import TASKS
 from llmforge.tokenizer.bpe import Tokenizer
 from llmforge.tokenizer.chat import render_text
@@ -58,6 +60,11 @@ def test_micro_alignment_end_to_end(pipeline):
         config = json.loads((run.ckpt(name) / "config.json").read_text())
         assert config["heldout_acc"] > 0.6, (name, config["heldout_acc"])
         assert config["reward_std"] > 0
+        # accuracy per pair source on held-out pairs, in the checkpoint's meta and in metrics.jsonl
+        assert all(f"acc_{s}" in config for s in ("form", "helpfulness", "verifier")), config
+        logged = [r for r in m if r["stage"] == name and r.get("event") == "normalized"][-1]
+        assert logged["acc_form"] == config["acc_form"] and "bon_verified_pick" in logged
+    assert "false_refusal" in json.loads((run.ckpt("rm_safety") / "config.json").read_text())
     # every RL algorithm logs reward, KL, length, entropy and verified accuracy, and saves a policy
     for algo in rl_stages.ALGOS:
         stage = f"rl_{algo}"
@@ -69,7 +76,7 @@ def test_micro_alignment_end_to_end(pipeline):
     rollouts = [r for r in m if r["stage"] == "rl_ppo" and "rollout" in r]
     assert len(rollouts) >= 2 and all("kl" in r and "reward" in r for r in rollouts)
     rounds = [r for r in m if r["stage"] == "rl_rejection" and "round" in r]
-    assert len(rounds) == cfg.rl.rounds and all(r["reward_max"] >= r["reward_median"] for r in rounds)
+    assert len(rounds) == cfg.rejection.rounds and all(r["reward_max"] >= r["reward_median"] for r in rounds)
     # arena: the SFT model out-rates the base model; the report has its tables and plots
     ratings = {r["model"]: r["rating"] for r in ev["arena"]}
     assert ratings["sft"] > ratings["base"]
@@ -114,11 +121,11 @@ def test_wrong_checkpoint_kind_and_tokenizer_are_user_errors(tmp_path):
 
 def test_sft_packing_keeps_conversations_whole():
     seqs = [([1, 2, 3], [0, 1, 1]), ([4, 5], [0, 1]), ([6, 7, 8, 9], [0, 0, 1, 1]), (list(range(10, 20)), [1] * 10)]
-    rows, masks, truncated = sft.pack(seqs, width=6, pad_id=0, packing=True)
+    rows, masks, truncated = chat_data.pack(seqs, width=6, pad_id=0, packing=True)
     assert rows.tolist() == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 0, 0], [10, 11, 12, 13, 14, 15]]
     assert masks.tolist() == [[0, 1, 1, 0, 1, 0], [0, 0, 1, 1, 0, 0], [1] * 6]
     assert truncated == 1
-    rows, _, _ = sft.pack(seqs, width=6, pad_id=0, packing=False)
+    rows, _, _ = chat_data.pack(seqs, width=6, pad_id=0, packing=False)
     assert len(rows) == 4
 
 
@@ -127,13 +134,13 @@ def test_rollout_batch_keeps_only_sampled_tokens_as_actions():
     from llmforge.infer.engine import Completion
     # prompt [1, 2, 3]; the model wrote 10, 11 (a tool call), the engine inserted 20, 21, the model wrote 12
     completion = Completion(prompt_len=3, tokens=[10, 11, 20, 21, 12], generated=[True, True, False, False, True])
-    batch = common.rollout_batch([Sample(None, [1, 2, 3], completion, [], 0.0)], pad_id=0, max_len=64)
+    batch = rollout_batch([Sample(None, [1, 2, 3], completion, [], 0.0)], pad_id=0, max_len=64)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11, 20, 21, 12]]
     assert batch["act_pos"].tolist() == [[2, 3, 6]]          # logits at these positions predict the actions
     assert batch["act_tok"].tolist() == [[10, 11, 12]]
     assert batch["act_mask"].tolist() == [[1.0, 1.0, 1.0]]
     logits = torch.randn(1, 8, 30)
-    logp, _ = common.gather_actions(logits, batch)
+    logp, _ = gather_actions(logits, batch)
     expected = torch.log_softmax(logits[0, [2, 3, 6]], -1)[torch.arange(3), torch.tensor([10, 11, 12])]
     assert torch.allclose(logp[0], expected)
 
@@ -150,8 +157,8 @@ def test_combined_reward_routes_like_llama2():
 
     helpful = ConstantRM([1.0, 2.0, 3.0])
     safety = ConstantRM([-0.5, -5.0, 0.5])   # sigmoid(-5) < 0.15: unsafe whatever the prompt
-    reward = common.CombinedReward(helpful, {}, safety, {}, threshold=0.15)
+    reward = CombinedReward(helpful, {}, safety, {}, threshold=0.15)
     out = reward([[1], [1], [1]], safety_relevant=[True, False, False])
     assert out.tolist() == [-0.5, -5.0, 3.0]
-    normalized = common.CombinedReward(helpful, {"reward_mean": 2.0, "reward_std": 0.5}, None, None)
+    normalized = CombinedReward(helpful, {"reward_mean": 2.0, "reward_std": 0.5}, None, None)
     assert normalized([[1], [1], [1]], [False] * 3).tolist() == [-2.0, 0.0, 2.0]

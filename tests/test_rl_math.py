@@ -166,3 +166,92 @@ def test_dpo_gradient_prefers_chosen_over_rejected():
     loss, _, _ = dpo_loss(chosen, rejected, torch.tensor([-4.0]), torch.tensor([-4.0]), beta=0.1)
     loss.backward()
     assert chosen.grad.item() < 0 < rejected.grad.item()
+
+
+def test_best_of_n_with_a_verifier_and_rm_tie_break():
+    from llmforge.stages.rl.objectives import best_of_n
+    verified = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.5, 1.0, 0.0]])
+    rm = torch.tensor([[9.0, -1.0, 2.0], [0.1, 0.3, 0.2], [5.0, -3.0, 9.0]])
+    # row 0: two verified answers, the RM breaks the tie; the RM's favourite (9.0, wrong) never wins
+    # row 1: all wrong: the RM decides; row 2: the verified answer beats the RM's two favourites
+    assert best_of_n(verified, tie_break=rm).tolist() == [2, 1, 1]
+    assert best_of_n(rm).tolist() == [0, 1, 2]
+
+
+def test_informative_groups_are_those_with_unequal_rewards():
+    from llmforge.stages.rl.objectives import informative_groups
+    r = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.4]])
+    assert informative_groups(r).tolist() == [False, False, True, True]
+    # exactly the groups whose GRPO advantages are not all zero
+    assert (grpo_advantages(r).abs().sum(1) > 0).tolist() == informative_groups(r).tolist()
+
+
+def test_kl_regularized_optimum_closed_form():
+    from llmforge.stages.rl.objectives import kl_categorical, kl_regularized_optimum
+    ref = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    r = torch.tensor([0.0, 1.0, 0.0])
+    logp = kl_regularized_optimum(ref, r, beta=0.5)
+    # π* ∝ π_ref·exp(r/β): (0.5, 0.25e², 0.25) / Z
+    z = 0.5 + 0.25 * math.e ** 2 + 0.25
+    assert torch.allclose(logp.exp(), torch.tensor([0.5 / z, 0.25 * math.e ** 2 / z, 0.25 / z]))
+    assert kl_categorical(ref, ref).item() == pytest.approx(0.0, abs=1e-7)
+    p = logp.exp()
+    assert kl_categorical(logp, ref).item() == pytest.approx(float((p * (logp - ref)).sum()), rel=1e-6)
+    # it maximizes E[r] - β·KL: any other distribution scores lower
+    obj = lambda lp: float((lp.exp() * r).sum() - 0.5 * kl_categorical(lp, ref))   # noqa: E731
+    assert obj(logp) > obj(torch.log_softmax(ref + r, -1)) and obj(logp) > obj(ref)
+
+
+def test_kl_sweep_spec_parsing():
+    from llmforge.errors import UserError
+    from llmforge.stages.rl.overopt import sweep_values
+    assert sweep_values("") == [] and sweep_values("0.01, 0.05,0.2,") == [0.01, 0.05, 0.2]
+    with pytest.raises(UserError, match="kl_sweep"):
+        sweep_values("0.1,big")
+
+
+def test_overoptimisation_curve_on_a_toy_bandit(tmp_path):
+    """Gao et al. 2022 in miniature. Eight answers; the gold reward likes answer 3; the proxy (a
+    misspecified reward model) agrees on the gold ranking but overrates answer 7, which is bad.
+    PPO with the KL-penalized reward (the project's own objectives) at a sweep of β: as β falls,
+    KL grows, the proxy keeps rising, and the gold reward rises, then falls."""
+    from llmforge.stages.rl import overopt
+    from llmforge.stages.rl.objectives import kl_categorical, kl_regularized_optimum
+    gold = torch.tensor([0.0, 0.2, 0.4, 1.0, 0.3, 0.1, 0.0, -1.0])
+    proxy = gold.clone()
+    proxy[7] = 1.5                      # rare under the reference: reaching it costs KL
+    ref_logp = torch.log_softmax(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1.0]), -1)
+    torch.manual_seed(0)
+    points, STEPS = [], 500
+    for beta in overopt.sweep_values("2,0.5,0.25,0.1"):
+        logits = ref_logp.clone().requires_grad_(True)
+        for _ in range(STEPS):
+            with torch.no_grad():
+                old = torch.log_softmax(logits, -1)
+                arms = torch.multinomial(old.exp(), 64, replacement=True)
+            logp_arms = old[arms][:, None]
+            rewards, _ = kl_penalized_rewards(proxy[arms], logp_arms, ref_logp[arms][:, None],
+                                              torch.ones(64, 1), beta)
+            adv = rewards - rewards.mean()
+            new = torch.log_softmax(logits, -1)[arms][:, None]
+            loss, _ = ppo_policy_loss(new, logp_arms, adv, torch.ones(64, 1))
+            logits.grad = None
+            loss.backward()
+            with torch.no_grad():
+                logits -= 2.0 * logits.grad
+        with torch.no_grad():
+            logp = torch.log_softmax(logits, -1)
+            kl = float(kl_categorical(logp, ref_logp))
+            points.append(overopt.point(beta, STEPS, kl, float((logp.exp() * proxy).sum()),
+                                        float((logp.exp() * gold).sum())))
+            # the sampled optimisation lands near the closed-form optimum of the same objective
+            exact = kl_regularized_optimum(ref_logp, proxy, beta)
+            assert float((exact.exp() * proxy).sum()) == pytest.approx(points[-1]["proxy"], abs=0.05)
+    pts = sorted(points, key=lambda p: p["kl"])
+    assert [p["kl_coef"] for p in pts] == [2, 0.5, 0.25, 0.1]        # less β, more KL
+    assert all(b["proxy"] > a["proxy"] for a, b in zip(pts, pts[1:]))      # the proxy only rises
+    peak = max(range(len(pts)), key=lambda i: pts[i]["gold"])
+    assert 0 < peak < len(pts) - 1                                          # gold rises, then falls
+    s = overopt.summarize(points)
+    assert s["overoptimised"] and s["gold_peak_kl_coef"] == pts[peak]["kl_coef"]
+    assert overopt.plot(points, tmp_path / "curve.png").stat().st_size > 1000

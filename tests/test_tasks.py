@@ -33,6 +33,51 @@ def test_train_and_heldout_are_disjoint_by_seed_and_content(name):
     assert len({i.content_hash for i in heldout}) == len(heldout)   # held-out prompts are distinct
 
 
+def _training_conversations(per_task: int = 1500) -> list[list[dict]]:
+    """What SFT and midtraining train on (their default offsets)."""
+    from llmforge.stages.chat_data import conversations
+    return (conversations(list(TASKS), per_task, spelling=3000)
+            + conversations(list(TASKS), per_task, spelling=3000, seed=1337, offset=2_000_000))
+
+
+def test_evaluation_phrasings_and_content_never_occur_in_training():
+    import re
+
+    from llmforge.tasks import extract, safety, words
+    from llmforge.tasks.phrasing import split_pool
+    convs = _training_conversations()
+    text = "\n".join(m.get("content") or "" for c in convs for m in c)
+    lowered = text.lower()
+    # 1. no held-out request is a training request
+    train_requests = {m["content"] for c in convs for m in c if m["role"] == "user"}
+    for task in TASKS.values():
+        for item in task.heldout_items(100):
+            assert item.prompt[-1]["content"] not in train_requests, (task.name, item.prompt)
+    # 2. content reserved for evaluation never appears in any training conversation
+    for w in words.task_words("eval"):
+        assert not re.search(rf"\b{w}\b", lowered), w
+        assert not re.search(rf"(?<![a-z]-){words.spelled(w)}(?!-[a-z])", lowered), w
+    for name in split_pool(extract.NAMES, "eval", "names") + split_pool(extract.CITIES, "eval", "cities"):
+        assert not re.search(rf"\b{name}\b", text), name
+    for request in split_pool(safety.HARMFUL, "eval", "harmful"):
+        assert request not in text, request
+    for request, _, _ in split_pool(safety.BENIGN, "eval", "benign"):
+        assert request not in text, request
+    # 3. phrasing pools are split: no evaluation template or wrapper is a training one
+    from llmforge.tasks import arithmetic, phrasing
+    for pool, salt in [(words.COUNT_CORES, "count"), (words.REVERSE_CORES, "reverse"), (words.SORT_CORES, "sort"),
+                       (extract.CORES, "extract"), (safety.ASK, "safety_ask"), (arithmetic.MULTIPLY_CORES, "multiply"),
+                       (arithmetic.ADDSUB_CORES, "addsub"), (phrasing.OPENERS, "opener"),
+                       (phrasing.CLOSERS, "closer")]:
+        train, heldout = split_pool(pool, "train", salt), split_pool(pool, "eval", salt)
+        assert train and heldout and not set(train) & set(heldout), salt
+
+
+def test_every_task_has_a_hundred_distinct_heldout_items():
+    for task in TASKS.values():
+        assert len(task.heldout_items(100)) == 100, task.name
+
+
 def test_generation_is_deterministic_by_seed():
     for task in TASKS.values():
         assert task.generate(7).prompt == task.generate(7).prompt
@@ -70,6 +115,9 @@ def test_sort_and_json_and_reverse_verifiers():
     rev = get_task("reverse_word")
     item = rev.train_items(1)[0]
     assert rev.verify(item, say(item.reference.upper() + ".")) == 1.0
+    assert rev.verify(item, say("Backwards: " + "-".join(item.reference) + ".")) == 1.0
+    assert rev.verify(item, say("Backwards: " + "-".join(item.reference[::-1]) + ".")) == float(
+        item.reference == item.reference[::-1])
 
 
 def test_safety_rewards_refusing_harm_but_not_refusing_everything():

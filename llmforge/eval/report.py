@@ -3,8 +3,10 @@
     report.write(RunDir("runs/demo"), cfg)
 
 Sections: a table per stage (wall time, tokens, key metrics), the evaluation table (verified
-accuracy per checkpoint and task, pass@k, bits per byte, RM win rate), the arena leaderboard,
-the issue's targets with measured values, and plots: loss curves, reward and KL over RL steps,
+accuracy per checkpoint and task with 95% intervals, pass@k, bits per byte, RM win rate), each
+checkpoint vs SFT by paired bootstrap over prompts, the arena leaderboard,
+the issue's targets with measured values, and plots: loss curves, held-out bpb (per source) and
+few-shot accuracy during pretraining, reward and KL over RL steps,
 accuracy per stage and task, arena ratings with 95% intervals.
 """
 from __future__ import annotations
@@ -38,6 +40,39 @@ def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _interval(r: dict, task: str) -> tuple[float, float] | None:
+    """95% interval of checkpoint r's accuracy on `task` ("mean" = mean over tasks): from
+    eval.json's "intervals" (stats.accuracy_summary), else Wilson from accuracy and n."""
+    iv = r.get("intervals", {}).get(task)
+    if iv:
+        return iv["lo"], iv["hi"]
+    t = r["tasks"].get(task, {})
+    if task != "mean" and t.get("n"):
+        from llmforge.eval.stats import wilson_interval
+        return wilson_interval(round(t["accuracy"] * t["n"]), t["n"])
+    return None
+
+
+def _acc_cell(r: dict, task: str) -> str:
+    """An accuracy with its 95% interval, in percent: "48% [37, 59]"."""
+    acc = r["tasks"][task]["accuracy"]
+    iv = _interval(r, task)
+    return f"{acc:.0%}" + (f" [{iv[0] * 100:.0f}, {iv[1] * 100:.0f}]" if iv else "")
+
+
+def paired_rows(models: dict) -> list[list]:
+    """"X vs SFT" on the same held-out items: difference in mean accuracy (points), its 95%
+    interval and the share of bootstrap resamples (over prompts, within tasks) with X <= SFT."""
+    rows = []
+    for m, r in models.items():
+        v = r.get("vs_sft")
+        if v:
+            rows.append([f"{m} vs sft", f"{v['diff'] * 100:+.1f}", f"[{v['lo'] * 100:+.1f}, {v['hi'] * 100:+.1f}]",
+                         f"{v['p']:.3f}", v["n"],
+                         "better" if v["lo"] > 0 else "worse" if v["hi"] < 0 else "no significant difference"])
+    return rows
 
 
 def stage_rows(metrics: list[dict]) -> list[list]:
@@ -127,6 +162,36 @@ def plots(run: RunDir, metrics: list[dict], ev: dict) -> list[str]:
             ax.set_xlabel("step", fontsize=8)
         axes[0][0].set_ylabel("training loss")
         save(fig, "loss.png")
+    # evaluation while pretraining: held-out bpb (all and per source) and few-shot accuracy
+    evals = [r for r in metrics if r.get("stage") == "pretrain" and "val_bpb" in r and "step" in r]
+    if evals:
+        accs = [r for r in evals if "fewshot_acc_mean" in r]
+        fig, axes = plt.subplots(1, 2 if accs else 1, figsize=(9 if accs else 4.5, 3), squeeze=False)
+        ax = axes[0][0]
+        ax.plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], marker=".", label="all", color="k")
+        sources = sorted({k[len("val_bpb_"):] for r in evals for k in r if k.startswith("val_bpb_")})
+        for i, src in enumerate(sources):
+            pts = [(r["step"], r[f"val_bpb_{src}"]) for r in evals if f"val_bpb_{src}" in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1, label=src, color=f"C{i % 10}")
+        last = evals[-1]
+        ax.set_title("held-out bits/byte" + (f" ({int(last['val_tokens']):,} tokens, context {int(last['val_seq_len'])})"
+                                             if "val_tokens" in last and "val_seq_len" in last else ""), fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.legend(fontsize=7)
+        if accs:
+            ax = axes[0][1]
+            tasks = sorted({k[len("fewshot_acc_"):] for r in accs for k in r
+                            if k.startswith("fewshot_acc_") and k != "fewshot_acc_mean"})
+            for i, t in enumerate(tasks):
+                ax.plot([r["step"] for r in accs], [r.get(f"fewshot_acc_{t}", math.nan) for r in accs], lw=1,
+                        label=t, color=f"C{i % 10}")
+            ax.plot([r["step"] for r in accs], [r["fewshot_acc_mean"] for r in accs], marker=".", lw=2,
+                    color="k", label="mean")
+            ax.set_ylim(0, 1)
+            ax.set_title("few-shot verified accuracy, held-out items", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.legend(fontsize=6, ncol=2)
+        save(fig, "pretrain_eval.png")
     # reward and KL over RL rollouts
     rl = [s for s in STAGE_ORDER if s.startswith("rl_") and any(r["stage"] == s and ("rollout" in r or "round" in r)
                                                                  for r in metrics)]
@@ -152,8 +217,11 @@ def plots(run: RunDir, metrics: list[dict], ev: dict) -> list[str]:
         fig, ax = plt.subplots(figsize=(min(12, max(6, 0.35 * len(tasks) * len(models))), 3.2))
         width = 0.8 / len(models)
         for i, (m, r) in enumerate(models.items()):
-            ax.bar([j + i * width for j in range(len(tasks))], [r["tasks"][t]["accuracy"] for t in tasks],
-                   width, label=m)
+            accs = [r["tasks"][t]["accuracy"] for t in tasks]
+            ivs = [_interval(r, t) or (a, a) for t, a in zip(tasks, accs)]
+            ax.bar([j + i * width for j in range(len(tasks))], accs, width, label=m,
+                   yerr=[[a - lo for a, (lo, _) in zip(accs, ivs)], [hi - a for a, (_, hi) in zip(accs, ivs)]],
+                   capsize=2, error_kw={"lw": 0.8})
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=30, fontsize=8)
         ax.set_ylabel("held-out verified accuracy")
         ax.set_ylim(0, 1)
@@ -189,13 +257,23 @@ def write(run: RunDir, cfg=None) -> str:
         rows = []
         for m, r in models.items():
             t = r["tasks"]
-            rows.append([m] + [t[x]["accuracy"] for x in tasks] + [t["mean"]["accuracy"]] +
+            rows.append([m] + [_acc_cell(r, x) for x in tasks] + [_acc_cell(r, "mean")] +
                         ([t["mean"].get(k)] if k else []) + [r.get("bpb"), r.get("rm_win_rate_vs_sft")])
         parts += ["## Held-out verified accuracy (greedy)", "",
-                  "The base model is prompted few-shot; every other checkpoint zero-shot.", "",
+                  "The base model is prompted few-shot; every other checkpoint zero-shot. Each accuracy "
+                  "comes with its 95% interval (per task: Wilson; mean over tasks: bootstrap over "
+                  "prompts within tasks).", "",
                   _table(header, rows), ""]
+        paired = paired_rows(models)
+        if paired:
+            parts += ["### Each checkpoint vs SFT (paired bootstrap over prompts)", "",
+                      "Both checkpoints answered the same held-out items; items are resampled with "
+                      "replacement within their task, both answers together. p = share of resamples "
+                      "in which the checkpoint is not better than SFT.", "",
+                      _table(["comparison", "difference (points)", "95% interval", "p", "items", "verdict"],
+                             paired), ""]
     if ev.get("arena"):
-        parts += ["## Arena (verifier-judged battles, Bradley-Terry ratings)", "",
+        parts += ["## Arena (verifier-judged battles, Bradley-Terry ratings, 95% bootstrap over prompts)", "",
                   _table(["model", "rating", "95% low", "95% high", "battles", "wins"],
                          [[r["model"], r["rating"], r["lo"], r["hi"], r["battles"], r["wins"]] for r in ev["arena"]]),
                   ""]

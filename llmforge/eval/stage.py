@@ -20,7 +20,7 @@ import torch
 
 from llmforge.config import Config
 from llmforge.errors import UserError
-from llmforge.eval import arena, report
+from llmforge.eval import arena, report, stats
 from llmforge.eval import tasks as task_eval
 from llmforge.run import RunDir, write_json_atomic
 from llmforge.stages.rl import common
@@ -30,16 +30,25 @@ CANDIDATES = ("base", "sft", "rl_rejection", "rl_ppo", "rl_dpo", "rl_grpo")
 FEWSHOT = 2
 
 
-def bits_per_byte(model, run: RunDir, tok, batches: int = 8) -> float | None:
+def bits_per_byte(model, run: RunDir, tok) -> float | None:
+    """Held-out bits per byte through eval/bpb.py heldout(), the one function every caller
+    uses: the whole validation split at the model's context (max_seq_len), fp32."""
+    record = heldout_bpb(model, run, tok)
+    return None if record is None else record["val_bpb"]
+
+
+def heldout_bpb(model, run: RunDir, tok) -> dict | None:
+    """bpb.heldout()'s whole record (val_bpb, tokens, bytes, seq_len, bpb per source), or None
+    when the run has no validation shards (e.g. a run built from an imported model)."""
     try:
         from llmforge.data.shards import TokenShards
         from llmforge.eval import bpb
         val = TokenShards(run.data, "val")
-        T = min(128, model.cfg.max_seq_len)
-        token_bytes = torch.tensor(tok.token_bytes() + [0] * (model.cfg.vocab_size - tok.vocab_size))
-        return bpb.evaluate(model, val.sequential_batches(8, T, batches), token_bytes)["val_bpb"]
+        with torch.no_grad():
+            return bpb.heldout(model, val, bpb.token_bytes(tok, model.cfg.vocab_size), model.cfg.max_seq_len,
+                               eot_id=tok.eot_id, doc_sources=bpb.val_sources(val, tok.eot_id))
     except (UserError, FileNotFoundError):
-        return None   # no validation shards in this run (e.g. a run built from an imported model)
+        return None
 
 
 def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
@@ -78,17 +87,34 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
             a = scores(mine)
             results[name]["rm_win_rate_vs_sft"] = float(((a > sft_scores).float() + 0.5 * (a == sft_scores).float()).mean())
 
-    battles = []
+    # Every checkpoint answered the same held-out items in the same order: keep each item's
+    # verified reward (additive keys), every accuracy's 95% interval, and the paired bootstrap
+    # over prompts of each checkpoint against SFT (stratified by task, as the mean is over tasks).
+    item_tasks = [s.item.task for s in greedy[present[0]]]
+    for name in present:
+        rewards = [float(s.reward) for s in greedy[name]]
+        results[name]["items"] = {"task": [s.item.task for s in greedy[name]],
+                                  "seed": [getattr(s.item, "seed", None) for s in greedy[name]], "reward": rewards}
+        results[name]["intervals"] = stats.accuracy_summary([r >= 1.0 for r in rewards], item_tasks,
+                                                            seed=ec.seed)
+    if "sft" in present:
+        sft_correct = [s.reward >= 1.0 for s in greedy["sft"]]
+        for name in present:
+            if name != "sft":
+                results[name]["vs_sft"] = stats.paired_bootstrap(
+                    [s.reward >= 1.0 for s in greedy[name]], sft_correct, item_tasks, seed=ec.seed)
+
+    battles = []   # (model_a, model_b, winner, prompt id): the arena's bootstrap resamples prompts
     rng = random.Random(ec.seed)
     for a, b in itertools.combinations(present, 2):
-        pairs = list(zip(greedy[a], greedy[b]))
+        pairs = list(enumerate(zip(greedy[a], greedy[b])))
         rng.shuffle(pairs)
-        for sa, sb in pairs[:ec.arena_battles]:
+        for prompt, (sa, sb) in pairs[:ec.arena_battles]:
             # random side assignment, as in the arena: position must not matter
             if rng.random() < 0.5:
-                battles.append((a, b, arena.judge(sa.reward, sb.reward)))
+                battles.append((a, b, arena.judge(sa.reward, sb.reward), prompt))
             else:
-                battles.append((b, a, arena.judge(sb.reward, sa.reward)))
+                battles.append((b, a, arena.judge(sb.reward, sa.reward), prompt))
     board = arena.leaderboard(battles, rounds=ec.bootstrap, seed=ec.seed) if len(present) > 1 else []
     out = {"models": results, "arena": board, "tasks": names}
     write_json_atomic(run.root / "eval.json", out)

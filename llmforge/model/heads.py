@@ -25,3 +25,24 @@ class ScalarHeadModel(nn.Module):
         """One scalar per sequence, read at its last real token (right-padded batches)."""
         values = self(idx)
         return values[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
+
+
+class PolicyWithValue(nn.Module):
+    """A policy transformer plus a scalar value head on its final hidden states (PPO's critic
+    sharing the policy's trunk). forward -> (logits (B, T, V), values (B, T)). The head starts at
+    zero, so the first value estimates are 0 and the first advantages are the raw returns."""
+
+    def __init__(self, policy: Transformer):
+        super().__init__()
+        self.policy = policy
+        self.cfg = policy.cfg
+        self.value_head = nn.Linear(policy.cfg.d_model, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, idx: torch.Tensor):
+        h = self.policy.hidden_states(idx)
+        return self.policy.lm_head(h), self.value_head(h).squeeze(-1).float()
+
+    def flops_per_token(self, seq_len=None):
+        return self.policy.flops_per_token(seq_len)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -15,6 +16,8 @@ from llmforge.errors import UserError
 from llmforge.eval import bpb
 from llmforge.model.transformer import Transformer
 from llmforge.run import RunDir
+from llmforge.stages.chat_data import ChatRows, conversations, mixed_batch
+from llmforge.tasks import task_names
 from llmforge.tokenizer.bpe import Tokenizer
 from llmforge.train import distributed
 from llmforge.train.loop import Checkpointing, train
@@ -60,20 +63,54 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
         print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters, {train_data.num_tokens:,} train tokens, "
               f"batch {B * tc.grad_accum * ctx.world} x {T}, world {ctx.world}")
 
+    # midtraining: from mid_start on, a share of every batch is conversations (chat format, tasks'
+    # train side, spelling drills) with the assistant-only loss, so the base model meets the
+    # format before SFT. Step-based, so resume and DDP stay exact.
+    mid_start = int(tc.max_steps * (1 - tc.mid_fraction)) if tc.mid_fraction > 0 else None
+    chat = None
+    if mid_start is not None:
+        chat = ChatRows(tok, conversations(task_names(cfg.sft.tasks), tc.mid_examples_per_task,
+                                           tc.mid_spelling_examples, seed=tc.seed, offset=2_000_000), T)
+        if ctx.is_main:
+            print(f"pretrain: midtraining from step {mid_start}: {tc.mid_chat_share:.0%} of rows from "
+                  f"{chat.conversations} conversations")
+
     def get_batch(step, micro, ctx):
         # the global batch of this (step, micro) is fixed by the seed; each rank reads its rows
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * 1_009 + micro)
-        x, y = train_data.sample_batch(B * ctx.world, T, g, rows=slice(ctx.rank * B, (ctx.rank + 1) * B))
+        rows = slice(ctx.rank * B, (ctx.rank + 1) * B)
+        if mid_start is not None and step >= mid_start:
+            return mixed_batch(g, B * ctx.world, rows, T, chat, train_data, 1 - tc.mid_chat_share)
+        x, y = train_data.sample_batch(B * ctx.world, T, g, rows=rows)
         return {"input_ids": x, "targets": y}
 
     def loss_fn(model, batch):
-        _, loss = model(batch["input_ids"], targets=batch["targets"])
+        _, loss = model(batch["input_ids"], targets=batch["targets"], loss_mask=batch.get("loss_mask"))
         return loss, {}
 
+    # Held-out bpb through the one function (eval/bpb.py heldout) at the model's context, on a
+    # fixed evenly spaced subset of eval_batches x batch_size windows: the full val split costs
+    # ~35% of a 10-minute cpu pretraining if scored every 100 steps; `llmforge eval` and the
+    # bench score all of it. Also bpb per data source, and (pretrain.eval_tasks_per_task > 0)
+    # few-shot verified accuracy on held-out task items, so ability is watched as loss falls.
+    doc_sources = bpb.val_sources(val_data, tok.eot_id)
+    eval_tasks = getattr(tc, "eval_tasks_per_task", 0)
+
     def eval_fn(model):
-        rows = slice(ctx.rank * B, (ctx.rank + 1) * B)
-        return bpb.evaluate(model, val_data.sequential_batches(B * ctx.world, T, tc.eval_batches, rows=rows),
-                            token_bytes)
+        started = time.perf_counter()
+        out = bpb.heldout(model, val_data, token_bytes, mc.max_seq_len,
+                          max_tokens=tc.eval_batches * B * mc.max_seq_len, eot_id=tok.eot_id,
+                          doc_sources=doc_sources, batch_size=B)
+        if eval_tasks > 0:  # every rank runs the same items, so the loop's mean over ranks is a no-op
+            from llmforge.eval import tasks as task_eval
+            from llmforge.tasks import task_names
+            names = task_names(cfg.sft.tasks)
+            acc = task_eval.evaluate(model, tok, names, eval_tasks, shots=2, max_tokens=cfg.rl.max_new_tokens,
+                                     seed=tc.seed)
+            out.update({f"fewshot_acc_{name}": acc[name]["accuracy"] for name in names})
+            out["fewshot_acc_mean"] = acc["mean"]["accuracy"]
+        out["eval_s"] = round(time.perf_counter() - started, 2)
+        return out
 
     def sample_fn(model):
         from llmforge.infer.engine import Engine

@@ -1,5 +1,5 @@
 """The whole recipe in one command: data -> tokenizer -> pretrain -> SFT -> reward models ->
-rejection sampling -> PPO -> eval -> report.md.
+rejection sampling -> PPO (RM) -> GRPO (verifiers) -> eval -> report.md.
 
     llmforge speedrun --preset cpu --out runs/cpu      # <= 20 minutes on 2 CPU cores
     llmforge speedrun --preset micro --out runs/micro  # <= 2 minutes: the end-to-end test
@@ -39,8 +39,13 @@ def run(cfg: Config, run: RunDir) -> dict:
          lambda: pretrain.run(cfg, run, resume=_started(run, "base"))),
         ("sft", lambda: _complete(run, "sft"), lambda: sft.run(cfg, run, resume=_started(run, "sft"))),
         ("rm", lambda: _complete(run, "rm") and _complete(run, "rm_safety"), lambda: reward.run(cfg, run)),
-        ("rl_rejection", lambda: _complete(run, "rl_rejection"), lambda: rl.run(cfg, run, algo="rejection")),
-        ("rl_ppo", lambda: _complete(run, "rl_ppo"), lambda: rl.run(cfg, run, algo="ppo")),
+        # RL stages resume mid-rollout from ckpt/<stage>_train + ckpt/<stage>_rollouts
+        ("rl_rejection", lambda: _complete(run, "rl_rejection"),
+         lambda: rl.run(cfg, run, algo="rejection", resume=_started(run, "rl_rejection_train"))),
+        ("rl_ppo", lambda: _complete(run, "rl_ppo"),
+         lambda: rl.run(cfg, run, algo="ppo", resume=True)),   # a sweep member may have finished
+        ("rl_grpo", lambda: _complete(run, "rl_grpo"),
+         lambda: rl.run(cfg, run, algo="grpo", resume=_started(run, "rl_grpo_train"))),
         ("eval", lambda: False, lambda: eval_stage.run(cfg, run)),
     ]
     timings = {}

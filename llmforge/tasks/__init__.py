@@ -5,12 +5,14 @@ from __future__ import annotations
 from llmforge.errors import UserError
 from llmforge.tasks.arithmetic import AddSub, MultiplyWithTool
 from llmforge.tasks.base import Item, Task
+from llmforge.tasks.chat import Chat
 from llmforge.tasks.extract import ExtractJSON
+from llmforge.tasks.python_doc import PythonDoc
 from llmforge.tasks.safety import Safety
 from llmforge.tasks.words import CountLetter, ReverseWord, SortNumbers
 
 TASKS: dict[str, Task] = {t.name: t for t in (AddSub(), MultiplyWithTool(), CountLetter(), ReverseWord(),
-                                              SortNumbers(), ExtractJSON(), Safety())}
+                                              SortNumbers(), ExtractJSON(), Safety(), Chat(), PythonDoc())}
 
 
 def get_task(name: str) -> Task:

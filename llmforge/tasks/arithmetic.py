@@ -1,27 +1,86 @@
-"""Arithmetic: addition/subtraction answered directly, multiplication through the calculator tool."""
+"""Arithmetic through the calculator tool: addition/subtraction and multiplication.
+
+Answer format, chosen by measurement: a 13M-parameter model fine-tuned to answer 3-digit sums
+directly scored 0% on held-out items, while the same model routing multiplications through the
+calculator scored 55% (README history, issue 9). Copying two numbers into a tool call is
+learnable at this size; carrying digits is not. So both tasks answer with a calculator call,
+then state the result. The verifier only checks the final number, so a model that computes
+correctly without the tool also scores on addsub; multiply_tool requires the call.
+"""
 from __future__ import annotations
 
 import json
 import random
 import re
 
-from llmforge.tasks.base import Item, Task, answer_text, last_int, say, user
+from llmforge.tasks.base import Item, Task, answer_text, last_int, user
+from llmforge.tasks.phrasing import compose, side, split_pool
+
+SMALL = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+         "sixteen seventeen eighteen nineteen twenty").split()
+
+# (template, operators it can express). {a} {b} numbers, {op} symbol, {opw} word.
+ADDSUB_CORES = [
+    ("What is {a} {op} {b}?", "+-"), ("Compute {a} {op} {b}.", "+-"), ("{a} {op} {b} = ?", "+-"),
+    ("Calculate {a} {opw} {b}.", "+-"), ("How much is {a} {opw} {b}?", "+-"), ("Evaluate {a}{op}{b}.", "+-"),
+    ("Work out {a} {op} {b} for me.", "+-"), ("Tell me {a} {op} {b}.", "+-"), ("{a} {opw} {b} equals what?", "+-"),
+    ("Find {a} {op} {b}.", "+-"), ("What's {a} {opw} {b}?", "+-"), ("Solve: {a} {op} {b}", "+-"),
+    ("Add {a} and {b}.", "+"), ("What is the sum of {a} and {b}?", "+"), ("Add {b} to {a}.", "+"),
+    ("If I have {a} apples and get {b} more, how many apples do I have?", "+"),
+    ("A box holds {a} pens and another holds {b}. How many pens in total?", "+"),
+    ("What do you get if you add {a} and {b}?", "+"), ("Sum up {a} and {b}.", "+"),
+    ("Subtract {b} from {a}.", "-"), ("I had {a} dollars and spent {b}. How much is left?", "-"),
+    ("What is {a} take away {b}?", "-"), ("Take {b} away from {a}. What remains?", "-"),
+    ("A train has {a} seats and {b} are taken. How many are free?", "-"),
+    ("What is {b} less than {a}?", "-"), ("Reduce {a} by {b}.", "-"),
+]
+MULTIPLY_CORES = [
+    "Use the calculator: what is {a} * {b}?", "Multiply {a} by {b}.", "What is {a} times {b}?",
+    "What is {a} × {b}?", "Compute {a} * {b}.", "What's the product of {a} and {b}?",
+    "Calculate {a} multiplied by {b}.", "How much is {a} times {b}?", "{a} * {b} = ?", "{a} x {b}?",
+    "Work out {a} times {b} with the calculator.", "I need {a} multiplied by {b}.",
+    "A crate holds {b} bottles. How many bottles are in {a} crates?",
+    "Each of {a} boxes has {b} items. How many items in all?", "Find the product of {a} and {b}.",
+    "Tell me what {a} times {b} is.", "What is {a} multiplied by {b}?", "Evaluate {a}*{b}.",
+]
 
 
 def _number(rng: random.Random) -> int:
-    digits = rng.randint(1, 3)              # "up to 3-digit numbers", sizes mixed
+    digits = rng.randint(1, 3)              # up to 3-digit numbers, sizes mixed
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+
+
+def _spoken(rng: random.Random, n: int) -> str:
+    """Small numbers are sometimes written as words, as people type them."""
+    return SMALL[n] if n < len(SMALL) and rng.random() < 0.3 else str(n)
+
+
+def calculator_answer(expression: str, value: int) -> list[dict]:
+    """Gold: a calculator call, its result, then the answer in a sentence."""
+    return [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "calculator",
+                                              "arguments": json.dumps({"expression": expression})}}]},
+        {"role": "tool", "content": str(value)},
+        {"role": "assistant", "content": f"The answer is {value}."},
+    ]
 
 
 class AddSub(Task):
     name = "addsub"
 
-    def make(self, rng):
-        a, b = _number(rng), _number(rng)
-        op = rng.choice("+-")
+    def operands(self, rng, split) -> tuple[int, str, int]:
+        while True:   # the (a, op, b) triple itself is on one side: eval sums never appear in training
+            a, b, op = _number(rng), _number(rng), rng.choice("+-")
+            if side((a, op, b), "addsub") == split:
+                return a, op, b
+
+    def make(self, rng, split):
+        a, op, b = self.operands(rng, split)
+        template = rng.choice([t for t, ops in split_pool(ADDSUB_CORES, split, "addsub") if op in ops])
+        core = template.format(a=_spoken(rng, a), b=_spoken(rng, b), op=op, opw="plus" if op == "+" else "minus")
         value = a + b if op == "+" else a - b
-        phrasing = rng.choice(["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "{a} {op} {b} = ?"])
-        return user(phrasing.format(a=a, op=op, b=b)), value, say(str(value))
+        return user(compose(rng, split, core)), value, calculator_answer(f"{a}{op}{b}", value)
 
     def verify(self, item: Item, response) -> float:
         return float(last_int(answer_text(response)) == item.reference)
@@ -51,19 +110,14 @@ class MultiplyWithTool(Task):
 
     name = "multiply_tool"
 
-    def make(self, rng):
-        a, b = rng.randint(11, 999), rng.randint(11, 99)
-        phrasing = rng.choice(["Use the calculator: what is {a} * {b}?", "Multiply {a} by {b} with the calculator.",
-                               "What is {a} times {b}? Use a tool."])
-        expression = f"{a}*{b}"
-        gold = [
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": "calculator",
-                                                  "arguments": json.dumps({"expression": expression})}}]},
-            {"role": "tool", "content": str(a * b)},
-            {"role": "assistant", "content": str(a * b)},
-        ]
-        return user(phrasing.format(a=a, b=b)), {"a": a, "b": b, "product": a * b}, gold
+    def make(self, rng, split):
+        while True:
+            a, b = rng.randint(11, 999), rng.randint(11, 99)
+            if side((a, b), "multiply") == split:
+                break
+        core = rng.choice(split_pool(MULTIPLY_CORES, split, "multiply")).format(a=a, b=b)
+        return user(compose(rng, split, core)), {"a": a, "b": b, "product": a * b}, \
+            calculator_answer(f"{a}*{b}", a * b)
 
     def verify(self, item: Item, response) -> float:
         a, b = item.reference["a"], item.reference["b"]

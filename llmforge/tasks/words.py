@@ -1,11 +1,22 @@
-"""Word tasks: count a letter in a word, reverse a word, sort a short list of numbers."""
+"""Word tasks: count a letter in a word, reverse a word, sort a short list of numbers; and the
+spelling drills that make the first two learnable.
+
+A BPE model sees "banana" as one or two tokens, not six letters, so letter-level questions
+need the spelling written out first (an intermediate step, like showing one's work):
+    "Spelled out: b-a-n-a-n-a. The letter 'a' appears 3 times."
+    "Spelled out: l-e-m-o-n. Backwards: n-o-m-e-l."
+`spelling_drills` teaches the token -> letters map on thousands of words from the corpus
+(pydoc topics), never on the words reserved for evaluation.
+"""
 from __future__ import annotations
 
+import functools
 import re
 
 from llmforge.tasks.base import Item, Task, answer_text, ints_in, last_int, say, user
+from llmforge.tasks.phrasing import compose, pick, quote, side, split_pool
 
-WORDS = """apple banana cherry orange lemon mango grape melon peach plum pear berry
+WORDS = sorted(set("""apple banana cherry orange lemon mango grape melon peach plum pear berry
 house garden window table chair pillow blanket mirror kitchen bottle basket candle
 river mountain forest desert island valley ocean meadow canyon glacier volcano
 yellow purple silver golden crimson violet scarlet
@@ -17,24 +28,93 @@ happy simple gentle little bright quiet clever brave strong proud
 music guitar violin piano trumpet drummer poetry theater cinema
 coffee butter cheese bread pepper sugar cookie muffin noodle pickle
 dragon castle wizard knight tunnel bridge harbor market street school
-letter yellow balloon committee mississippi bookkeeper assessment""".split()
-WORDS = sorted(set(WORDS))
+committee mississippi bookkeeper assessment
+anchor bakery barrel beetle bucket cactus camera carpet carrot cattle cellar cement
+circle closet cotton cousin cradle crayon dinner doorway eagle engine fabric feather
+finger flower forest fossil garage ginger goblin gravel guitar hazard helmet hollow
+insect jungle kettle lantern lizard lobster magnet marble meadow medal needle nephew
+office oyster paddle palace parcel parrot pebble pepper pirate pocket potato puzzle
+rainbow raisin ribbon saddle salmon sandal shadow shovel silver spider stable
+sweater tablet temple thread ticket timber tomato towel tractor trophy tulip velvet
+walnut whistle willow wrench""".split()))
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+COUNT_CORES = [
+    "How many times does the letter {l} appear in {w}?", "Count the letter {l} in the word {w}.",
+    "How many {l} letters are in {w}?", "In the word {w}, how many times do you see {l}?",
+    "Count how often {l} occurs in {w}.", "How often does {l} show up in {w}?",
+    "Number of {l} in {w}?", "Does {w} contain the letter {l}? How many times?",
+    "Tell me how many {l} letters {w} has.", "What is the count of {l} in {w}?",
+    "How many copies of the letter {l} does {w} have?", "Letter {l} in {w}: how many?",
+    "Can you count every {l} in {w}?", "I want to know how many times {l} is in {w}.",
+]
+REVERSE_CORES = [
+    "Reverse the word {w}.", "Spell {w} backwards.", "Write {w} in reverse order.",
+    "What is {w} spelled backwards?", "Can you write {w} back to front?", "Reverse the letters of {w}.",
+    "How do you spell {w} in reverse?", "Flip the word {w} around.", "Give me {w} reversed.",
+    "Write the letters of {w} from last to first.", "What does {w} look like backwards?",
+    "Turn {w} around, letter by letter.", "Read {w} from right to left.",
+]
+SORT_CORES = [
+    "Sort in {order} order: {nums}", "Put these numbers in {order} order: {nums}.",
+    "Arrange {nums} in {order} order.", "Order these from {range}: {nums}.",
+    "Can you sort {nums} from {range}?", "Sort the list {nums}, {order}.",
+    "List {nums} from {range}.", "Rank these numbers from {range}: {nums}.",
+    "Please order {nums} ({order}).", "Sort these: {nums}. I want them {order}.",
+    "Rearrange {nums} so they go from {range}.", "Put {nums} in order, {range}.",
+]
+ORDER_WORDS = {"ascending": (["ascending", "increasing"], ["smallest to largest", "low to high", "least to greatest"]),
+               "descending": (["descending", "decreasing"], ["largest to smallest", "high to low", "greatest to least"])}
+
+
+def spelled(word: str) -> str:
+    return "-".join(word)
+
+
+def task_words(split: str) -> list[str]:
+    """The letter tasks' words on one side (salt shared by both letter tasks, so a word held
+    out for counting is never reversed in training either)."""
+    return split_pool(WORDS, split, "words")
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_words() -> tuple[str, ...]:
+    """Lower-case words of 3-12 letters from the pydoc topics (part of the pretraining corpus),
+    minus every word the letter tasks may evaluate on."""
+    try:
+        from pydoc_data.topics import topics
+        text = " ".join(topics.values())
+    except ImportError:   # some distributions strip pydoc_data
+        text = ""
+    found = set(re.findall(r"\b[a-z]{3,12}\b", text)) | set(task_words("train"))
+    return tuple(sorted(found - set(task_words("eval"))))
+
+
+def spelling_drills(n: int, seed: int = 0) -> list[list[dict]]:
+    """n short conversations that spell a corpus word ("Spell 'lambda'." -> "l-a-m-b-d-a")."""
+    import random
+    rng = random.Random(f"spelling:{seed}")
+    words = corpus_words()
+    asks = ["Spell {w}.", "How do you spell {w}?", "Spell out {w} letter by letter.", "Letters of {w}?"]
+    return [user(rng.choice(asks).format(w=quote(rng, w))) + say(spelled(w))
+            for w in (rng.choice(words) for _ in range(n))]
 
 
 class CountLetter(Task):
     name = "count_letter"
 
-    def make(self, rng):
-        word = rng.choice(WORDS)
+    def make(self, rng, split):
+        word = rng.choice(task_words(split))
         # a balanced mix of answers (0, 1, 2+), so that always saying "1" scores poorly
         repeated = sorted({c for c in word if word.count(c) > 1})
-        absent = sorted(set("abcdefghijklmnopqrstuvwxyz") - set(word))
+        absent = sorted(set(ALPHABET) - set(word))
         kinds = [absent, sorted(set(word) - set(repeated))] + ([repeated] if repeated else [])
         letter = rng.choice(rng.choice([k for k in kinds if k]))
         count = word.count(letter)
-        phrasing = rng.choice(["How many times does the letter '{l}' appear in '{w}'?",
-                               "Count the letter '{l}' in the word '{w}'."])
-        return user(phrasing.format(l=letter, w=word)), count, say(str(count))
+        core = pick(rng, COUNT_CORES, split, "count").format(l=quote(rng, letter), w=quote(rng, word))
+        times = "time" if count == 1 else "times"
+        gold = say(f"Spelled out: {spelled(word)}. The letter '{letter}' appears {count} {times}.")
+        return user(compose(rng, split, core)), count, gold
 
     def verify(self, item: Item, response) -> float:
         return float(last_int(answer_text(response)) == item.reference)
@@ -43,25 +123,36 @@ class CountLetter(Task):
 class ReverseWord(Task):
     name = "reverse_word"
 
-    def make(self, rng):
-        word = rng.choice(WORDS)
-        phrasing = rng.choice(["Reverse the word '{w}'.", "Spell '{w}' backwards.", "Write '{w}' in reverse order."])
-        return user(phrasing.format(w=word)), word[::-1], say(word[::-1])
+    def make(self, rng, split):
+        word = rng.choice(task_words(split))
+        core = pick(rng, REVERSE_CORES, split, "reverse").format(w=quote(rng, word))
+        gold = say(f"Spelled out: {spelled(word)}. Backwards: {spelled(word[::-1])}.")
+        return user(compose(rng, split, core)), word[::-1], gold
 
     def verify(self, item: Item, response) -> float:
-        answer = re.sub(r"[^a-z]", "", answer_text(response).lower().split(".")[0])
-        return float(answer == item.reference)
+        """The last word of the answer, or its last hyphen-spelled run (e-l-p-p-a), must be the
+        reversed word."""
+        runs = re.findall(r"[A-Za-z](?:-[A-Za-z])+|[A-Za-z]+", answer_text(response))
+        return float(bool(runs) and runs[-1].replace("-", "").lower() == item.reference)
 
 
 class SortNumbers(Task):
     name = "sort_numbers"
 
-    def make(self, rng):
-        numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
+    def make(self, rng, split):
+        while True:
+            numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
+            # the set of numbers is on one side: no held-out list is ever sorted in training
+            if len(set(numbers)) == len(numbers) and side(tuple(sorted(numbers)), "sort") == split:
+                break
         order = rng.choice(["ascending", "descending"])
+        adjectives, ranges = ORDER_WORDS[order]
+        sep = rng.choice([", ", ", ", " ", "; "])
+        core = pick(rng, SORT_CORES, split, "sort").format(order=rng.choice(adjectives), range=rng.choice(ranges),
+                                                           nums=sep.join(map(str, numbers)))
         answer = sorted(numbers, reverse=order == "descending")
-        prompt = f"Sort in {order} order: {', '.join(map(str, numbers))}"
-        return user(prompt), answer, say(", ".join(map(str, answer)))
+        return user(compose(rng, split, core)), answer, say(", ".join(map(str, answer)))
 
     def verify(self, item: Item, response) -> float:
         return float(ints_in(answer_text(response)) == item.reference)
+

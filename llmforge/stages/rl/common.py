@@ -1,6 +1,9 @@
-"""What the alignment stages share: loading checkpoints of the right kind, turning
-conversations and rollouts into padded tensors, per-token log-probabilities, and the
-combined reward of the two reward models.
+"""What the alignment stages share: loading checkpoints of the right kind, the policy and its
+frozen reference, padded tensors and per-sequence log-probabilities, publishing a policy.
+
+Rollout tensors live in rollout.py, rewards in rewards.py, held-out policy evaluation in
+evaluate.py; the names below `_MOVED` are still importable from here for callers outside
+stages/rl (sft, reward, eval) until they import from the new homes.
 """
 from __future__ import annotations
 
@@ -80,50 +83,6 @@ def sequence_logprob(model, batch: dict) -> torch.Tensor:
     return (token_logprobs(logits, batch["targets"]) * batch["loss_mask"]).sum(1)
 
 
-# ---------------------------------------------------------------- rewards
-
-
-@torch.no_grad()
-def score_sequences(rm, seqs: list[list[int]], pad_id: int, batch: int = 32) -> torch.Tensor:
-    """Raw reward-model scores (at each sequence's last token)."""
-    out = []
-    max_len = rm.trunk.cfg.max_seq_len
-    for i in range(0, len(seqs), batch):
-        chunk = [s[-max_len:] for s in seqs[i:i + batch]]
-        lengths = torch.tensor([len(s) for s in chunk])
-        out.append(rm.score_last(pad(chunk, pad_id), lengths).float())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-class CombinedReward:
-    """Llama 2's combination of a helpfulness and a safety reward model (Touvron et al. 2023, eq. 4):
-    R = R_safety if the prompt is safety-relevant or σ(R_safety) < threshold, else R_helpful.
-    Each model's scores are first normalized to mean 0 / std 1 on its reference set."""
-
-    def __init__(self, helpful, helpful_cfg: dict, safety=None, safety_cfg: dict | None = None,
-                 threshold: float = 0.15, pad_id: int = 0):
-        self.helpful, self.safety, self.threshold, self.pad_id = helpful, safety, threshold, pad_id
-        self.h_norm = (helpful_cfg.get("reward_mean", 0.0), helpful_cfg.get("reward_std", 1.0))
-        self.s_norm = ((safety_cfg or {}).get("reward_mean", 0.0), (safety_cfg or {}).get("reward_std", 1.0))
-
-    def __call__(self, seqs: list[list[int]], safety_relevant: list[bool]) -> torch.Tensor:
-        h = (score_sequences(self.helpful, seqs, self.pad_id) - self.h_norm[0]) / self.h_norm[1]
-        if self.safety is None:
-            return h
-        s = (score_sequences(self.safety, seqs, self.pad_id) - self.s_norm[0]) / self.s_norm[1]
-        use_safety = torch.tensor(safety_relevant) | (torch.sigmoid(s) < self.threshold)
-        return torch.where(use_safety, s, h)
-
-
-def load_reward(run: RunDir, tok, threshold: float) -> CombinedReward:
-    helpful, h_cfg = load_checkpoint(run, "rm", ("rm",), tok, f"run `llmforge rm --out {run.root}` first")
-    safety, s_cfg = None, None
-    if (run.ckpt("rm_safety") / "config.json").is_file():
-        safety, s_cfg = load_checkpoint(run, "rm_safety", ("rm_safety",), tok, "")
-        safety = frozen(safety)
-    return CombinedReward(frozen(helpful), h_cfg, safety, s_cfg, threshold, pad_id=tok.eot_id)
-
-
 # ---------------------------------------------------------------- misc
 
 
@@ -158,43 +117,6 @@ def dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
-# ---------------------------------------------------------------- rollouts as tensors
-
-
-def rollout_batch(samples, pad_id: int, max_len: int) -> dict:
-    """Graded samples (eval.tasks.Sample) -> tensors over *action* tokens.
-
-    A sample's full sequence is prompt + everything after it, including tool results the engine
-    inserted. Only tokens the model sampled are actions: action t of row b is token
-    input_ids[b, act_pos[b, t] + 1], predicted by the logits at act_pos[b, t]. Actions are
-    left-aligned (act_mask is 1 on a contiguous prefix), so GAE/whitening see one clean
-    sequence per row and inserted tool results simply become part of the environment."""
-    seqs, positions, tokens = [], [], []
-    for s in samples:
-        seq = (s.prompt_ids + s.completion.tokens)[:max_len]
-        pos = [len(s.prompt_ids) + j - 1 for j, gen in enumerate(s.completion.generated)
-               if gen and len(s.prompt_ids) + j < len(seq)]
-        seqs.append(seq)
-        positions.append(pos)
-        tokens.append([seq[p + 1] for p in pos])
-    A = max(1, max(len(p) for p in positions))
-    act_mask = torch.zeros(len(samples), A)
-    for i, p in enumerate(positions):
-        act_mask[i, :len(p)] = 1.0
-    return {"input_ids": pad(seqs, pad_id), "act_pos": pad(positions, 0, A), "act_tok": pad(tokens, 0, A),
-            "act_mask": act_mask, "lengths": torch.tensor([len(s) for s in seqs])}
-
-
-def gather_actions(logits: torch.Tensor, batch: dict):
-    """(log π(action), entropy) at each action position; logits (B, L, V) -> (B, A) each."""
-    rows = torch.arange(logits.shape[0])[:, None]
-    at = logits[rows, batch["act_pos"]].float()                      # (B, A, V)
-    logp_all = F.log_softmax(at, dim=-1)
-    logp = logp_all.gather(-1, batch["act_tok"][..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
-
-
 def trainable_top_layers(model, k: int) -> None:
     """Freeze everything but the top k transformer layers and the final norm (InstructGPT-style
     partial fine-tuning). With tied embeddings the output head is the embedding and stays frozen."""
@@ -216,26 +138,16 @@ def prompt_pool(names: list[str], per_task: int, offset: int = 700_000):
     return [item for n in names for item in get_task(n).train_items(per_task, offset=offset)]
 
 
-@torch.no_grad()
-def policy_eval(policy, ref, tok, names: list[str], per_task: int, max_tokens: int, seed: int = 0) -> dict:
-    """Held-out verified accuracy (greedy) plus, on temperature-1 samples of the same prompts,
-    the KL to the reference per response (Σ_t log π - log π_ref), response length and entropy."""
-    from llmforge.eval import tasks as task_eval
-    acc = task_eval.evaluate(policy, tok, names, per_task, max_tokens=max_tokens, seed=seed)
-    items = task_eval.heldout(names, max(1, per_task // 2))
-    samples = [row[0] for row in task_eval.sample(policy, tok, items, n=1, temperature=1.0,
-                                                  max_tokens=max_tokens, seed=seed + 7)]
-    stats = sample_stats(policy, ref, samples, tok.eot_id)
-    return {"acc_mean": acc["mean"]["accuracy"], **{f"acc_{n}": acc[n]["accuracy"] for n in names},
-            "eval_kl": stats["kl"], "eval_length": stats["length"], "eval_entropy": stats["entropy"],
-            "eval_sample_reward": mean(s.reward for s in samples)}
+# ---------------------------------------------------------------- re-exports (to be removed)
+
+_MOVED = {"score_sequences": "rewards", "CombinedReward": "rewards", "load_reward": "rewards",
+          "rollout_batch": "rollout", "gather_actions": "rollout",
+          "policy_eval": "evaluate", "sample_stats": "evaluate"}
 
 
-@torch.no_grad()
-def sample_stats(policy, ref, samples, pad_id: int) -> dict:
-    batch = rollout_batch(samples, pad_id, policy.cfg.max_seq_len)
-    logp, entropy = gather_actions(policy(batch["input_ids"]), batch)
-    ref_logp, _ = gather_actions(ref(batch["input_ids"]), batch)
-    m = batch["act_mask"]
-    return {"kl": float(((logp - ref_logp) * m).sum(1).mean()), "length": float(m.sum(1).mean()),
-            "entropy": float((entropy * m).sum() / m.sum().clamp(min=1))}
+def __getattr__(name: str):
+    # PEP 562: resolved on first use, so the new modules may import this one without a cycle
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(f"llmforge.stages.rl.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,14 @@
 """DPO: direct preference optimization on the preference pairs, against a frozen reference
 (Rafailov et al. 2023) -> ckpt/rl_dpo. No reward model, no sampling during training.
 
-    llmforge rl --algo dpo --out runs/demo [--set rl.beta=0.1]
+    llmforge rl --algo dpo --out runs/demo [--set dpo.beta=0.1]
 
 Pairs come from prefs/train.jsonl (written by `llmforge rm`, or by the user in that format).
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +17,7 @@ from llmforge.errors import UserError
 from llmforge.run import RunDir
 from llmforge.stages import prefs
 from llmforge.stages.rl import common
+from llmforge.stages.rl.evaluate import policy_eval
 from llmforge.stages.rl.objectives import dpo_loss
 from llmforge.tasks import task_names
 from llmforge.tokenizer.chat import render
@@ -25,8 +27,18 @@ ALGO = "dpo"
 STAGE = "rl_dpo"
 
 
-def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
-    rc = cfg.rl
+@dataclass
+class DPOConfig:
+    """[dpo]: DPO's own knobs; the loop's (lr, batch_size, grad_accum, max_steps, ...) are in [rl]."""
+    beta: float = 0.1               # β: strength of the implicit KL to the reference (DPO eq. 7)
+
+
+CONFIG = DPOConfig
+
+
+def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = False, **_) -> dict:
+    """No rollouts: a batch is a pure function of the step, so the loop's resume is exact."""
+    rc, dc = cfg.rl, cfg.dpo
     ctx = common.single_process()
     tok, policy, ref = common.policy_and_reference(run, rc)
     path = run.prefs / "train.jsonl"
@@ -57,16 +69,18 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     def loss_fn(model, batch):
         chosen, rejected = common.sequence_logprob(model, batch).chunk(2)
         loss, r_chosen, r_rejected = dpo_loss(chosen, rejected, batch["ref_logp"][:, 0], batch["ref_logp"][:, 1],
-                                              rc.beta)
+                                              dc.beta)
         return loss, {"reward_acc": float((r_chosen > r_rejected).float().mean()),
                       "reward_margin": float((r_chosen - r_rejected).mean())}
 
     def eval_fn(model):
-        return common.policy_eval(model, ref, tok, names, rc.eval_per_task, rc.max_new_tokens, rc.seed)
+        return policy_eval(model, ref, tok, names, rc.eval_per_task, rc.max_new_tokens, rc.seed)
 
     tc = dataclasses.replace(rc, seq_len=max_len)
-    ckpt = Checkpointing(run.ckpt(f"{STAGE}_train"), "rl_train", policy.cfg, tok, {"algo": ALGO})
+    train_dir = run.ckpt(f"{STAGE}_train")
+    ckpt = Checkpointing(train_dir, "rl_train", policy.cfg, tok, {"algo": ALGO})
     summary = train(policy, tc, run, stage=STAGE, ctx=ctx, get_batch=get_batch, loss_fn=loss_fn, ckpt=ckpt,
-                    eval_fn=eval_fn, show_progress=show_progress)
+                    eval_fn=eval_fn, resume=resume and (train_dir / "train_state.json").is_file(),
+                    show_progress=show_progress)
     common.publish_policy(run, STAGE, policy, tok, {"algo": ALGO, "init": rc.init, "preset": cfg.preset})
     return summary

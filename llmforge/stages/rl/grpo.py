@@ -1,17 +1,29 @@
-"""GRPO: group-relative policy optimization with the task verifiers as the reward, no reward
-model and no value function (Shao et al. 2024, DeepSeekMath §4) -> ckpt/rl_grpo.
+"""GRPO (RLVR): group-relative policy optimization with the task verifiers as the reward, no
+reward model and no value function (Shao et al. 2024, DeepSeekMath §4) -> ckpt/rl_grpo.
 
-    llmforge rl --algo grpo --out runs/demo [--set rl.group_size=8] [--set rl.kl_coef=0.04]
+    llmforge rl --algo grpo --out runs/demo [--set grpo.group_size=8] [--set grpo.kl_coef=0.04]
 
-Each rollout samples `group_size` answers to each of `prompts_per_rollout` train prompts; an
-answer's advantage is its verified reward normalized within its group, given to every token.
+Each rollout samples `group_size` answers to train prompts; an answer's advantage is its
+verified reward normalized within its group, given to every token. RL can only amplify what the
+policy already sometimes does: a group whose answers are all right (or all wrong) has zero
+advantage and teaches nothing. So the rollout keeps only informative groups (DAPO's dynamic
+sampling, Yu et al. 2025): it draws prompts `prompts_per_rollout` at a time, discards groups
+whose G rewards are all equal, and draws again (at most `max_draws` times) until it has
+`prompts_per_rollout` informative groups; if it runs out, uninformative groups fill the buffer
+(they still carry the KL term). Each rollout logs the share of informative groups — the part of
+the prompt distribution where pass@G > pass@1, which bounds what GRPO can gain.
+
 Loss: the PPO clipped surrogate with those advantages + β·KL(π || π_ref) (the unbiased "k3"
-estimator of DeepSeekMath eq. 4).
+estimator of DeepSeekMath eq. 4). KL to the reference is reported per response in nats
+(Σ over tokens of log π - log π_ref on the rollout's own samples). The published checkpoint is
+the one with the best held-out verified accuracy among the evaluations (rl.eval_every, the end,
+and the initial policy).
 """
 from __future__ import annotations
 
 import dataclasses
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +31,9 @@ from llmforge.config import Config
 from llmforge.eval import tasks as task_eval
 from llmforge.run import RunDir
 from llmforge.stages.rl import common
-from llmforge.stages.rl.objectives import grpo_advantages, masked_mean, ppo_policy_loss
+from llmforge.stages.rl.evaluate import BestCheckpoint, policy_eval
+from llmforge.stages.rl.objectives import grpo_advantages, informative_groups, masked_mean, ppo_policy_loss
+from llmforge.stages.rl.rollout import RolloutBuffer, Rollouts, gather_actions
 from llmforge.tasks import task_names
 from llmforge.train.loop import Checkpointing, autocast, autocast_dtype, train
 
@@ -27,57 +41,110 @@ ALGO = "grpo"
 STAGE = "rl_grpo"
 
 
-def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
-    rc = cfg.rl
+@dataclass
+class GRPOConfig:
+    """[grpo]: GRPO's own knobs; the loop's (lr, batch_size, grad_accum, max_steps, ...) are in [rl]."""
+    group_size: int = 8             # G answers sampled per prompt; advantages are normalized within them
+    prompts_per_rollout: int = 8    # groups per rollout buffer (G rows each)
+    ppo_epochs: int = 1             # passes over each rollout buffer, in shuffled minibatches
+    kl_coef: float = 0.04           # β of the k3 KL(π || π_ref) term in the loss
+    clip: float = 0.2               # ratio clip ε of the surrogate
+    dynamic_sampling: bool = True   # keep only groups whose rewards differ (DAPO); False: every group drawn
+    max_draws: int = 4              # dynamic sampling: at most this many draws of prompts_per_rollout prompts
+    select_best: bool = True        # publish the evaluation with the best held-out accuracy, not the last step
+
+
+CONFIG = GRPOConfig
+
+
+def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = False, **_) -> dict:
+    rc, gc = cfg.rl, cfg.grpo
     ctx = common.single_process()
     tok, policy, ref = common.policy_and_reference(run, rc)
+    train_dir = run.ckpt(f"{STAGE}_train")
+    resume = resume and (train_dir / "train_state.json").is_file()
+    best = BestCheckpoint(run, f"{STAGE}_best", tok, resume=resume)
     names = task_names(cfg.sft.tasks)
-    pool = common.prompt_pool(names, max(rc.prompts_per_rollout, 50))
-    rng = random.Random(rc.seed)
-    G = rc.group_size
-    state: dict = {"phase": -1}
+    pool = common.prompt_pool(names, max(gc.prompts_per_rollout * gc.max_draws // len(names) + 1, 50))
+    G, max_len = gc.group_size, policy.cfg.max_seq_len
+    n_groups = min(gc.prompts_per_rollout, len(pool))
+    amp = autocast_dtype(rc, ctx.device)
 
-    def make_rollout(phase: int, step: int) -> dict:
-        items = rng.sample(pool, min(rc.prompts_per_rollout, len(pool)))
-        groups = task_eval.sample(policy, tok, items, n=G, temperature=rc.temperature,
-                                  max_tokens=rc.max_new_tokens, seed=rc.seed + phase)
-        samples = [s for row in groups for s in row]
-        rewards = torch.tensor([[s.reward for s in row] for row in groups])
+    def make_rollout(phase: int, step: int) -> RolloutBuffer:
+        order = list(range(len(pool)))
+        random.Random(rc.seed * 1_000_003 + phase).shuffle(order)
+        kept, spare, drawn = [], [], 0
+        for draw in range(gc.max_draws if gc.dynamic_sampling else 1):
+            picked = order[draw * n_groups:(draw + 1) * n_groups]
+            if not picked:
+                break
+            groups = task_eval.sample(policy, tok, [pool[i] for i in picked], n=G, temperature=rc.temperature,
+                                      max_tokens=rc.max_new_tokens, seed=rc.seed + phase * 1_009 + draw)
+            rewards = torch.tensor([[s.reward for s in row] for row in groups])
+            useful = informative_groups(rewards) if gc.dynamic_sampling else torch.ones(len(groups), dtype=bool)
+            for i, row, r, ok in zip(picked, groups, rewards, useful.tolist()):
+                (kept if ok else spare).append((i, row, r))
+            drawn += len(groups)
+            if len(kept) >= n_groups:
+                break
+        informative = len(kept)
+        kept = (kept + spare)[:n_groups]          # short of signal: all-equal groups fill the buffer
+        samples = [s for _, row, _ in kept for s in row]
+        rewards = torch.stack([r for _, _, r in kept])
         advantages = grpo_advantages(rewards).flatten()
-        batch = common.rollout_batch(samples, tok.eot_id, policy.cfg.max_seq_len)
-        with torch.no_grad(), autocast(ctx.device, autocast_dtype(rc, ctx.device)):
-            old_logp, entropy = common.gather_actions(policy(batch["input_ids"]), batch)
-            ref_logp, _ = common.gather_actions(ref(batch["input_ids"]), batch)
+        buf = RolloutBuffer.from_samples(phase, samples, [i for i, _, _ in kept for _ in range(G)],
+                                         rewards.flatten(), tok.eot_id, max_len)
+        batch = buf.batch(torch.arange(len(buf)))
+        with torch.no_grad(), autocast(ctx.device, amp):
+            old_logp, entropy = gather_actions(policy(batch["input_ids"]), batch)
+            ref_logp, _ = gather_actions(ref(batch["input_ids"]), batch)
         mask = batch["act_mask"]
-        run.log(STAGE, step=step, rollout=phase, reward=float(rewards.mean()),
+        run.log(STAGE, step=step, rollout=phase, reward=float(rewards.mean()), verified_reward=float(rewards.mean()),
                 kl=float(((old_logp - ref_logp) * mask).sum(1).mean()), length=float(mask.sum(1).mean()),
-                entropy=float(masked_mean(entropy, mask)), verified_reward=float(rewards.mean()),
+                entropy=float(masked_mean(entropy, mask)), groups_drawn=drawn,
+                informative_share=informative / max(drawn, 1), informative_in_buffer=min(informative, n_groups) / n_groups,
                 solved_groups=float((rewards.max(1).values >= 1).float().mean()))
-        return {**batch, "old_logp": old_logp, "ref_logp": ref_logp,
-                "advantages": advantages[:, None].expand_as(mask) * mask}
+        return dataclasses.replace(buf, old_logp=old_logp, ref_logp=ref_logp,
+                                   advantages=advantages[:, None].expand_as(mask) * mask)
+
+    rollouts = Rollouts(run.ckpt(f"{STAGE}_rollouts"), n_groups * G, rc.batch_size, rc.grad_accum, gc.ppo_epochs,
+                        rc.seed, make_rollout, resume=resume, ckpt_dir=train_dir)
+    seen = {"step": 0}
 
     def get_batch(step, micro, ctx):
-        phase = step // rc.ppo_epochs
-        if state["phase"] != phase:
-            state["phase"], state["batch"] = phase, make_rollout(phase, step)
-        return state["batch"]
+        seen["step"] = step + 1
+        return rollouts(step, micro)
 
     def loss_fn(model, batch):
-        logp, _ = common.gather_actions(model(batch["input_ids"]), batch)
+        logp, _ = gather_actions(model(batch["input_ids"]), batch)
         mask = batch["act_mask"]
-        pg_loss, clip_frac = ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, rc.clip)
+        pg_loss, clip_frac = ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, gc.clip)
         # DeepSeekMath eq. 4: D_KL ≈ π_ref/π - log(π_ref/π) - 1, always >= 0
         log_ratio = batch["ref_logp"] - logp
         kl = masked_mean(torch.exp(log_ratio) - log_ratio - 1, mask)
-        loss = pg_loss + rc.kl_coef * kl
+        loss = pg_loss + gc.kl_coef * kl
         return loss, {"pg_loss": pg_loss.item(), "kl_k3": kl.item(), "clip_frac": clip_frac.item()}
 
-    def eval_fn(model):
-        return common.policy_eval(model, ref, tok, names, rc.eval_per_task, rc.max_new_tokens, rc.seed)
+    def evaluate(model, step: int) -> dict:
+        out = policy_eval(model, ref, tok, names, rc.eval_per_task, rc.max_new_tokens, rc.seed)
+        if gc.select_best:
+            best.offer(model, out["acc_mean"], step, {"algo": ALGO})
+        return out
 
-    tc = dataclasses.replace(rc, seq_len=policy.cfg.max_seq_len)
-    ckpt = Checkpointing(run.ckpt(f"{STAGE}_train"), "rl_train", policy.cfg, tok, {"algo": ALGO})
+    if gc.select_best and not resume:
+        policy.eval()
+        with torch.no_grad(), autocast(ctx.device, amp):
+            run.log(STAGE, step=0, **evaluate(policy, 0))
+        policy.train()
+    tc = dataclasses.replace(rc, seq_len=max_len)
+    ckpt = Checkpointing(train_dir, "rl_train", policy.cfg, tok, {"algo": ALGO})
     summary = train(policy, tc, run, stage=STAGE, ctx=ctx, get_batch=get_batch, loss_fn=loss_fn, ckpt=ckpt,
-                    eval_fn=eval_fn, show_progress=show_progress)
-    common.publish_policy(run, STAGE, policy, tok, {"algo": ALGO, "init": rc.init, "preset": cfg.preset})
+                    eval_fn=lambda m: evaluate(m, seen["step"]), resume=resume, show_progress=show_progress)
+    rollouts.cleanup()
+    meta = {"algo": ALGO, "init": rc.init, "preset": cfg.preset}
+    if gc.select_best and best.step >= 0:
+        best.load_into(policy)
+        meta.update(selection_acc=best.best, selection_step=best.step)
+        summary = {**summary, "selection_acc": best.best, "selection_step": best.step}
+    common.publish_policy(run, STAGE, policy, tok, meta)
     return summary

@@ -134,10 +134,36 @@ def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 # ---------------------------------------------------------------- rejection sampling (Llama 2 §3.2.3)
 
-def best_of_n(scores: torch.Tensor) -> torch.Tensor:
-    """scores: (n_prompts, N) reward of each sample -> index of the best sample per prompt
-    (ties go to the earliest sample, so selection is deterministic)."""
-    return torch.argmax(scores, dim=1)
+def best_of_n(scores: torch.Tensor, tie_break: torch.Tensor | None = None) -> torch.Tensor:
+    """scores: (n_prompts, N) reward of each sample -> index of the best sample per prompt.
+    With tie_break (same shape), the order is lexicographic: the highest score first, and among
+    samples with that score the highest tie_break (the reward model behind a verifier). Remaining
+    ties go to the earliest sample, so selection is deterministic."""
+    if tie_break is None:
+        return torch.argmax(scores, dim=1)
+    top = scores == scores.max(dim=1, keepdim=True).values
+    return torch.argmax(torch.where(top, tie_break.float(), torch.tensor(float("-inf"))), dim=1)
+
+
+def informative_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """rewards: (n_groups, G) -> bool (n_groups,): groups whose rewards are not all equal. A group
+    of equal rewards has zero group-relative advantage, so it carries no policy gradient; DAPO's
+    dynamic sampling (Yu et al. 2025, eq. 11: 0 < |{correct}| < G) discards it and samples more."""
+    return rewards.max(dim=1).values > rewards.min(dim=1).values
+
+
+# ---------------------------------------------------------------- the KL-regularized optimum
+
+
+def kl_regularized_optimum(ref_logp: torch.Tensor, reward: torch.Tensor, beta: float) -> torch.Tensor:
+    """Log-probabilities of the policy that maximizes E_π[r] - β·KL(π || π_ref) over a finite set
+    of responses (Rafailov et al. 2023 eq. 4; Korbak et al. 2022): π*(y) ∝ π_ref(y)·exp(r(y)/β)."""
+    return torch.log_softmax(ref_logp + reward / beta, dim=-1)
+
+
+def kl_categorical(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """KL(π || π_ref) = Σ_y π(y)·(log π(y) - log π_ref(y)) of categorical distributions (nats)."""
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
