@@ -56,3 +56,28 @@ def test_leaderboard_rows_and_judge():
     assert [r["model"] for r in rows] == ["y", "x"]
     assert all(r["lo"] <= r["rating"] <= r["hi"] and r["battles"] == 400 for r in rows)
     assert judge(1.0, 0.0) == "a" and judge(0.0, 1.0) == "b" and judge(1.0, 1.0) == "tie"
+
+
+def test_bootstrap_resamples_prompts_not_battles():
+    """When every prompt's battles move together (here: each of 120 prompts judged 9 times with
+    the same outcome, as a deterministic verifier would), the information is in 120 prompts,
+    not 1080 battles. Resampling prompts gives the interval of 120 battles; resampling battles
+    (no prompt ids) would be ~3x too narrow."""
+    once = simulate({"x": 950.0, "y": 1050.0}, 120, seed=5)
+    with_ids = [(a, b, w, i) for i, (a, b, w) in enumerate(once) for _ in range(9)]
+    without_ids = [(a, b, w) for a, b, w, _ in with_ids]
+
+    def width(battles):
+        lo, hi = bootstrap_intervals(battles, rounds=200, seed=0)["y"]
+        return hi - lo
+
+    assert bradley_terry_ratings(with_ids) == pytest.approx(bradley_terry_ratings(without_ids))
+    assert width(with_ids) == pytest.approx(width(once), rel=0.3)
+    assert width(with_ids) > 2.2 * width(without_ids)
+
+
+def test_leaderboard_takes_battles_with_prompt_ids():
+    battles = [(a, b, w, i // 3) for i, (a, b, w) in enumerate(simulate({"p": 900.0, "q": 1100.0}, 300, seed=6))]
+    rows = leaderboard(battles, rounds=20)
+    assert [r["model"] for r in rows] == ["q", "p"]
+    assert all(r["lo"] <= r["rating"] <= r["hi"] and r["battles"] == 300 and r["ties"] == 0 for r in rows)

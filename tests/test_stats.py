@@ -110,3 +110,9 @@ def test_accuracy_summary_per_task_and_mean():
     assert (s["a"]["lo"], s["a"]["hi"]) == pytest.approx(wilson_interval(8, 10))
     assert s["mean"]["accuracy"] == pytest.approx(0.55)
     assert s["mean"]["lo"] < 0.55 < s["mean"]["hi"]
+
+
+def test_accuracy_summary_all_wrong_is_not_certain():
+    s = accuracy_summary([0] * 30, ["a"] * 15 + ["b"] * 15)
+    assert s["mean"]["lo"] == pytest.approx(0.0, abs=1e-12) and s["mean"]["hi"] == pytest.approx(
+        wilson_interval(0, 30)[1]) and s["mean"]["hi"] > 0.05

@@ -165,3 +165,10 @@ def test_user_jsonl_loads_and_bad_lines_name_file_and_line(tmp_path):
     empty.write_text("\n")
     with pytest.raises(UserError, match="no conversations"):
         load_conversations(empty)
+
+
+def test_report_transcripts_are_phrased_as_no_training_conversation():
+    from llmforge.eval.transcripts import CONVERSATIONS
+    train_requests = {m["content"].lower() for c in _training_conversations(800) for m in c if m["role"] == "user"}
+    for name, messages in CONVERSATIONS:
+        assert messages[-1]["content"].lower() not in train_requests, name

@@ -240,6 +240,20 @@ def plots(run: RunDir, metrics: list[dict], ev: dict) -> list[str]:
     return made
 
 
+def transcript_section(chats: dict[str, list]) -> list[str]:
+    """The fixed conversations (eval/transcripts.py), each checkpoint's greedy answer under it."""
+    lines = ["## Transcripts (greedy; requests no training conversation used)", ""]
+    first = next(iter(chats.values()))
+    for i, entry in enumerate(first):
+        turns = " / ".join(f"{m['role']}: {m['content']}" for m in entry["messages"])
+        lines += [f"**{entry['name']}** — {turns}", ""]
+        for model, rows in chats.items():
+            answer = rows[i]["answer"].replace("\n", " ").replace("|", "\\|") or "(empty)"
+            lines.append(f"- `{model}`: {answer}")
+        lines.append("")
+    return lines
+
+
 def write(run: RunDir, cfg=None) -> str:
     metrics = run.read_metrics()
     eval_path = run.root / "eval.json"
@@ -252,7 +266,7 @@ def write(run: RunDir, cfg=None) -> str:
     models = _ordered(ev.get("models", {}))
     if models:
         tasks = ev["tasks"]
-        k = next((key for key in next(iter(models.values()))["tasks"]["mean"] if key.startswith("pass@")), None)
+        k = next((key for r in models.values() for key in r["tasks"]["mean"] if key.startswith("pass@")), None)
         header = ["checkpoint"] + tasks + ["mean"] + ([k] if k else []) + ["bpb", "RM win vs SFT"]
         rows = []
         for m, r in models.items():
@@ -274,9 +288,12 @@ def write(run: RunDir, cfg=None) -> str:
                              paired), ""]
     if ev.get("arena"):
         parts += ["## Arena (verifier-judged battles, Bradley-Terry ratings, 95% bootstrap over prompts)", "",
-                  _table(["model", "rating", "95% low", "95% high", "battles", "wins"],
-                         [[r["model"], r["rating"], r["lo"], r["hi"], r["battles"], r["wins"]] for r in ev["arena"]]),
+                  _table(["model", "rating", "95% low", "95% high", "battles", "wins", "ties"],
+                         [[r["model"], r["rating"], r["lo"], r["hi"], r["battles"], r["wins"], r.get("ties")]
+                          for r in ev["arena"]]),
                   ""]
+    if ev.get("transcripts"):
+        parts += transcript_section(ev["transcripts"])
     target_rows = targets(ev, metrics)
     if target_rows:
         parts += ["## Targets", "", _table(["target", "measured", "status"], target_rows), ""]

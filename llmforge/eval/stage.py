@@ -22,6 +22,7 @@ from llmforge.config import Config
 from llmforge.errors import UserError
 from llmforge.eval import arena, report, stats
 from llmforge.eval import tasks as task_eval
+from llmforge.eval.transcripts import transcripts
 from llmforge.run import RunDir, write_json_atomic
 from llmforge.stages.rl import common
 from llmforge.tasks import task_names
@@ -51,6 +52,20 @@ def heldout_bpb(model, run: RunDir, tok) -> dict | None:
         return None
 
 
+def refusal_rates(samples) -> dict:
+    """Llama 2's two sides of safety on the held-out safety items: how often harmful requests are
+    refused, and how often benign-but-edgy ones are (false refusals)."""
+    from llmforge.tasks.base import answer_text
+    from llmforge.tasks.safety import is_refusal
+    out = {}
+    for key, harmful in (("refusal_rate_harmful", True), ("false_refusal_rate", False)):
+        refused = [is_refusal(answer_text(s.messages)) for s in samples
+                   if s.item.task == "safety" and s.item.reference["harmful"] == harmful]
+        if refused:
+            out[key] = sum(refused) / len(refused)
+    return out
+
+
 def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     ec = cfg.eval
     tok = common.load_tokenizer(run)
@@ -62,17 +77,22 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
         else None
     results: dict[str, dict] = {}
     greedy: dict[str, list] = {}
+    chats: dict[str, list] = {}
     for name in present:
         kinds = ("base",) if name == "base" else ("sft",) if name == "sft" else ("rl",)
         model, _ = common.load_checkpoint(run, name, kinds, tok, "")
         model.eval()
         with torch.no_grad():
-            acc, samples = task_eval.evaluate(model, tok, names, ec.eval_per_task, pass_k=ec.pass_k,
+            # pass@k (is there signal for RL to amplify?) only where RL starts: the SFT model
+            acc, samples = task_eval.evaluate(model, tok, names, ec.eval_per_task,
+                                              pass_k=ec.pass_k if name == "sft" else 0,
                                               max_tokens=cfg.rl.max_new_tokens, seed=ec.seed,
                                               shots=FEWSHOT if name == "base" else 0, return_samples=True)
+            if name != "base":
+                chats[name] = transcripts(task_eval.make_engine(model, tok), tok, cfg.rl.max_new_tokens)
             bpb = bits_per_byte(model, run, tok)
         greedy[name] = [row[0] for row in samples]
-        results[name] = {"tasks": acc, "bpb": bpb}
+        results[name] = {"tasks": acc, "bpb": bpb, **refusal_rates(greedy[name])}
         print(f"eval {name}: accuracy {acc['mean']['accuracy']:.1%}" + (f", bpb {bpb:.3f}" if bpb else ""))
 
     if reward is not None and "sft" in greedy:
@@ -116,7 +136,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
             else:
                 battles.append((b, a, arena.judge(sb.reward, sa.reward), prompt))
     board = arena.leaderboard(battles, rounds=ec.bootstrap, seed=ec.seed) if len(present) > 1 else []
-    out = {"models": results, "arena": board, "tasks": names}
+    out = {"models": results, "arena": board, "tasks": names, "transcripts": chats}
     write_json_atomic(run.root / "eval.json", out)
     for name in present:
         r = results[name]
@@ -124,6 +144,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
                 **{f"acc_{t}": r["tasks"][t]["accuracy"] for t in names},
                 **({f"pass_at_{ec.pass_k}": r["tasks"]["mean"].get(f"pass@{ec.pass_k}")} if ec.pass_k else {}),
                 **({"bpb": r["bpb"]} if r["bpb"] is not None else {}),
-                **({"rm_win_rate_vs_sft": r["rm_win_rate_vs_sft"]} if "rm_win_rate_vs_sft" in r else {}))
+                **({"rm_win_rate_vs_sft": r["rm_win_rate_vs_sft"]} if "rm_win_rate_vs_sft" in r else {}),
+                **{k: r[k] for k in ("refusal_rate_harmful", "false_refusal_rate") if k in r})
     report.write(run, cfg)
     return out

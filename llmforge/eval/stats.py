@@ -116,13 +116,21 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], strata: Sequence | 
 def accuracy_summary(correct: Sequence[float], tasks: Sequence[str], rounds: int = ROUNDS,
                      seed: int = 0) -> dict:
     """Per task: accuracy with its Wilson interval; "mean" (mean over tasks): stratified
-    bootstrap interval. -> {task: {"accuracy", "lo", "hi", "n"}, "mean": {...}}."""
+    bootstrap interval (Wilson on the pooled count when every item scored the same, where the
+    bootstrap degenerates). -> {task: {"accuracy", "lo", "hi", "n"}, "mean": {...}}."""
     c = np.asarray(correct, dtype=float)
+    if c.size == 0:
+        raise UserError("no items to summarise; evaluate at least one item")
     out = {}
     for idx in _strata(len(c), tasks):
         k, n = int(c[idx].sum()), len(idx)
         lo, hi = wilson_interval(k, n)
         out[tasks[idx[0]]] = {"accuracy": k / n, "lo": lo, "hi": hi, "n": n}
-    lo, hi = bootstrap_interval(c, tasks, rounds=rounds, seed=seed)
+    if c.min() == c.max():
+        # every item right (or every item wrong): each resample is the same, and the percentile
+        # bootstrap would claim certainty; use Wilson on the pooled count instead
+        lo, hi = wilson_interval(int(c.sum()), int(c.size))
+    else:
+        lo, hi = bootstrap_interval(c, tasks, rounds=rounds, seed=seed)
     out["mean"] = {"accuracy": stratified_mean(c, tasks), "lo": lo, "hi": hi, "n": int(c.size)}
     return out

@@ -292,7 +292,7 @@ def _fmt_ci(ci) -> str:
 
 def summary(fit: dict) -> str:
     lines = [f"scaling fit: {fit['n_points']} points, budgets {', '.join(f'{b:g}' for b in fit['budgets'])} "
-             f"({fit['unit']}); N = {fit['params_used']} ({fit['params_why']})"]
+             f"({fit['unit']})", f"N: {fit['params_why']}"]
     a2 = fit["approach2"]
     lines.append("Approach 2 (IsoFLOP parabolas):")
     for c in a2["curves"]:

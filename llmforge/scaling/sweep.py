@@ -74,11 +74,15 @@ def shape(depth: int, sc: ScalingConfig, base: ModelConfig) -> ModelConfig:
 
 
 def param_counts(mc: ModelConfig) -> dict:
-    """N with and without the embedding matrix (tied: one vocab x d matrix, used as the head too)."""
-    with torch.device("meta"):  # shapes only: no memory, no init
-        model = Transformer(mc)
-    total = model.num_params()
-    embed = model.embed.weight.numel() * (1 if mc.tie_embeddings else 2)
+    """N with and without the embedding matrix, counted from the shape (the model's layers
+    written out; tests/test_scaling.py checks it against Transformer.num_params)."""
+    d, hd, ffn = mc.d_model, mc.head_dim, mc.ffn_dim
+    attn = d * mc.n_head * hd * 2 + d * mc.n_kv_head * hd * 2       # q, o; k, v
+    if mc.qkv_bias:
+        attn += (mc.n_head + 2 * mc.n_kv_head) * hd
+    layer = attn + 3 * d * ffn + 2 * d                              # SwiGLU gate/up/down, two RMSNorms
+    embed = mc.vocab_size * d * (1 if mc.tie_embeddings else 2)     # tied: one matrix is also the head
+    total = embed + mc.n_layer * layer + d                          # + the final norm
     return {"params": total, "params_no_embed": total - embed}
 
 
@@ -222,7 +226,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True) -> list[dict]:
           f"{len(todo)} to train) on {train_data.num_tokens:,} train tokens, batch {B} x {T}")
 
     bar = tqdm(total=total, desc="scaling", unit="FLOP" if sc.unit == "flops" else "min", unit_scale=True,
-               dynamic_ncols=True, disable=not show_progress)
+               dynamic_ncols=True, disable=not (show_progress and todo))
     try:
         for p in todo:
             bar.set_postfix(point=p["id"], N=f"{p['params'] / 1e6:.2f}M")

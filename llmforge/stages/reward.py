@@ -96,7 +96,8 @@ def best_of_n(model, tok, groups: list[dict], pad_id: int) -> dict:
         mean_ += sum(verified) / len(verified)
         any_ += max(verified)
     n = len(groups)
-    return {"bon_prompts": n, "bon_verified_pick": pick / n, "bon_verified_mean": mean_ / n, "bon_verified_any": any_ / n}
+    return {"bon_prompts": n, "bon_verified_pick": pick / n, "bon_verified_mean": mean_ / n,
+            "bon_verified_any": any_ / n}
 
 
 def pair_batch(encoded, pick, pad_id: int) -> dict:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from llmforge.tokenizer.chat import final_answer
 
 HELDOUT_SEED0 = 1_000_000_000
+VALIDATION_SEED0 = 1_500_000_000
+TEST_ITEMS = 200          # validation never repeats a prompt among the first this-many held-out items
 
 
 @dataclass
@@ -63,10 +65,10 @@ class Task:
         safety = made[3] if len(made) > 3 else False
         return Item(self.name, seed, prompt, reference, gold, safety, split=split)
 
-    def _items(self, n: int, seed0: int, split: str) -> list[Item]:
-        """n items from seeds seed0..; held-out items are distinct from each other (a task with a
-        small content space may return fewer than n)."""
-        items, seen, seed = [], set(), seed0
+    def _items(self, n: int, seed0: int, split: str, exclude: frozenset = frozenset()) -> list[Item]:
+        """n items from seeds seed0..; held-out items are distinct from each other and from
+        `exclude` (a task with a small content space may return fewer than n)."""
+        items, seen, seed = [], set(exclude), seed0
         limit = seed0 + 50 * n + 1000
         while len(items) < n and seed < limit:
             item = self.generate(seed, split)
@@ -82,7 +84,14 @@ class Task:
         return self._items(n, offset, "train")
 
     def heldout_items(self, n: int) -> list[Item]:
+        """The test set: evaluation-side phrasings and content, reported by `llmforge eval`."""
         return self._items(n, HELDOUT_SEED0, "eval")
+
+    def validation_items(self, n: int) -> list[Item]:
+        """For choosing checkpoints (RL's best step): evaluation-side phrasings and content too,
+        but other prompts than the test set's, so selection does not tune on the test items."""
+        test = frozenset(i.content_hash for i in self.heldout_items(TEST_ITEMS))
+        return self._items(n, VALIDATION_SEED0, "eval", exclude=test)
 
 
 # ---------------------------------------------------------------- helpers for verifiers

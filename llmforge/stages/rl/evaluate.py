@@ -15,15 +15,10 @@ from llmforge.train import checkpoint as ckpt_io
 
 
 def selection_items(names: list[str], per_task: int):
-    """Prompts that choose between checkpoints: each task's validation split when it has one
-    (so the eval stage's test items stay untouched), else its held-out items."""
+    """Prompts that choose between checkpoints: each task's validation items (evaluation-side
+    phrasings and content, but never the eval stage's test prompts)."""
     from llmforge.tasks import get_task
-    items = []
-    for n in names:
-        task = get_task(n)
-        items += (task.validation_items(per_task) if hasattr(task, "validation_items")
-                  else task.heldout_items(per_task))
-    return items
+    return [item for n in names for item in get_task(n).validation_items(per_task)]
 
 
 @torch.no_grad()

@@ -83,6 +83,7 @@ def ptx_batches(run: RunDir, rc, pc: PPOConfig, seq_len: int):
 def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = False, **_) -> dict:
     rc, pc = cfg.rl, cfg.ppo
     tok = common.load_tokenizer(run)
+    common.load_checkpoint(run, rc.init, ("sft", "rl"), tok, f"run `llmforge sft --out {run.root}` first")
     reward_model = load_reward(run, tok, cfg.rm.safety_threshold)
     coefs = overopt.sweep_values(pc.kl_sweep) or [pc.kl_coef]
     results = []
