@@ -156,6 +156,7 @@ class PretrainConfig(TrainConfig):
     mid_chat_share: float = 0.3     # share of each midtraining batch's rows that are conversations
     mid_examples_per_task: int = 2000  # train conversations per task for midtraining (+ spelling drills)
     mid_spelling_examples: int = 3000
+    eval_tasks_per_task: int = 0    # > 0: each eval also scores this many held-out items per task, few-shot
 
 
 @dataclass
@@ -294,7 +295,7 @@ def _cpu(c: Config) -> None:
     c.model = ModelConfig(vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=256)
     c.pretrain = PretrainConfig(batch_size=16, seq_len=256, lr=3e-3, warmup_steps=100, max_steps=1500,
                                 eval_every=250, eval_batches=20, ckpt_every=250, sample_every=500,
-                                mid_fraction=0.15, mid_chat_share=0.4)
+                                mid_fraction=0.15, mid_chat_share=0.4, eval_tasks_per_task=10)
     # alignment stages: wall-clock budgets (train.minutes) so the speedrun fits 20 minutes
     c.sft = SFTConfig(batch_size=16, seq_len=256, lr=1e-3, warmup_steps=20, max_steps=3000, minutes=2.5,
                       eval_every=0, ckpt_every=0, examples_per_task=2000, eval_per_task=30, text_share=0.2)

@@ -118,6 +118,8 @@ def test_subset_is_fixed_spread_and_within_budget(setup):
 
 def test_sources_must_match_documents_and_empty_split_is_a_user_error(setup, tmp_path):
     model, val, token_bytes, docs = setup
+    with pytest.raises(UserError, match="context"):
+        bpb.heldout(model, val, token_bytes, model.cfg.max_seq_len + 1)
     with pytest.raises(ValueError, match="documents"):
         bpb.heldout(model, val, token_bytes, 16, doc_sources=["x"] * (len(docs) - 1))
     empty = tmp_path / "empty"

@@ -209,9 +209,12 @@ def test_fit_and_plan_commands_on_a_recorded_sweep(tmp_path, capsys):
     assert code == 2 and "scaling fit" in err
 
 
-def test_sweep_rejects_a_bad_unit(tmp_path, capsys):
-    code, _, err = cli(capsys, "scaling", "sweep", "--out", tmp_path / "run", "--set", "scaling.unit=hours")
-    assert code == 2 and "scaling.unit" in err and "Traceback" not in err
+@pytest.mark.parametrize("override,named", [("scaling.unit=hours", "scaling.unit"),
+                                             ("scaling.budgets=3e12", "scaling.budgets"),
+                                             ("scaling.depths=[0,2]", "scaling.depths")])
+def test_sweep_rejects_bad_settings(tmp_path, capsys, override, named):
+    code, _, err = cli(capsys, "scaling", "sweep", "--out", tmp_path / "run", "--set", override)
+    assert code == 2 and named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "config.toml").exists()  # a refused config is not recorded
 
 

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmforge.errors import UserError
+
 DOCS = "docs.jsonl"   # data/prepare.py's cleaned documents (split, source, text per line)
 
 
@@ -145,8 +147,10 @@ def heldout(model, val, token_bytes: torch.Tensor, seq_len: int, max_tokens: int
     what is scored. Under torch.distributed each rank scores every world-th window and the
     sums are all-reduced, so every rank returns the same numbers.
     """
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    context = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+    if seq_len <= 0 or (context is not None and seq_len > context):
+        raise UserError(f"bits per byte at context {seq_len}: give a length between 1 and the model's "
+                        f"context {context}")
     if eot_id is None:
         from llmforge.data.shards import read_manifest
         eot_id = read_manifest(val.dir).get("eot_id")
@@ -154,7 +158,6 @@ def heldout(model, val, token_bytes: torch.Tensor, seq_len: int, max_tokens: int
     if eot_id is None:   # every document ends with <|eot|>, so the stream's last token is it
         stream.eot = int(stream.read(len(stream) - 1, len(stream))[0])
     if stream.n_tokens == 0:
-        from llmforge.errors import UserError
         raise UserError(f"the '{val.split}' split in {val.dir} has no tokens; raise data.val_fraction and "
                         "re-run `llmforge data prepare`")
     spans = windows(len(stream) - 1, seq_len, max_tokens)

@@ -12,8 +12,10 @@ class ScalingConfig:
     # ---- the sweep: which points (one point = one model size trained on one budget)
     unit: str = "flops"         # budgets in "flops" (C = 6*N*D; exact IsoFLOP curves, step budgets:
                                 # reproducible even on shared cores) or "minutes" of wall time per point
-    budgets: list[float] = field(default_factory=lambda: [1e12, 3e12, 1e13])  # one IsoFLOP curve each
-    depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6])  # model grid: n_layer of each size
+    # one IsoFLOP curve each; the cpu preset's 10-minute pretraining is ~5e13. With the depths below:
+    # 12 points (3 + 4 + 5; the rest buy < min_steps), est. ~25 min on 2 idle cores (bf16)
+    budgets: list[float] = field(default_factory=lambda: [3e12, 1e13, 3e13])
+    depths: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6])  # n_layer per size: 0.3-10.7M params at vocab 4096
     # ---- the shape rule: every size is a function of its depth alone (vocab from the tokenizer)
     aspect: int = 64            # d_model = aspect * n_layer (a fixed aspect ratio, nanochat's "depth" dial)
     head_dim: int = 64          # n_head ~ d_model / head_dim (at least 1, dividing d_model, even head size)

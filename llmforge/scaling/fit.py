@@ -59,6 +59,10 @@ INIT_GRID = {"alpha": [0.0, 0.5, 1.0, 1.5, 2.0], "beta": [0.0, 0.5, 1.0, 1.5, 2.
              "b": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0]}   # Hoffmann et al. App. D.2
 
 
+# (a, b, e, α, β): wide enough for any sensible law, finite so degenerate data cannot overflow exp()
+BOUNDS = [(-20.0, 100.0), (-20.0, 100.0), (-10.0, 10.0), (0.0, 10.0), (0.0, 10.0)]
+
+
 def _grid() -> np.ndarray:
     g = INIT_GRID
     mesh = np.meshgrid(*(g[k] for k in ("a", "b", "e", "alpha", "beta")), indexing="ij")
@@ -99,7 +103,7 @@ def _approach3_theta(n, d, loss, delta: float, weights=None, starts: int = 8, ex
     best, best_obj = None, math.inf
     for theta0 in inits:
         res = minimize(_objective, theta0, args=(log_n, log_d, log_l, w, delta), jac=True, method="L-BFGS-B",
-                       options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12})
+                       bounds=BOUNDS, options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12})
         if np.isfinite(res.fun) and res.fun < best_obj and np.isfinite(res.x).all():
             best, best_obj = res.x, float(res.fun)
     return best, best_obj
@@ -108,7 +112,9 @@ def _approach3_theta(n, d, loss, delta: float, weights=None, starts: int = 8, ex
 def _params_of(theta, objective: float) -> dict:
     a_, b_, e_, alpha, beta = (float(v) for v in theta)
     p = {"E": math.exp(e_), "A": math.exp(a_), "B": math.exp(b_), "alpha": alpha, "beta": beta,
-         "huber_objective": objective}
+         "huber_objective": objective,
+         "at_bound": [name for name, v, (lo, hi) in zip(("a", "b", "e", "alpha", "beta"), theta, BOUNDS)
+                      if min(v - lo, hi - v) < 1e-6]}
     if alpha > 0 and beta > 0:
         p["a"], p["b"] = beta / (alpha + beta), alpha / (alpha + beta)
         p["G"] = math.exp((math.log(alpha) + a_ - math.log(beta) - b_) / (alpha + beta))
@@ -207,17 +213,15 @@ def _approach2_from(curves: dict[float, list[dict]]) -> dict:
 
 
 def narrow(curves: dict[float, list[dict]]) -> dict[float, list[dict]]:
-    """The same curves on a narrower grid: at >= 5 sizes both end points go; at 4 the one
-    farthest (in ln N) from the curve's vertex; at 3 the curve stays as it is."""
+    """The same curves on a narrower grid: every curve of 4 or more sizes loses its outermost
+    size on the side farther (in ln N) from its vertex; curves of 3 stay as they are."""
     out = {}
     for b, rs in curves.items():
-        if len(rs) >= 5:
-            rs = rs[1:-1]
-        elif len(rs) == 4:
+        if len(rs) >= 4:
             p = parabola([r[PARAMS_USED] for r in rs], [r["val_loss"] for r in rs], [r["flops"] for r in rs])
-            x_opt = math.log(p["n_opt"]) if "n_opt" in p else float(np.mean([math.log(r[PARAMS_USED]) for r in rs]))
-            far = max(range(4), key=lambda i: abs(math.log(rs[i][PARAMS_USED]) - x_opt))
-            rs = rs[:far] + rs[far + 1:]
+            x = [math.log(r[PARAMS_USED]) for r in rs]
+            x_opt = math.log(p["n_opt"]) if "n_opt" in p else float(np.mean(x))
+            rs = rs[1:] if x_opt - x[0] > x[-1] - x_opt else rs[:-1]
         out[b] = rs
     return out
 
@@ -245,8 +249,8 @@ def approach2(records, bootstrap: int = 0, seed: int = 0) -> dict:
         "delta_a": (n_narrow["a"] - n_full["a"]) if n_full["ok"] and n_narrow["ok"] else None,
         "n_opt_ratio": [nf["n_opt"] / nn["n_opt"] if nf.get("ok") and nn.get("ok") else None
                         for nf, nn in zip(n_full["curves"], n_narrow["curves"])],
-        "note": "Approach 2 refitted with each curve's outer points dropped (>=5 sizes: both ends; 4: the one "
-                "farthest from the vertex). A parabola in ln N only approximates the loss near its minimum; the "
+        "note": "Approach 2 refitted with each curve's outermost size on the side farther from its vertex "
+                "dropped (curves of >= 4 sizes). A parabola in ln N only approximates the loss near its minimum; the "
                 "curve is steeper toward small N, so a wide grid pulls the vertex toward larger N and the "
                 "exponent moves with the grid. Trust a only when delta_a is well inside its interval.",
     }
@@ -306,7 +310,8 @@ def summary(fit: dict) -> str:
         lines.append(f"  N_opt ∝ C^{a2['a']:.3f} {_fmt_ci(ci.get('a'))}   D_opt ∝ C^{a2['b']:.3f} {_fmt_ci(ci.get('b'))}")
         g = a2["grid_width"]
         if g["delta_a"] is not None:
-            lines.append(f"  grid width: outer points dropped -> a = {g['a_narrow']:.3f} (change {g['delta_a']:+.3f})")
+            lines.append(f"  grid width: each curve's farthest size dropped -> a = {g['a_narrow']:.3f} "
+                         f"(change {g['delta_a']:+.3f}; a parabola only fits near the minimum)")
         else:
             lines.append("  grid width: the narrowed grid brackets fewer than 2 curves; no comparison")
     else:
@@ -319,6 +324,9 @@ def summary(fit: dict) -> str:
                      f"α={a3['alpha']:.3f} {_fmt_ci(ci.get('alpha'))}  β={a3['beta']:.3f} {_fmt_ci(ci.get('beta'))}")
         lines.append(f"  N_opt ∝ C^{a3['a']:.3f} {_fmt_ci(ci.get('a'))}   D_opt ∝ C^{a3['b']:.3f} {_fmt_ci(ci.get('b'))}"
                      f"   rms error {a3['rms_rel_error']:.2%}")
+        if a3.get("at_bound"):
+            lines.append(f"  warning: {', '.join(a3['at_bound'])} at the edge of its range: the points do not "
+                         "pin this law down (more budgets and sizes)")
         nb = fit["approach3_no_embed"]
         if nb.get("ok"):
             lines.append(f"  (with non-embedding N instead: α={nb['alpha']:.3f} β={nb['beta']:.3f} a={nb['a']:.3f}; "

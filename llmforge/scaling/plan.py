@@ -104,6 +104,7 @@ def plan(fit: dict, throughput, minutes: float | None = None, flops: float | Non
         "predicted_bpb": best["loss"] * fit["bpb_per_nat"] if fit.get("bpb_per_nat") else None,
         "flop_optimal_params": float(n_star), "flop_optimal_tokens": float(d_star),
         "extrapolated": not (min(measured) <= n <= max(measured)),
+        "law_at_bound": law.get("at_bound", []),
         "at_edge": best is max(rows, key=lambda r: r["params"]) or best is min(rows, key=lambda r: r["params"]),
         "alternatives": [{"n_layer": r["mc"].n_layer, "d_model": r["mc"].d_model, "params": int(r["params"]),
                           "tokens": int(r["tokens"]), "loss": r["loss"]} for r in rows[:5]],
@@ -133,6 +134,9 @@ def summary(p: dict) -> str:
     ]
     if p["extrapolated"]:
         lines.append("  note: this size is outside the sizes the sweep measured; its tokens/s is extrapolated")
+    if p.get("law_at_bound"):
+        lines.append(f"  note: the fitted law has {', '.join(p['law_at_bound'])} at the edge of its range; "
+                     "its predictions are weak (sweep more budgets and sizes)")
     if p["at_edge"]:
         lines.append("  note: the best candidate is the largest or smallest one considered; the optimum may lie beyond")
     lines.append("  run it: llmforge pretrain --out RUN " + " ".join(f"--set {o}" for o in p["overrides"]))

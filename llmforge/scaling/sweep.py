@@ -2,7 +2,13 @@
 and record each point's final held-out loss (the data the Chinchilla fits need).
 
     llmforge data prepare  --out runs/x --preset cpu
-    llmforge scaling sweep --out runs/x [--set scaling.budgets=[1e12,3e12,1e13]] [--set scaling.depths=[1,2,3,4,6]]
+    llmforge scaling sweep --out runs/x [--set scaling.budgets=[3e12,1e13,3e13]] [--set scaling.depths=[1,2,3,4,6]]
+
+The defaults (scaling/config.py) on the cpu preset: depths 1, 2, 3, 4, 6 = 0.32, 0.92, 1.97,
+3.87, 10.7M parameters (d_model 64..384, vocab 4096), budgets 3e12, 1e13, 3e13 FLOPs (the
+10-minute cpu pretraining is ~5e13): 12 points of >= 50 steps, about 25 minutes on two idle
+cores. Run nothing else meanwhile: two trainings on 2 cores slow each 3-5x (flops budgets
+keep the losses right, but the measured tokens/s that `scaling plan` uses would be wrong).
 
 A point = (budget, depth). Its shape comes from the depth alone (`shape()`: a fixed aspect
 ratio, d_model = aspect * n_layer), its vocabulary from the run's tokenizer, everything else
@@ -21,7 +27,8 @@ Budgets (scaling.unit):
 Every finished point is one line of RUN/scaling/scaling.jsonl: shape, N with and without
 embeddings, tokens D, FLOPs, measured tokens/s, wall time, final held-out loss and bpb. A
 point already there (with the same settings) is skipped, so an interrupted sweep continues
-where it stopped. Plots: RUN/plots/scaling_isoflop.png and scaling_frontier.png.
+where it stopped (a point stopped by SIGTERM resumes from its checkpoint; one killed outright
+starts over). Plots: RUN/plots/scaling_isoflop.png and scaling_frontier.png.
 """
 from __future__ import annotations
 
@@ -138,10 +145,12 @@ def measured_tokens_per_s(point_run: RunDir, tokens: int, elapsed: float) -> flo
 def validate(sc: ScalingConfig) -> None:
     if sc.unit not in ("flops", "minutes"):
         raise UserError(f"scaling.unit='{sc.unit}' is not flops or minutes; set --set scaling.unit=flops")
-    if not sc.budgets or any(not isinstance(b, (int, float)) or b <= 0 for b in sc.budgets):
+    if not isinstance(sc.budgets, list) or not sc.budgets or any(
+            not isinstance(b, (int, float)) or isinstance(b, bool) or b <= 0 for b in sc.budgets):
         raise UserError(f"scaling.budgets={sc.budgets} must be a non-empty list of positive numbers, "
                         "e.g. --set scaling.budgets=[1e12,3e12]")
-    if not sc.depths or any(not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in sc.depths):
+    if not isinstance(sc.depths, list) or not sc.depths or any(
+            not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in sc.depths):
         raise UserError(f"scaling.depths={sc.depths} must be a non-empty list of positive integers, "
                         "e.g. --set scaling.depths=[1,2,3]")
     for name in ("aspect", "head_dim", "kv_ratio"):
