@@ -118,6 +118,13 @@ class TokenizerConfig:
 
 
 @dataclass
+class TasksConfig:
+    """The verifiable tasks every alignment stage trains and evaluates on (llmforge/tasks)."""
+    names: str = ""                 # comma-separated task names; "" = all
+    max_new_tokens: int = 64        # longest answer sampled for a task prompt (SFT eval, RM pairs, RL, eval)
+
+
+@dataclass
 class TrainConfig:
     """The knobs of the one training loop (train/loop.py), shared by every stage."""
     batch_size: int = 16        # sequences per micro-batch per process
@@ -172,7 +179,6 @@ class SFTConfig(TrainConfig):
     eval_per_task: int = 50         # held-out items per task for verified accuracy
     user_data: str = ""             # JSONL conversations in the `messages` format
     packing: bool = True
-    tasks: str = ""                 # comma-separated task names; "" = all (see llmforge/tasks)
 
 
 @dataclass
@@ -204,7 +210,6 @@ class RLConfig(TrainConfig):
     max_steps: int = 50
     eval_every: int = 10
     ckpt_every: int = 10
-    max_new_tokens: int = 48
     temperature: float = 1.0        # sampling temperature of rollouts
     init: str = "sft"               # checkpoint folder the policy (and reference) start from
     eval_per_task: int = 30         # held-out items per task for verified accuracy (and checkpoint choice)
@@ -245,6 +250,7 @@ class ServeConfig:
 class Config:
     preset: str = "cpu"
     model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -279,7 +285,8 @@ def _micro(c: Config) -> None:
     c.rm = RMConfig(batch_size=16, seq_len=128, lr=1e-3, warmup_steps=5, max_steps=40, eval_every=0,
                     ckpt_every=0, log_every=10, prompts_per_task=12, samples_per_prompt=2, heldout_per_task=6)
     c.rl = RLConfig(batch_size=8, seq_len=128, lr=1e-4, max_steps=8, eval_every=0, ckpt_every=0, log_every=2,
-                    eval_per_task=8, max_new_tokens=40)
+                    eval_per_task=8)
+    c.tasks = TasksConfig(max_new_tokens=40)
     c.rejection = dataclasses.replace(c.rejection, prompts=16, group_size=4, rounds=2, steps_per_round=10, lr=3e-4)
     c.ppo = dataclasses.replace(c.ppo, prompts_per_rollout=8, ppo_epochs=2, curve_points=0)
     c.grpo = dataclasses.replace(c.grpo, prompts_per_rollout=4, group_size=4, ppo_epochs=1, max_draws=3)

@@ -69,7 +69,7 @@ def refusal_rates(samples) -> dict:
 def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     ec = cfg.eval
     tok = common.load_tokenizer(run)
-    names = task_names(cfg.sft.tasks)
+    names = task_names(cfg.tasks.names)
     present = [c for c in CANDIDATES if (run.ckpt(c) / "config.json").is_file()]
     if not present:
         raise UserError(f"{run.root} has no checkpoints to evaluate; run `llmforge pretrain --out {run.root}` first")
@@ -86,10 +86,10 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
             # pass@k (is there signal for RL to amplify?) only where RL starts: the SFT model
             acc, samples = task_eval.evaluate(model, tok, names, ec.eval_per_task,
                                               pass_k=ec.pass_k if name == "sft" else 0,
-                                              max_tokens=cfg.rl.max_new_tokens, seed=ec.seed,
+                                              max_tokens=cfg.tasks.max_new_tokens, seed=ec.seed,
                                               shots=FEWSHOT if name == "base" else 0, return_samples=True)
             if name != "base":
-                chats[name] = transcripts(task_eval.make_engine(model, tok), tok, cfg.rl.max_new_tokens)
+                chats[name] = transcripts(task_eval.make_engine(model, tok), tok, cfg.tasks.max_new_tokens)
             bpb = bits_per_byte(model, run, tok)
         greedy[name] = [row[0] for row in samples]
         results[name] = {"tasks": acc, "bpb": bpb, **refusal_rates(greedy[name])}

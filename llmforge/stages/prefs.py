@@ -407,7 +407,7 @@ def build(cfg, run, policy, tok) -> tuple[list[dict], list[dict]]:
     """Sample the policy on train and held-out prompts, grade, add constructed contrasts, and
     write prefs/{train,heldout}.jsonl (held-out pairs come only from held-out task items)."""
     rc = cfg.rm
-    names = task_names(cfg.sft.tasks)
+    names = task_names(cfg.tasks.names)
     sources = [s.strip() for s in rc.pair_sources.split(",") if s.strip()]
     for s in sources:
         if s not in SOURCES:
@@ -418,7 +418,7 @@ def build(cfg, run, policy, tok) -> tuple[list[dict], list[dict]]:
     out = []
     for which, items, seed in (("train", train_items, rc.seed), ("heldout", heldout_items, rc.seed + 1)):
         samples = task_eval.sample(policy, tok, items, n=rc.samples_per_prompt, temperature=1.0,
-                                   max_tokens=cfg.rl.max_new_tokens, seed=seed)
+                                   max_tokens=cfg.tasks.max_new_tokens, seed=seed)
         pairs = pairs_for(samples, seed, rc.pairs_per_source, sources)
         if which == "train":
             pairs += user_pairs

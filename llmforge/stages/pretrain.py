@@ -69,7 +69,7 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
     mid_start = int(tc.max_steps * (1 - tc.mid_fraction)) if tc.mid_fraction > 0 else None
     chat = None
     if mid_start is not None:
-        chat = ChatRows(tok, conversations(task_names(cfg.sft.tasks), tc.mid_examples_per_task,
+        chat = ChatRows(tok, conversations(task_names(cfg.tasks.names), tc.mid_examples_per_task,
                                            tc.mid_spelling_examples, seed=tc.seed, offset=2_000_000), T)
         if ctx.is_main:
             print(f"pretrain: midtraining from step {mid_start}: {tc.mid_chat_share:.0%} of rows from "
@@ -105,8 +105,8 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
         if eval_tasks > 0:  # every rank runs the same items, so the loop's mean over ranks is a no-op
             from llmforge.eval import tasks as task_eval
             from llmforge.tasks import task_names
-            names = task_names(cfg.sft.tasks)
-            acc = task_eval.evaluate(model, tok, names, eval_tasks, shots=2, max_tokens=cfg.rl.max_new_tokens,
+            names = task_names(cfg.tasks.names)
+            acc = task_eval.evaluate(model, tok, names, eval_tasks, shots=2, max_tokens=cfg.tasks.max_new_tokens,
                                      seed=tc.seed)
             out.update({f"fewshot_acc_{name}": acc[name]["accuracy"] for name in names})
             out["fewshot_acc_mean"] = acc["mean"]["accuracy"]

@@ -32,7 +32,7 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
     tok, train_text, val_text = load_data(run)
     model, base_cfg = load_checkpoint(run, "base", ("base",), tok,
                                       f"run `llmforge pretrain --out {run.root}` first")
-    names = task_names(tc.tasks)
+    names = task_names(cfg.tasks.names)
     seq_len = min(tc.seq_len, model.cfg.max_seq_len)
     chat = ChatRows(tok, conversations(names, tc.examples_per_task, tc.spelling_examples, tc.user_data, tc.seed),
                     seq_len, tc.packing)
@@ -55,14 +55,15 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
 
     def eval_fn(model):
         _, val_loss = model(val["input_ids"], targets=val["targets"], loss_mask=val["loss_mask"])
-        acc = task_eval.evaluate(model, tok, names, tc.eval_per_task, max_tokens=cfg.rl.max_new_tokens)
+        acc = task_eval.evaluate(model, tok, names, tc.eval_per_task, max_tokens=cfg.tasks.max_new_tokens)
         return {"val_loss": float(val_loss), "acc_mean": acc["mean"]["accuracy"],
                 **{f"acc_{n}": acc[n]["accuracy"] for n in names}, "val_bpb": text_bpb(model)}
 
-    token_bytes = torch.tensor(tok.token_bytes() + [0] * (model.cfg.vocab_size - tok.vocab_size))
+    token_bytes = bpb.token_bytes(tok, model.cfg.vocab_size)
 
-    def text_bpb(model) -> float:   # the pretraining validation text: is the corpus forgotten?
-        return bpb.evaluate(model, val_text.sequential_batches(B, seq_len, tc.eval_batches), token_bytes)["val_bpb"]
+    def text_bpb(model) -> float:   # the pretraining validation text, as pretraining's eval scores it
+        return bpb.heldout(model, val_text, token_bytes, model.cfg.max_seq_len, eot_id=tok.eot_id,
+                           max_tokens=tc.eval_batches * B * model.cfg.max_seq_len)["val_bpb"]
 
     ckpt = Checkpointing(run.ckpt("sft"), "sft", model.cfg, tok, {"preset": cfg.preset, "tasks": names})
     try:

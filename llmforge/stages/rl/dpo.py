@@ -59,7 +59,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
     with torch.no_grad():
         ref_logp = torch.cat([common.sequence_logprob(ref, batch_of(range(i, min(i + 64, len(pairs)))))
                               .view(2, -1).T for i in range(0, len(pairs), 64)])   # (n_pairs, 2)
-    names = task_names(cfg.sft.tasks)
+    names = task_names(cfg.tasks.names)
 
     def get_batch(step, micro, ctx):
         g = torch.Generator().manual_seed(rc.seed * 1_000_003 + step * 1_009 + micro)
@@ -74,7 +74,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
                       "reward_margin": float((r_chosen - r_rejected).mean())}
 
     def eval_fn(model):
-        return policy_eval(model, ref, tok, names, rc.eval_per_task, rc.max_new_tokens, rc.seed)
+        return policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed)
 
     tc = dataclasses.replace(rc, seq_len=max_len)
     train_dir = run.ckpt(f"{STAGE}_train")

@@ -64,7 +64,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
     train_dir = run.ckpt(f"{STAGE}_train")
     resume = resume and (train_dir / "train_state.json").is_file()
     best = BestCheckpoint(run, f"{STAGE}_best", tok, resume=resume)
-    names = task_names(cfg.sft.tasks)
+    names = task_names(cfg.tasks.names)
     pool = common.prompt_pool(names, max(gc.prompts_per_rollout * gc.max_draws // len(names) + 1, 50))
     G, max_len = gc.group_size, policy.cfg.max_seq_len
     n_groups = min(gc.prompts_per_rollout, len(pool))
@@ -79,7 +79,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
             if not picked:
                 break
             groups = task_eval.sample(policy, tok, [pool[i] for i in picked], n=G, temperature=rc.temperature,
-                                      max_tokens=rc.max_new_tokens, seed=rc.seed + phase * 1_009 + draw)
+                                      max_tokens=cfg.tasks.max_new_tokens, seed=rc.seed + phase * 1_009 + draw)
             rewards = torch.tensor([[s.reward for s in row] for row in groups])
             useful = informative_groups(rewards) if gc.dynamic_sampling else torch.ones(len(groups), dtype=bool)
             for i, row, r, ok in zip(picked, groups, rewards, useful.tolist()):
@@ -126,7 +126,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
         return loss, {"pg_loss": pg_loss.item(), "kl_k3": kl.item(), "clip_frac": clip_frac.item()}
 
     def evaluate(model, step: int) -> dict:
-        out = policy_eval(model, ref, tok, names, rc.eval_per_task, rc.max_new_tokens, rc.seed)
+        out = policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed)
         if gc.select_best:
             best.offer(model, out["acc_mean"], step, {"algo": ALGO})
         return out

@@ -120,7 +120,7 @@ def train_one(cfg: Config, run: RunDir, pc: PPOConfig, name: str, reward_model, 
         return {"name": name, "kl_coef": pc.kl_coef, "selection_acc": best.best, "selection_step": best.step,
                 "summary": {}}      # a finished member of a sweep
     model = PolicyWithValue(policy)
-    names = task_names(cfg.sft.tasks)
+    names = task_names(cfg.tasks.names)
     pool = common.prompt_pool(names, max(pc.prompts_per_rollout, 50))
     kl_ctl = AdaptiveKL(pc.kl_coef, pc.kl_target, pc.kl_horizon) if pc.kl_target > 0 else FixedKL(pc.kl_coef)
     max_len = policy.cfg.max_seq_len
@@ -131,7 +131,7 @@ def train_one(cfg: Config, run: RunDir, pc: PPOConfig, name: str, reward_model, 
         picked = random.Random(rc.seed * 1_000_003 + phase).sample(range(len(pool)),
                                                                    min(pc.prompts_per_rollout, len(pool)))
         samples = [row[0] for row in task_eval.sample(policy, tok, [pool[i] for i in picked], n=1,
-                                                       temperature=rc.temperature, max_tokens=rc.max_new_tokens,
+                                                       temperature=rc.temperature, max_tokens=cfg.tasks.max_new_tokens,
                                                        seed=rc.seed + phase)]
         score = rm_scores(reward_model, samples, max_len, pc.no_end_penalty)
         buf = RolloutBuffer.from_samples(phase, samples, picked, score, tok.eot_id, max_len)
@@ -185,7 +185,7 @@ def train_one(cfg: Config, run: RunDir, pc: PPOConfig, name: str, reward_model, 
         return loss, metrics
 
     def evaluate(policy_now, step: int) -> dict:
-        out = policy_eval(policy_now, ref, tok, names, rc.eval_per_task, rc.max_new_tokens, rc.seed,
+        out = policy_eval(policy_now, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed,
                           reward=reward_model, max_len=max_len)
         run.log(STAGE, run_name=name, **overopt.point(pc.kl_coef, step, out["eval_kl"], out["eval_rm_reward"],
                                                       out["acc_mean"]))

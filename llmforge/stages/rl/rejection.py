@@ -67,7 +67,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
     ctx = common.single_process()
     tok, policy, ref = common.policy_and_reference(run, rc)
     reward_model = load_reward(run, tok, cfg.rm.safety_threshold)
-    names = task_names(cfg.sft.tasks)
+    names = task_names(cfg.tasks.names)
     pool = common.prompt_pool(names, max(jc.prompts // len(names) + 1, 50))
     N, max_len = jc.group_size, policy.cfg.max_seq_len
     train_dir, rollout_dir = run.ckpt(f"{STAGE}_train"), run.ckpt(f"{STAGE}_rollouts")
@@ -89,7 +89,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
     def make_round(round_: int) -> RolloutBuffer:
         picked = random.Random(rc.seed * 1_000_003 + round_).sample(range(len(pool)), min(jc.prompts, len(pool)))
         groups = task_eval.sample(policy, tok, [pool[i] for i in picked], n=N, temperature=rc.temperature,
-                                  max_tokens=rc.max_new_tokens, seed=rc.seed + 1000 * round_)
+                                  max_tokens=cfg.tasks.max_new_tokens, seed=rc.seed + 1000 * round_)
         flat = [s for row in groups for s in row]
         rm = rm_scores(reward_model, flat, max_len, jc.no_end_penalty).view(len(groups), N)
         verified = torch.tensor([[s.reward for s in row] for row in groups])
@@ -113,7 +113,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
         return -masked_mean(logp, batch["act_mask"]), {}
 
     def eval_fn(model):
-        return policy_eval(model, ref, tok, names, rc.eval_per_task, rc.max_new_tokens, rc.seed)
+        return policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed)
 
     summary: dict = {}
     for round_ in range(first, jc.rounds):
@@ -128,7 +128,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
         if buf is None:               # no answer the verifier accepts: nothing to imitate this round
             resume_round = False
             if last:
-                summary = policy_eval(policy, ref, tok, names, rc.eval_per_task, rc.max_new_tokens, rc.seed)
+                summary = policy_eval(policy, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed)
                 run.log(STAGE, event="done", **summary)
             continue
 
