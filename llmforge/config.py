@@ -294,21 +294,27 @@ def _micro(c: Config) -> None:
 
 
 def _cpu(c: Config) -> None:
-    """Default: 4 layers x 256 (4.4M parameters with the 4096-token embedding), sized for what a
-    user gets per CPU-minute, not for MFU: the 13.4M 4x512 model of earlier runs saw 0.2 tokens
-    per parameter in 10 minutes and was still far from converged; this one trains ~2x faster
-    per token and sees ~6M tokens. The last 15% of pretraining steps are midtraining
-    (conversations mixed into the text batches)."""
+    """Default: 4 layers x 256 (4.0M parameters with the 4096-token embedding), ~9 minutes of
+    pretraining on 2 cores, the last 30% of it midtraining (conversations mixed into the text).
+
+    How it was chosen, by measurement (README, Results): `llmforge scaling plan --minutes 9`
+    on this machine's sweep picks 2 x 128 (0.92M params, 8.9M tokens, predicted loss 3.198):
+    the best *bits per byte* per CPU-minute (it measured 1.53). But the assistant built on it
+    could not copy a number into a calculator call or a name into JSON (SFT mean accuracy 15%):
+    a 2-layer, 2-head model lacks the attention to do what the tasks ask. The next sizes run
+    nearly as fast here (per-step overhead dominates: 2x128 14.3k tok/s, 4x256 6.2k, 6x192
+    5.7k), so this preset buys capacity with ~2.3x fewer pretraining tokens. The 13.4M model
+    chosen earlier for MFU saw 0.2 tokens/param; this one sees ~0.8."""
     c.model = ModelConfig(vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=256)
-    c.pretrain = PretrainConfig(batch_size=16, seq_len=256, lr=3e-3, warmup_steps=100, max_steps=1500,
-                                eval_every=250, eval_batches=20, ckpt_every=250, sample_every=500,
-                                mid_fraction=0.15, mid_chat_share=0.4, eval_tasks_per_task=10)
+    c.pretrain = PretrainConfig(batch_size=16, seq_len=256, lr=3e-3, warmup_steps=50, max_steps=760,
+                                eval_every=190, eval_batches=20, ckpt_every=190, sample_every=380,
+                                mid_fraction=0.3, mid_chat_share=0.5, eval_tasks_per_task=10)
     # alignment stages: wall-clock budgets (train.minutes) so the speedrun fits 20 minutes
     c.sft = SFTConfig(batch_size=16, seq_len=256, lr=1e-3, warmup_steps=20, max_steps=3000, minutes=2.5,
-                      eval_every=0, ckpt_every=0, examples_per_task=2000, eval_per_task=30, text_share=0.2)
+                      eval_every=0, ckpt_every=0, examples_per_task=2000, eval_per_task=30, text_share=0.15)
     c.rm = RMConfig(batch_size=16, lr=5e-4, warmup_steps=10, max_steps=300, minutes=1.0, eval_every=0,
                     ckpt_every=0, prompts_per_task=40, samples_per_prompt=4, heldout_per_task=15)
-    c.rl = RLConfig(batch_size=16, lr=3e-5, max_steps=60, minutes=2.0, eval_every=0, ckpt_every=0, log_every=2,
+    c.rl = RLConfig(batch_size=16, lr=1e-4, max_steps=300, minutes=1.5, eval_every=0, ckpt_every=0, log_every=2,
                     eval_per_task=30)
     c.rejection = dataclasses.replace(c.rejection, prompts=64, group_size=4, rounds=2, steps_per_round=40)
     c.ppo = dataclasses.replace(c.ppo, prompts_per_rollout=16, ppo_epochs=2, curve_points=2, kl_sweep="")
@@ -332,19 +338,22 @@ PRESETS = {"micro": _micro, "cpu": _cpu, "gpt2-small": _gpt2_small}
 
 # ---------------------------------------------------------------- loading and overrides
 
-def _merge(obj, values: dict, where: str) -> None:
+def _merge(obj, values: dict, where: str, strict: bool = True) -> None:
     """Set dataclass `obj`'s fields from a nested dict, type-checking as we go."""
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         path = f"{where}{key}"
+        if key not in names and not strict:   # a run recorded by an older llmforge: the key was retired
+            print(f"config: ignoring '{path}' recorded in the run's config.toml (no longer a setting)")
+            continue
         if key not in names:
             raise UserError(f"unknown config key '{path}'; known keys here: {', '.join(sorted(names))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise UserError(f"config key '{path}' is a section; give it as a TOML table")
-            _merge(current, value, path + ".")
+            _merge(current, value, path + ".", strict)
         elif key == "sources":
             if isinstance(value, str):  # from --set data.sources=[{...}]
                 value = _parse_literal(value, path)
@@ -424,7 +433,7 @@ def resolve(preset: str | None = None, config_file: str | None = None, overrides
     cfg = Config(preset=name)
     PRESETS[name](cfg)
     if recorded_values and preset in (None, recorded_values.get("preset")):
-        _merge(cfg, recorded_values, "")
+        _merge(cfg, recorded_values, "", strict=False)
     if config_file:
         _merge(cfg, load_toml(config_file), "")
     for o in overrides:
