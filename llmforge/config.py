@@ -304,17 +304,17 @@ def _cpu(c: Config) -> None:
     a 2-layer, 2-head model lacks the attention to do what the tasks ask. The next sizes run
     nearly as fast here (per-step overhead dominates: 2x128 14.3k tok/s, 4x256 6.2k, 6x192
     5.7k), so this preset buys capacity with ~2.3x fewer pretraining tokens. The 13.4M model
-    chosen earlier for MFU saw 0.2 tokens/param; this one sees ~0.8."""
+    chosen earlier for MFU saw 0.2 tokens/param; this one sees ~0.7."""
     c.model = ModelConfig(vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=256)
-    c.pretrain = PretrainConfig(batch_size=16, seq_len=256, lr=3e-3, warmup_steps=50, max_steps=760,
-                                eval_every=190, eval_batches=20, ckpt_every=190, sample_every=380,
+    c.pretrain = PretrainConfig(batch_size=16, seq_len=256, lr=3e-3, warmup_steps=50, max_steps=700,
+                                eval_every=175, eval_batches=20, ckpt_every=175, sample_every=350,
                                 mid_fraction=0.3, mid_chat_share=0.5, eval_tasks_per_task=10)
     # alignment stages: wall-clock budgets (train.minutes) so the speedrun fits 20 minutes
-    c.sft = SFTConfig(batch_size=16, seq_len=256, lr=1e-3, warmup_steps=20, max_steps=3000, minutes=2.5,
+    c.sft = SFTConfig(batch_size=16, seq_len=256, lr=2e-3, warmup_steps=20, max_steps=3000, minutes=2.5,
                       eval_every=0, ckpt_every=0, examples_per_task=2000, eval_per_task=30, text_share=0.15)
-    c.rm = RMConfig(batch_size=16, lr=5e-4, warmup_steps=10, max_steps=300, minutes=1.0, eval_every=0,
-                    ckpt_every=0, prompts_per_task=40, samples_per_prompt=4, heldout_per_task=15)
-    c.rl = RLConfig(batch_size=16, lr=1e-4, max_steps=300, minutes=1.5, eval_every=0, ckpt_every=0, log_every=2,
+    c.rm = RMConfig(batch_size=16, lr=5e-4, warmup_steps=10, max_steps=300, minutes=0.75, eval_every=0,
+                    ckpt_every=0, prompts_per_task=24, samples_per_prompt=4, heldout_per_task=15)
+    c.rl = RLConfig(batch_size=16, lr=1e-4, max_steps=300, minutes=1.0, eval_every=0, ckpt_every=0, log_every=2,
                     eval_per_task=30)
     c.rejection = dataclasses.replace(c.rejection, prompts=64, group_size=4, rounds=2, steps_per_round=40)
     c.ppo = dataclasses.replace(c.ppo, prompts_per_rollout=16, ppo_epochs=2, curve_points=2, kl_sweep="")

@@ -18,13 +18,13 @@ def speedrun(tmp_path_factory):
 
 
 def test_every_stage_ran_and_left_its_outputs(speedrun):
-    for kind in ("base", "sft", "rm", "rm_safety", "rl_rejection", "rl_ppo"):
+    for kind in ("base", "sft", "rm", "rm_safety", "rl_rejection", "rl_ppo", "rl_grpo"):
         config = json.loads((speedrun.ckpt(kind) / "config.json").read_text())
         assert config.get("complete", True), kind
     names = [r["step_name"] for r in speedrun.read_metrics("speedrun")]
-    assert names == ["data", "pretrain", "sft", "rm", "rl_rejection", "rl_ppo", "eval"]
+    assert names == ["data", "pretrain", "sft", "rm", "rl_rejection", "rl_ppo", "rl_grpo", "eval"]
     report = speedrun.report.read_text()
-    for section in ("## Stages", "## Held-out verified accuracy", "## Arena", "## Targets"):
+    for section in ("## Stages", "## Held-out verified accuracy", "## Arena", "## Transcripts", "## Targets"):
         assert section in report
     for png in ("loss", "rl", "accuracy", "arena"):
         assert (speedrun.plots / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -56,6 +56,6 @@ def test_a_second_run_skips_finished_stages(speedrun, capsys):
     before = len(speedrun.read_metrics("pretrain"))
     assert main(["speedrun", "--out", str(speedrun.root)]) == 0
     printed = capsys.readouterr().out
-    for stage in ("pretrain", "sft", "rm", "rl_rejection", "rl_ppo"):
+    for stage in ("pretrain", "sft", "rm", "rl_rejection", "rl_ppo", "rl_grpo"):
         assert f"{stage} already done, skipping" in printed
     assert len(speedrun.read_metrics("pretrain")) == before

@@ -41,13 +41,13 @@ def fewshot_prompt(item: Item, shots: int) -> list[dict]:
     return turns + item.prompt
 
 
-def make_engine(model, tok, max_batch: int = 32) -> Engine:
+def make_engine(model, tok, max_batch: int = 128) -> Engine:
     from llmforge.infer.tools import run_tool
     return Engine(model, tok, max_batch=max_batch, tool_runner=run_tool)
 
 
 def sample(model, tok, items: list[Item], *, n: int = 1, temperature: float = 1.0, max_tokens: int = 64,
-           seed: int = 0, shots: int = 0, engine: Engine | None = None, max_batch: int = 32) -> list[list[Sample]]:
+           seed: int = 0, shots: int = 0, engine: Engine | None = None, max_batch: int = 128) -> list[list[Sample]]:
     """n graded samples for each item (list per item), all through one engine."""
     was_training = model.training
     engine = engine or make_engine(model, tok, max_batch)

@@ -17,8 +17,8 @@ from llmforge.tasks.phrasing import pick, side
 from llmforge.tasks.safety import is_refusal
 
 NAME = "llmforge"
-INTRO = (f"I'm {NAME}, a small AI assistant trained from scratch. I can do arithmetic with a calculator, "
-         "count and reverse letters, sort numbers, turn sentences into JSON and answer questions about Python.")
+INTRO = (f"I'm {NAME}, a small AI assistant. I can do arithmetic with a calculator, count and reverse "
+         "letters, sort numbers, make JSON and answer Python questions.")
 
 GREETINGS = ["Hi!", "Hello!", "Hey there!", "Good morning!", "Hi there.", "Hello, anyone there?", "Hey!",
              "Good evening!", "Howdy!", "Hiya!", "Greetings!", "Hello assistant.", "Hi, how are you?",
