@@ -279,7 +279,7 @@ def _micro(c: Config) -> None:
                                 eval_every=50, eval_batches=4, ckpt_every=50, log_every=10, mid_fraction=0.2,
                                 mid_examples_per_task=200, mid_spelling_examples=200)
     # alignment stages: seconds each (tests/test_alignment.py runs them end to end)
-    c.sft = SFTConfig(batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10, max_steps=120, eval_every=0,
+    c.sft = SFTConfig(batch_size=16, seq_len=128, lr=5e-3, warmup_steps=10, max_steps=500, eval_every=0,
                       ckpt_every=0, log_every=10, examples_per_task=300, eval_per_task=8,
                       spelling_examples=300)
     c.rm = RMConfig(batch_size=16, seq_len=128, lr=1e-3, warmup_steps=5, max_steps=40, eval_every=0,

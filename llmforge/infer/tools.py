@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +115,10 @@ def calculate(expression: str) -> str:
     if len(expression) > MAX_EXPRESSION_CHARS:
         return f"error: expression longer than {MAX_EXPRESSION_CHARS} characters"
     try:
-        value = _evaluate(ast.parse(expression.strip(), mode="eval"))
+        with warnings.catch_warnings():   # a model's "3x4" is a SyntaxWarning before it is an error
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(expression.strip(), mode="eval")
+        value = _evaluate(tree)
     except SyntaxError:
         return f"error: not an arithmetic expression: {expression!r}"
     except ZeroDivisionError:

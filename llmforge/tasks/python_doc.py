@@ -42,6 +42,7 @@ import importlib
 import inspect
 import random
 import re
+import warnings
 from dataclasses import dataclass
 
 from llmforge.tasks.base import Item, Task, answer_text, say, user
@@ -327,7 +328,9 @@ def signature_ok(ref: dict, text: str) -> bool:
     if inside is None:
         return False
     try:
-        a = ast.parse(f"def _f({inside}): pass").body[0].args
+        with warnings.catch_warnings():   # model-written text: warnings are noise, errors are handled
+            warnings.simplefilter("ignore", SyntaxWarning)
+            a = ast.parse(f"def _f({inside}): pass").body[0].args
         names = [x.arg for x in a.posonlyargs + a.args] + ([a.vararg.arg] if a.vararg else []) + \
                 [x.arg for x in a.kwonlyargs] + ([a.kwarg.arg] if a.kwarg else [])
     except (SyntaxError, ValueError):
@@ -364,7 +367,9 @@ def _calls(text: str, callee: str):
             depth += {"(": 1, ")": -1}.get(text[i], 0)
             if depth == 0:
                 try:
-                    yield ast.parse(text[m.start():i + 1], mode="eval").body
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", SyntaxWarning)
+                        yield ast.parse(text[m.start():i + 1], mode="eval").body
                 except SyntaxError:
                     yield None
                 break
