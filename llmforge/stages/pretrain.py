@@ -100,7 +100,7 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
     def eval_fn(model):
         started = time.perf_counter()
         out = bpb.heldout(model, val_data, token_bytes, mc.max_seq_len,
-                          max_tokens=tc.eval_batches * B * mc.max_seq_len, eot_id=tok.eot_id,
+                          max_tokens=tc.eval_batches * B * ctx.world * mc.max_seq_len, eot_id=tok.eot_id,
                           doc_sources=doc_sources, batch_size=B)
         if eval_tasks > 0:  # every rank runs the same items, so the loop's mean over ranks is a no-op
             from llmforge.eval import tasks as task_eval

@@ -17,7 +17,7 @@ from llmforge.run import RunDir
 from llmforge.stages.chat_data import ChatRows, conversations, mixed_batch
 from llmforge.eval import bpb
 from llmforge.stages.pretrain import load_data
-from llmforge.stages.rl.common import lm_batch, load_checkpoint
+from llmforge.stages.rl.common import lm_batch, load_checkpoint, load_tokenizer
 from llmforge.tasks import task_names
 from llmforge.tokenizer.chat import render
 from llmforge.train import distributed
@@ -29,7 +29,11 @@ STAGE = "sft"
 def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = True) -> dict:
     tc = cfg.sft
     ctx = distributed.setup()
-    tok, train_text, val_text = load_data(run)
+    tok, train_text, val_text = load_tokenizer(run), None, None
+    if (run.data / "manifest.json").is_file():   # a run built from an imported model has no shards
+        tok, train_text, val_text = load_data(run)
+    elif tc.text_share > 0 and ctx.is_main:
+        print(f"sft: {run.data} has no pretraining shards; training on conversations only (sft.text_share ignored)")
     model, base_cfg = load_checkpoint(run, "base", ("base",), tok,
                                       f"run `llmforge pretrain --out {run.root}` first")
     names = task_names(cfg.tasks.names)
@@ -41,8 +45,8 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
     B = tc.batch_size
     if ctx.is_main:
         print(f"sft: {chat.conversations} conversations in {len(chat)} rows of {seq_len} tokens "
-              f"({chat.truncated} truncated), {chat.trained_tokens} trained tokens, {tc.text_share:.0%} of rows "
-              f"pretraining text, tasks: {', '.join(names)}")
+              f"({chat.truncated} truncated), {chat.trained_tokens} trained tokens, "
+              f"{tc.text_share if train_text is not None else 0:.0%} of rows pretraining text, tasks: {', '.join(names)}")
 
     def get_batch(step, micro, ctx):
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * 1_009 + micro)
@@ -57,13 +61,14 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
         _, val_loss = model(val["input_ids"], targets=val["targets"], loss_mask=val["loss_mask"])
         acc = task_eval.evaluate(model, tok, names, tc.eval_per_task, max_tokens=cfg.tasks.max_new_tokens)
         return {"val_loss": float(val_loss), "acc_mean": acc["mean"]["accuracy"],
-                **{f"acc_{n}": acc[n]["accuracy"] for n in names}, "val_bpb": text_bpb(model)}
+                **{f"acc_{n}": acc[n]["accuracy"] for n in names},
+                **({"val_bpb": text_bpb(model)} if val_text is not None else {})}
 
     token_bytes = bpb.token_bytes(tok, model.cfg.vocab_size)
 
     def text_bpb(model) -> float:   # the pretraining validation text, as pretraining's eval scores it
         return bpb.heldout(model, val_text, token_bytes, model.cfg.max_seq_len, eot_id=tok.eot_id,
-                           max_tokens=tc.eval_batches * B * model.cfg.max_seq_len)["val_bpb"]
+                           max_tokens=tc.eval_batches * B * ctx.world * model.cfg.max_seq_len)["val_bpb"]
 
     ckpt = Checkpointing(run.ckpt("sft"), "sft", model.cfg, tok, {"preset": cfg.preset, "tasks": names})
     try:
