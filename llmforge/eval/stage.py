@@ -25,6 +25,7 @@ from llmforge.eval import tasks as task_eval
 from llmforge.eval.transcripts import transcripts
 from llmforge.run import RunDir, write_json_atomic
 from llmforge.stages.rl import common
+from llmforge.stages.rl.rewards import load_reward
 from llmforge.tasks import task_names
 
 CANDIDATES = ("base", "sft", "rl_rejection", "rl_ppo", "rl_dpo", "rl_grpo")
@@ -73,7 +74,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     present = [c for c in CANDIDATES if (run.ckpt(c) / "config.json").is_file()]
     if not present:
         raise UserError(f"{run.root} has no checkpoints to evaluate; run `llmforge pretrain --out {run.root}` first")
-    reward = common.load_reward(run, tok, cfg.rm.safety_threshold) if (run.ckpt("rm") / "config.json").is_file() \
+    reward = load_reward(run, tok, cfg.rm.safety_threshold) if (run.ckpt("rm") / "config.json").is_file() \
         else None
     results: dict[str, dict] = {}
     greedy: dict[str, list] = {}

@@ -1,7 +1,7 @@
 """Reward models: the SFT transformer with a scalar head read at the last token, trained with
 the Bradley–Terry loss (+ Llama 2's margin) on preference pairs -> ckpt/rm (helpfulness) and
 ckpt/rm_safety (safety). Scores are normalized to mean 0 / std 1 on a reference set (every
-response of the train pairs); rl/common.CombinedReward combines the two as Llama 2 does.
+response of the train pairs); rl/rewards.CombinedReward combines the two as Llama 2 does.
 Where a task's verifier can grade a response, the reward RL and rejection sampling optimise is
 `verifier_plus_rm` (below): the verifier decides, the RM only ranks within a verdict.
 
@@ -25,7 +25,8 @@ from llmforge.errors import UserError
 from llmforge.model.heads import ScalarHeadModel
 from llmforge.run import RunDir, write_json_atomic
 from llmforge.stages import prefs
-from llmforge.stages.rl.common import load_checkpoint, load_tokenizer, pad, score_sequences
+from llmforge.stages.rl.common import load_checkpoint, load_tokenizer, pad
+from llmforge.stages.rl.rewards import score_sequences
 from llmforge.stages.rl.objectives import bradley_terry_loss
 from llmforge.tasks.safety import is_refusal
 from llmforge.tokenizer.chat import END, render

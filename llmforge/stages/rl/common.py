@@ -136,18 +136,3 @@ def trainable_top_layers(model, k: int) -> None:
 def prompt_pool(names: list[str], per_task: int, offset: int = 700_000):
     from llmforge.tasks import get_task
     return [item for n in names for item in get_task(n).train_items(per_task, offset=offset)]
-
-
-# ---------------------------------------------------------------- re-exports (to be removed)
-
-_MOVED = {"score_sequences": "rewards", "CombinedReward": "rewards", "load_reward": "rewards",
-          "rollout_batch": "rollout", "gather_actions": "rollout",
-          "policy_eval": "evaluate", "sample_stats": "evaluate"}
-
-
-def __getattr__(name: str):
-    # PEP 562: resolved on first use, so the new modules may import this one without a cycle
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(f"llmforge.stages.rl.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
