@@ -16,7 +16,6 @@ import torch
 
 from llmforge.config import resolve
 from llmforge.model.transformer import Transformer
-from llmforge.train.loop import measured_peak_flops
 from llmforge.train.optim import build_optimizer
 
 

@@ -219,23 +219,3 @@ def heldout(model, val, token_bytes: torch.Tensor, seq_len: int, max_tokens: int
         if src_bytes > 0:
             out[f"val_bpb_{name}"] = src_nats / math.log(2) / src_bytes
     return out
-
-
-def evaluate(model, batches, token_bytes: torch.Tensor) -> dict[str, float]:
-    """Loss and bpb over arbitrary (x, y) batches. Not a held-out number: use heldout() for
-    anything reported (it fixes which bytes and which context)."""
-    device = next(model.parameters()).device
-    token_bytes = token_bytes.to(device)
-    loss_sum, n_tokens, nats, n_bytes = 0.0, 0, 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        loss_sum += float(losses.sum())
-        n_tokens += y.numel()
-        nbytes = token_bytes[y.flatten()]
-        counted = nbytes > 0
-        nats += float(losses[counted].sum())
-        n_bytes += int(nbytes.sum())
-    return {"val_loss": loss_sum / max(n_tokens, 1),
-            "val_bpb": nats / math.log(2) / max(n_bytes, 1)}

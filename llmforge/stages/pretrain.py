@@ -14,6 +14,7 @@ from llmforge.config import Config
 from llmforge.data.shards import TokenShards, read_manifest
 from llmforge.errors import UserError
 from llmforge.eval import bpb
+from llmforge.eval import tasks as task_eval
 from llmforge.model.transformer import Transformer
 from llmforge.run import RunDir
 from llmforge.stages.chat_data import ChatRows, conversations, mixed_batch
@@ -57,7 +58,7 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
     mc = model_config(cfg, tok)
     torch.manual_seed(tc.seed)
     model = Transformer(mc)
-    token_bytes = torch.tensor(tok.token_bytes() + [0] * (mc.vocab_size - tok.vocab_size))
+    token_bytes = bpb.token_bytes(tok, mc.vocab_size)
     B, T = tc.batch_size, tc.seq_len
     if ctx.is_main:
         print(f"pretrain: {model.num_params() / 1e6:.2f}M parameters, {train_data.num_tokens:,} train tokens, "
@@ -103,8 +104,6 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
                           max_tokens=tc.eval_batches * B * ctx.world * mc.max_seq_len, eot_id=tok.eot_id,
                           doc_sources=doc_sources, batch_size=B)
         if eval_tasks > 0:  # every rank runs the same items, so the loop's mean over ranks is a no-op
-            from llmforge.eval import tasks as task_eval
-            from llmforge.tasks import task_names
             names = task_names(cfg.tasks.names)
             acc = task_eval.evaluate(model, tok, names, eval_tasks, shots=2, max_tokens=cfg.tasks.max_new_tokens,
                                      seed=tc.seed)

@@ -144,7 +144,7 @@ def train_one(cfg: Config, run: RunDir, tok, sft_model, name: str, train_pairs, 
         chosen, rejected = scores.chunk(2)
         margin = batch["margin"] if rc.margin else None
         loss = bradley_terry_loss(chosen, rejected, margin)
-        return loss, {"train_acc": float((chosen > rejected).float().mean())}
+        return loss, {"train_acc": (chosen > rejected).float().mean()}
 
     def eval_fn(model):
         return {"heldout_acc": pairwise_accuracy(model, heldout_enc, pad_id) if heldout_enc else float("nan")}

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from llmforge.config import Config
+from llmforge.eval import bpb
 from llmforge.eval import tasks as task_eval
 from llmforge.run import RunDir
 from llmforge.stages.chat_data import ChatRows, conversations, mixed_batch
-from llmforge.eval import bpb
 from llmforge.stages.pretrain import load_data
 from llmforge.stages.rl.common import lm_batch, load_checkpoint, load_tokenizer
 from llmforge.tasks import task_names

@@ -5,7 +5,8 @@ A stage hands over:
     get_batch  get_batch(step, micro, ctx) -> dict of tensors; must be a pure function of its
                arguments (and of the stage's own seeded state) so that resume is exact and every
                DDP rank reads its own rows of the same global batch
-    loss_fn    loss_fn(model, batch) -> (loss, {"name": float, ...}); metrics are averaged
+    loss_fn    loss_fn(model, batch) -> (loss, {"name": float or 0-d tensor}); metrics are averaged
+               (return tensors, not .item(): the loop reads them only on logging steps)
     ckpt       Checkpointing(dir, kind, model_cfg, tokenizer, meta): where and how to save
 and optionally eval_fn(model) -> {"val_loss": ..., ...} and sample_fn(model) -> str.
 loss_fn must call the model through forward (model(...)), not other methods, so that DDP's
@@ -230,7 +231,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach().float() / cfg.grad_accum
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+                    # kept as (detached) tensors: read only on logging steps, with the loss
+                    sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / cfg.grad_accum
                 step_tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in raw_model.parameters() if p.requires_grad],
@@ -245,6 +247,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
             logging_step = step % cfg.log_every == 0 or step == 1
             if logging_step or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 # the one host sync of a step, and only on steps that log or save
+                sums = {k: float(v) for k, v in sums.items()}
                 sums["loss"] = float(loss_sum)
                 if not math.isfinite(sums["loss"]):
                     raise RuntimeError(f"{stage}: loss became {sums['loss']} at step {step}; lower the lr "

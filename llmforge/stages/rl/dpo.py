@@ -70,8 +70,8 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
         chosen, rejected = common.sequence_logprob(model, batch).chunk(2)
         loss, r_chosen, r_rejected = dpo_loss(chosen, rejected, batch["ref_logp"][:, 0], batch["ref_logp"][:, 1],
                                               dc.beta)
-        return loss, {"reward_acc": float((r_chosen > r_rejected).float().mean()),
-                      "reward_margin": float((r_chosen - r_rejected).mean())}
+        return loss, {"reward_acc": (r_chosen > r_rejected).float().mean(),
+                      "reward_margin": (r_chosen - r_rejected).mean().detach()}
 
     def eval_fn(model):
         return policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed)

@@ -123,7 +123,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
         log_ratio = batch["ref_logp"] - logp
         kl = masked_mean(torch.exp(log_ratio) - log_ratio - 1, mask)
         loss = pg_loss + gc.kl_coef * kl
-        return loss, {"pg_loss": pg_loss.item(), "kl_k3": kl.item(), "clip_frac": clip_frac.item()}
+        return loss, {"pg_loss": pg_loss.detach(), "kl_k3": kl.detach(), "clip_frac": clip_frac.detach()}
 
     def evaluate(model, step: int) -> dict:
         out = policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed)

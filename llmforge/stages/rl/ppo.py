@@ -175,13 +175,13 @@ def train_one(cfg: Config, run: RunDir, pc: PPOConfig, name: str, reward_model, 
         pg_loss, clip_frac = ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, pc.clip)
         vf_loss = ppo_value_loss(v, batch["values"], batch["returns"], mask, pc.value_clip)
         loss = pg_loss + pc.vf_coef * vf_loss
-        metrics = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "clip_frac": clip_frac.item()}
+        metrics = {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "clip_frac": clip_frac.detach()}
         if "ptx_x" in batch:   # InstructGPT eq. 2, the γ·E_pretrain[log π] term
             from llmforge.model.transformer import token_cross_entropy
             ptx_logits, _ = model(batch["ptx_x"])
             ptx_loss = token_cross_entropy(ptx_logits, batch["ptx_y"])
             loss = loss + pc.ptx_coef * ptx_loss
-            metrics["ptx_loss"] = ptx_loss.item()
+            metrics["ptx_loss"] = ptx_loss.detach()
         return loss, metrics
 
     def evaluate(policy_now, step: int) -> dict:
