@@ -114,7 +114,8 @@ class DataConfig:
 class TokenizerConfig:
     vocab_size: int = 4096
     sample_bytes: int = 20_000_000  # mixture sample the BPE merges are learned from
-    single_digits: bool = True      # every digit its own token (as Llama): arithmetic is learnable; False: GPT-4 1-3 digit groups
+    single_digits: bool = True      # every digit its own token (as Llama); False: GPT-4 1-3 digit groups
+    whole_numbers: bool = False     # with digit groups: every group "0".."999" is one token (numbers copy as one token)
 
 
 @dataclass
@@ -163,6 +164,7 @@ class PretrainConfig(TrainConfig):
     mid_chat_share: float = 0.3     # share of each midtraining batch's rows that are conversations
     mid_examples_per_task: int = 2000  # train conversations per task for midtraining (+ spelling drills)
     mid_spelling_examples: int = 3000
+    mid_copy_examples: int = 0      # "Repeat exactly: 55278" drills (tasks/copying.py): copying from the context
     eval_tasks_per_task: int = 0    # > 0: each eval also scores this many held-out items per task, few-shot
 
 
@@ -175,6 +177,7 @@ class SFTConfig(TrainConfig):
     ckpt_every: int = 100
     examples_per_task: int = 2000   # train conversations generated per task
     spelling_examples: int = 3000   # "Spell 'word'." drills on corpus words (never the eval words)
+    copy_examples: int = 0          # "Repeat exactly: 55278" drills on random strings (tasks/copying.py)
     text_share: float = 0.2         # share of each batch's rows that are pretraining text (no forgetting)
     eval_per_task: int = 50         # held-out items per task for verified accuracy
     user_data: str = ""             # JSONL conversations in the `messages` format

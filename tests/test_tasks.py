@@ -36,8 +36,8 @@ def test_train_and_heldout_are_disjoint_by_seed_and_content(name):
 def _training_conversations(per_task: int = 1500) -> list[list[dict]]:
     """What SFT and midtraining train on (their default offsets)."""
     from llmforge.stages.chat_data import conversations
-    return (conversations(list(TASKS), per_task, spelling=3000)
-            + conversations(list(TASKS), per_task, spelling=3000, seed=1337, offset=2_000_000))
+    return (conversations(list(TASKS), per_task, spelling=3000, copying=3000)
+            + conversations(list(TASKS), per_task, spelling=3000, seed=1337, offset=2_000_000, copying=3000))
 
 
 def test_evaluation_phrasings_and_content_never_occur_in_training():
@@ -71,6 +71,17 @@ def test_evaluation_phrasings_and_content_never_occur_in_training():
                        (phrasing.CLOSERS, "closer")]:
         train, heldout = split_pool(pool, "train", salt), split_pool(pool, "eval", salt)
         assert train and heldout and not set(train) & set(heldout), salt
+
+
+def test_copy_drills_answer_with_the_string_asked_and_invent_no_task_word():
+    from llmforge.tasks.copying import _task_vocabulary, copy_drills
+    drills = copy_drills(500, seed=3)
+    assert drills == copy_drills(500, seed=3) and drills != copy_drills(500, seed=4)
+    for user_msg, answer in drills:
+        assert user_msg["content"].endswith(": " + answer["content"]), (user_msg, answer)
+        assert not {w.lower().strip(",;") for w in answer["content"].split()} & _task_vocabulary()
+    kinds = [d[1]["content"] for d in drills]
+    assert any(k.isdigit() and len(k) >= 5 for k in kinds) and any(k.isalpha() for k in kinds)
 
 
 def test_every_task_has_a_hundred_distinct_heldout_items():

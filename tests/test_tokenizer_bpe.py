@@ -73,6 +73,25 @@ def test_digits_split_in_groups_of_at_most_three():
     assert max(len(p) for p in pieces) == 1
 
 
+def test_whole_numbers_make_every_digit_group_one_token():
+    from llmforge.tokenizer.bpe import NUMBER_GROUPS
+    texts = ["def area(r):\n    return 3.14159 * r * r  # 2024\n" * 100, "The cat sat on the mat. " * 200]
+    plain = Tokenizer.train(texts, vocab_size=1400)
+    whole = Tokenizer.train(texts, vocab_size=1400, whole_numbers=True)
+    assert whole.vocab_size <= 1400
+    assert all(len(whole.encode(g)) == 1 for g in NUMBER_GROUPS)
+    for text in ["358+47", "The answer is 17405.", "x = 1000007", "return 3.14159 * r"]:
+        assert whole.decode(whole.encode(text)) == text
+    assert [whole.decode([i]) for i in whole.encode("358+47=405")] == ["358", "+", "47", "=", "405"]
+    assert [whole.decode([i]) for i in whole.encode("17405")] == ["174", "05"]   # groups of three, from the left
+    # the merges learned from the corpus still apply: words tokenize as compactly as without
+    assert len(whole.encode("The cat sat on the mat.")) <= len(plain.encode("The cat sat on the mat.")) + 2
+    with pytest.raises(UserError, match="single_digits"):
+        Tokenizer.train(texts, vocab_size=1400, whole_numbers=True, single_digits=True)
+    with pytest.raises(UserError, match="too small"):
+        Tokenizer.train(texts, vocab_size=1000, whole_numbers=True)
+
+
 def test_token_bytes_counts_utf8_bytes_and_zero_for_specials(tok):
     sizes = tok.token_bytes()
     assert len(sizes) == tok.vocab_size

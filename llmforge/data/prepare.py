@@ -213,6 +213,7 @@ def train_tokenizer(cfg: Config, run: RunDir) -> Tokenizer:
     print(f"training BPE tokenizer: vocab {cfg.tokenizer.vocab_size} on ~{sample_mb:.1f} MB "
           f"of {stats['documents']} documents", file=sys.stderr)
     tok = Tokenizer.train(sample(), cfg.tokenizer.vocab_size, single_digits=cfg.tokenizer.single_digits,
+                          whole_numbers=cfg.tokenizer.whole_numbers,
                           show_progress=sys.stderr.isatty())
     tok.save(run.tokenizer)
     run.log("tokenizer", vocab_size=tok.vocab_size, hash=tok.hash, seconds=round(time.time() - started, 2))

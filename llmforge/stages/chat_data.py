@@ -16,19 +16,21 @@ import torch
 
 from llmforge.errors import UserError
 from llmforge.tasks import get_task
+from llmforge.tasks.copying import copy_drills
 from llmforge.tasks.user_data import load_conversations
 from llmforge.tasks.words import spelling_drills
 from llmforge.tokenizer.chat import render
 
 
 def conversations(names: list[str], per_task: int, spelling: int = 0, user_data: str = "",
-                  seed: int = 0, offset: int = 0) -> list[list[dict]]:
-    """Gold conversations of every task's train items, spelling drills and the user's JSONL,
-    shuffled. Only the train side of every phrasing/content pool is ever used here."""
+                  seed: int = 0, offset: int = 0, copying: int = 0) -> list[list[dict]]:
+    """Gold conversations of every task's train items, spelling and copy drills and the user's
+    JSONL, shuffled. Only the train side of every phrasing/content pool is ever used here."""
     convs = []
     for name in names:
         convs += [item.conversation for item in get_task(name).train_items(per_task, offset=offset)]
     convs += spelling_drills(spelling, seed=seed)
+    convs += copy_drills(copying, seed=seed + offset)
     if user_data:
         convs += load_conversations(user_data)
     random.Random(seed).shuffle(convs)

@@ -71,7 +71,8 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
     chat = None
     if mid_start is not None:
         chat = ChatRows(tok, conversations(task_names(cfg.tasks.names), tc.mid_examples_per_task,
-                                           tc.mid_spelling_examples, seed=tc.seed, offset=2_000_000), T)
+                                           tc.mid_spelling_examples, seed=tc.seed, offset=2_000_000,
+                                           copying=tc.mid_copy_examples), T)
         if ctx.is_main:
             print(f"pretrain: midtraining from step {mid_start}: {tc.mid_chat_share:.0%} of rows from "
                   f"{chat.conversations} conversations")

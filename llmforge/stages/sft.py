@@ -38,7 +38,8 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
                                       f"run `llmforge pretrain --out {run.root}` first")
     names = task_names(cfg.tasks.names)
     seq_len = min(tc.seq_len, model.cfg.max_seq_len)
-    chat = ChatRows(tok, conversations(names, tc.examples_per_task, tc.spelling_examples, tc.user_data, tc.seed),
+    chat = ChatRows(tok, conversations(names, tc.examples_per_task, tc.spelling_examples, tc.user_data, tc.seed,
+                                       copying=tc.copy_examples),
                     seq_len, tc.packing)
     heldout_convs = [render(tok, item.conversation) for item in task_eval.heldout(names, 8)]
     val = lm_batch(heldout_convs, seq_len, tok.eot_id)

@@ -34,6 +34,43 @@ _SPLIT_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}"
 _SPLIT_PATTERN_SINGLE_DIGITS = _SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
+# every pre-token the digit-group split can make: "0".."9", "00".."99", "000".."999"
+NUMBER_GROUPS = [f"{n:0{width}d}" for width in (1, 2, 3) for n in range(10 ** width)]
+
+
+def _with_number_tokens(hf: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """Append the merges that make every 1-3 digit group one token. Copying a number from the
+    question into an answer is then copying one token, which a small model learns from a few
+    hundred examples; with single digits it must copy a run of tokens in order (an induction
+    head), which a 4-layer model trained for minutes never learned (bench/copy_probe.py).
+    Each group is merged from the two pieces the merges so far leave it in, shortest groups
+    first, so the learned merges still apply and rank before the added ones."""
+    spec = json.loads(hf.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    next_id = max(vocab.values()) + 1
+
+    def pieces(group: str) -> list[str]:   # BPE on one pre-token with the merges so far
+        ranks = {tuple(m.split(" ") if isinstance(m, str) else m): r for r, m in enumerate(merges)}
+        parts = list(group)
+        while len(parts) > 1:
+            pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            rank, i = min(pairs)
+            if rank == len(ranks):
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return parts
+
+    for group in NUMBER_GROUPS:
+        if group in vocab:
+            continue
+        parts = pieces(group)
+        assert len(parts) == 2, (group, parts)   # every shorter group is a token already
+        merges.append(parts)                     # tokenizers' JSON: merges as [left, right] pairs
+        vocab[group] = next_id
+        next_id += 1
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+
 class Tokenizer:
     """A thin wrapper over `tokenizers.Tokenizer` with the project's conventions."""
 
@@ -48,12 +85,17 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, single_digits: bool = False,
-              show_progress: bool = False) -> "Tokenizer":
-        """Learn `vocab_size - 256 - 8` merges from `texts` (an iterable of documents)."""
-        minimum = 256 + len(SPECIAL_TOKENS)
+              whole_numbers: bool = False, show_progress: bool = False) -> "Tokenizer":
+        """Learn `vocab_size - 256 - 8` merges from `texts` (an iterable of documents).
+        whole_numbers (with digit groups, not single digits): every 1-3 digit group is one
+        token, so a number of up to three digits is one token wherever it occurs."""
+        minimum = 256 + len(SPECIAL_TOKENS) + (len(NUMBER_GROUPS) if whole_numbers else 0)
         if vocab_size < minimum:
             raise UserError(f"tokenizer.vocab_size={vocab_size} is too small; byte-level BPE needs at "
-                            f"least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} specials)")
+                            f"least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} specials"
+                            f"{' + the 1-3 digit groups' if whole_numbers else ''})")
+        if whole_numbers and single_digits:
+            raise UserError("tokenizer.whole_numbers needs digit groups; set tokenizer.single_digits=false")
         pattern = _SPLIT_PATTERN_SINGLE_DIGITS if single_digits else _SPLIT_PATTERN
         hf = tokenizers.Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.Sequence([
@@ -67,8 +109,12 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
             show_progress=show_progress,
         )
+        if whole_numbers:  # leave room: the number merges the corpus did not learn are added after
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(NUMBER_GROUPS), special_tokens=SPECIAL_TOKENS,
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                          show_progress=show_progress)
         hf.train_from_iterator(texts, trainer)
-        return cls(hf)
+        return cls(_with_number_tokens(hf) if whole_numbers else hf)
 
     @classmethod
     def load(cls, path) -> "Tokenizer":

@@ -1,0 +1,65 @@
+"""Copy drills: the user gives a string, the assistant writes it back exactly.
+
+Most tasks quote the question in the answer: the numbers go into the calculator call, the
+tool's result goes into the sentence after it, the name and city go into the JSON. A model
+that cannot copy from its context fails all of them however well it knows the format
+(measured: "[result: 55278] The answer is 57578."). Copying digits is the hard case for a
+small model: with ten symbols, "the digit after the one I just wrote" is ambiguous, so it has
+to copy by position. These drills train exactly that on content that cannot leak into any
+evaluation: random digit strings, expressions and made-up words (syllable strings checked
+against every word, name and city the tasks use).
+
+    "Repeat exactly: 55278"                      -> "55278"
+    "Copy this: Dovika, 47, Mebaruto"            -> "Dovika, 47, Mebaruto"
+"""
+from __future__ import annotations
+
+import functools
+import random
+
+from llmforge.tasks.base import say, user
+
+ASKS = ["Repeat exactly: {s}", "Copy this: {s}", "Say back: {s}", "Echo: {s}", "Write this again: {s}",
+        "Repeat after me: {s}", "Type this back to me: {s}", "Copy exactly, nothing else: {s}"]
+CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+@functools.lru_cache(maxsize=1)
+def _task_vocabulary() -> frozenset[str]:
+    """Every word, name and city any task draws from (both sides), lower-cased: made-up words
+    must never be one of them."""
+    from llmforge.tasks.extract import CITIES, NAMES
+    from llmforge.tasks.words import WORDS
+    return frozenset(w.lower() for w in (*NAMES, *CITIES, *WORDS))
+
+
+def made_up_word(rng: random.Random) -> str:
+    while True:
+        word = "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(1, 4)))
+        if word not in _task_vocabulary():
+            return word.capitalize() if rng.random() < 0.5 else word
+
+
+def _digits(rng: random.Random) -> str:
+    n = rng.randint(1, 7)
+    return str(rng.randint(0 if n == 1 else 10 ** (n - 1), 10 ** n - 1))
+
+
+def copy_content(rng: random.Random) -> str:
+    """One string to copy: a number, an expression, a list, made-up words, or a mix."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        return _digits(rng)
+    if kind == 1:
+        return f"{_digits(rng)}{rng.choice('+-*')}{_digits(rng)}"
+    if kind == 2:
+        return rng.choice([", ", " ", "; "]).join(_digits(rng) for _ in range(rng.randint(2, 5)))
+    if kind == 3:
+        return " ".join(made_up_word(rng) for _ in range(rng.randint(1, 3)))
+    return ", ".join([made_up_word(rng), _digits(rng), made_up_word(rng)])
+
+
+def copy_drills(n: int, seed: int = 0) -> list[list[dict]]:
+    """n conversations that copy a random string from the request into the answer."""
+    rng = random.Random(f"copying:{seed}")
+    return [user(rng.choice(ASKS).format(s=s)) + say(s) for s in (copy_content(rng) for _ in range(n))]
