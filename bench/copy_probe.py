@@ -11,6 +11,8 @@ Three probes, all on text no training set contains (seeded random draws):
              accuracy when the number is repeated (what a calculator call or an answer needs).
   - names:   "NAME moved to CITY. ... NAME moved to CITY" with unseen capitalised strings:
              top-1 accuracy on the repeated name and city tokens (what JSON extraction needs).
+  - chat:    "Repeat exactly: <random number / made-up word>" in the chat format: top-1 accuracy
+             on the answer's tokens (teacher-forced), on strings no copy drill trained on.
 A model that cannot copy scores near chance on the repeats; that caps every task that quotes
 the question in its answer.
 """
@@ -88,6 +90,20 @@ def name_probe(model, tok, n: int, seed: int) -> float:
     return _repeat_accuracy(model, tok, pairs)
 
 
+def chat_probe(model, tok, n: int, seed: int) -> float:
+    from llmforge.tasks.copying import copy_drills
+    from llmforge.tokenizer.chat import END, render
+    end = tok.token_id(END)
+    hits, total = 0.0, 0
+    for conv in copy_drills(n, seed=10_000 + seed):    # training drills use the stage seeds
+        ids, mask = render(tok, conv)
+        _, hit = token_loss(model, torch.tensor([ids]))
+        keep = torch.tensor([m == 1 and i != end for i, m in zip(ids[1:], mask[1:])])
+        hits += hit[0][keep].sum().item()
+        total += int(keep.sum())
+    return hits / max(total, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+", help="checkpoint folders or run directories")
@@ -96,7 +112,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    print(f"{'checkpoint':40s} {'1st loss':>9s} {'2nd loss':>9s} {'copy acc':>9s} {'digits':>7s} {'names':>7s}")
+    print(f"{'checkpoint':40s} {'1st loss':>9s} {'2nd loss':>9s} {'copy acc':>9s} {'digits':>7s} {'names':>7s} {'chat':>7s}")
     for path in args.checkpoints:
         model, _, folder = load_model(path)
         model.eval()
@@ -104,8 +120,9 @@ def main() -> None:
         r = repeat_probe(model, tok, args.n, args.length, args.seed)
         d = digit_probe(model, tok, args.n, args.seed)
         nm = name_probe(model, tok, args.n, args.seed)
+        ch = chat_probe(model, tok, args.n, args.seed)
         print(f"{str(folder):40s} {r['first_loss']:9.2f} {r['second_loss']:9.2f} {r['copy_acc']:9.1%} "
-              f"{d:7.1%} {nm:7.1%}", flush=True)
+              f"{d:7.1%} {nm:7.1%} {ch:7.1%}", flush=True)
 
 
 if __name__ == "__main__":

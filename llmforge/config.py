@@ -297,24 +297,27 @@ def _micro(c: Config) -> None:
 
 
 def _cpu(c: Config) -> None:
-    """Default: 4 layers x 256 (4.0M parameters with the 4096-token embedding), ~9 minutes of
-    pretraining on 2 cores, the last 30% of it midtraining (conversations mixed into the text).
+    """Default: 4 layers x 192 (2.4M parameters with the 4096-token embedding) on a tokenizer
+    whose 1-3 digit groups are single tokens, ~6 minutes of pretraining on 2 fp32 cores (the
+    last 30% midtraining: conversations mixed into the text), then 4.5 minutes of SFT at batch 8.
 
-    How it was chosen, by measurement (README, Results): `llmforge scaling plan --minutes 9`
-    on this machine's sweep picks 2 x 128 (0.92M params, 8.9M tokens, predicted loss 3.198):
-    the best *bits per byte* per CPU-minute (it measured 1.53). But the assistant built on it
-    could not copy a number into a calculator call or a name into JSON (SFT mean accuracy 15%):
-    a 2-layer, 2-head model lacks the attention to do what the tasks ask. The next sizes run
-    nearly as fast here (per-step overhead dominates: 2x128 14.3k tok/s, 4x256 6.2k, 6x192
-    5.7k), so this preset buys capacity with ~2.3x fewer pretraining tokens. The 13.4M model
-    chosen earlier for MFU saw 0.2 tokens/param; this one sees ~0.7."""
-    c.model = ModelConfig(vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=256)
-    c.pretrain = PretrainConfig(batch_size=16, seq_len=256, lr=3e-3, warmup_steps=50, max_steps=700,
-                                eval_every=175, eval_batches=20, ckpt_every=175, sample_every=350,
+    How it was chosen, by measurement on a 2-core AVX2 machine without bf16 (README, Results):
+    - the quality gate is copying from the context (bench/copy_probe.py): with single-digit
+      tokens no base or SFT model copied a number from the question (calculator calls like
+      "477*74" for 358 + 47); with whole-number tokens the SFT model copies the last operand
+      ("What is 12 + 85?" -> "42+85") after 600 steps, the first not yet;
+    - copying is learned by SFT optimizer steps, so SFT runs at batch 8 (2x the steps/minute);
+    - 4 x 192 trains at ~5.2k tok/s in fp32 here, 4 x 256 at ~3.3k: the wider model would see
+      40% fewer tokens and steps in the same minutes."""
+    c.model = ModelConfig(vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=192, max_seq_len=256)
+    c.tokenizer = TokenizerConfig(vocab_size=4096, single_digits=False, whole_numbers=True)
+    c.pretrain = PretrainConfig(batch_size=16, seq_len=256, lr=3e-3, warmup_steps=50, max_steps=450,
+                                eval_every=150, eval_batches=20, ckpt_every=150, sample_every=0,
                                 mid_fraction=0.3, mid_chat_share=0.5, eval_tasks_per_task=10)
     # alignment stages: wall-clock budgets (train.minutes) so the speedrun fits 20 minutes
-    c.sft = SFTConfig(batch_size=16, seq_len=256, lr=2e-3, warmup_steps=20, max_steps=3000, minutes=2.5,
-                      eval_every=0, ckpt_every=0, examples_per_task=2000, eval_per_task=30, text_share=0.15)
+    c.sft = SFTConfig(batch_size=8, seq_len=256, lr=2e-3, warmup_steps=20, max_steps=5000, minutes=4.5,
+                      eval_every=0, ckpt_every=0, examples_per_task=2000, eval_per_task=30, text_share=0.15,
+                      copy_examples=3000)
     c.rm = RMConfig(batch_size=16, lr=5e-4, warmup_steps=10, max_steps=300, minutes=0.75, eval_every=0,
                     ckpt_every=0, prompts_per_task=24, samples_per_prompt=4, heldout_per_task=15)
     c.rl = RLConfig(batch_size=16, lr=1e-4, max_steps=300, minutes=1.0, eval_every=0, ckpt_every=0, log_every=2,

@@ -91,6 +91,14 @@ def test_render_prompt_ends_with_assistant_opener_and_prefixes_full_render(tok):
     assert full[:len(prompt)] == prompt      # generation continues exactly where training text does
 
 
+def test_special_token_names_spelled_by_the_model_are_cut_from_its_messages(tok):
+    spelled = tok.encode("Hello <|system|>there<|end|>")     # plain text tokens, not the specials
+    assert tok.token_id("<|system|>") not in spelled
+    messages = parse_completion(tok, spelled + [tok.token_id("<|end|>")])
+    assert messages == [{"role": "assistant", "content": "Hello there"}]
+    render(tok, [{"role": "user", "content": "hi"}] + messages)   # renders again instead of raising
+
+
 def test_parse_completion_round_trips_a_tool_turn(tok):
     conv = tool_conversation()
     prompt = render_prompt(tok, conv[:2])

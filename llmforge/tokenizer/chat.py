@@ -231,6 +231,12 @@ def parse_completion(tok, ids) -> list[dict]:
 
     for kind, value in _split(tok, ids):
         if kind == "text":
+            # A model can spell a special token's name out of ordinary tokens ("<", "|", "system",
+            # ...). It is not that token, but a message holding the string is refused on the way
+            # back in (validate_messages), so the spelling is cut out here, where model text
+            # becomes messages.
+            for special in SPECIALS:
+                value = value.replace(special, "")
             if state == "between":      # stray text outside any turn: treat as a new assistant turn
                 state = "content"
             if state == "content":
