@@ -3,11 +3,12 @@
 Most tasks quote the question in the answer: the numbers go into the calculator call, the
 tool's result goes into the sentence after it, the name and city go into the JSON. A model
 that cannot copy from its context fails all of them however well it knows the format
-(measured: "[result: 55278] The answer is 57578."). Copying digits is the hard case for a
-small model: with ten symbols, "the digit after the one I just wrote" is ambiguous, so it has
-to copy by position. These drills train exactly that on content that cannot leak into any
-evaluation: random digit strings, expressions and made-up words (syllable strings checked
-against every word, name and city the tasks use).
+(measured: "[result: 55278] The answer is 57578."). These drills give the model copying to
+practise on content that cannot leak into any evaluation: random digit strings, expressions
+and made-up words (syllable strings checked against every word, name and city the tasks use).
+Measured so far (README): they neither helped nor hurt at the speedrun's scale (3,000 in
+midtraining left the base model's copy probe unchanged; SFT keeps 3,000 of them). What copying
+needs first is an induction head (bench/copy_formation.py), and that takes more steps.
 
     "Repeat exactly: 55278"                      -> "55278"
     "Copy this: Dovika, 47, Mebaruto"            -> "Dovika, 47, Mebaruto"

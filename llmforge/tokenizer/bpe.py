@@ -40,17 +40,19 @@ NUMBER_GROUPS = [f"{n:0{width}d}" for width in (1, 2, 3) for n in range(10 ** wi
 
 def _with_number_tokens(hf: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     """Append the merges that make every 1-3 digit group one token. Copying a number from the
-    question into an answer is then copying one token, which a small model learns from a few
-    hundred examples; with single digits it must copy a run of tokens in order (an induction
-    head), which a 4-layer model trained for minutes never learned (bench/copy_probe.py).
+    question into an answer is then copying one token (one attention hop); with single digits
+    it is copying a run of tokens in order, which needs an induction head, and no 4-layer model
+    trained for the speedrun's minutes had one (bench/copy_probe.py). Measured: the SFT model on
+    these tokens copies the last operand into its calculator call, on single digits neither.
     Each group is merged from the two pieces the merges so far leave it in, shortest groups
     first, so the learned merges still apply and rank before the added ones."""
     spec = json.loads(hf.to_str())
     vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
     next_id = max(vocab.values()) + 1
 
+    ranks = {tuple(m.split(" ") if isinstance(m, str) else m): r for r, m in enumerate(merges)}
+
     def pieces(group: str) -> list[str]:   # BPE on one pre-token with the merges so far
-        ranks = {tuple(m.split(" ") if isinstance(m, str) else m): r for r, m in enumerate(merges)}
         parts = list(group)
         while len(parts) > 1:
             pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
@@ -66,6 +68,7 @@ def _with_number_tokens(hf: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
         parts = pieces(group)
         assert len(parts) == 2, (group, parts)   # every shorter group is a token already
         merges.append(parts)                     # tokenizers' JSON: merges as [left, right] pairs
+        ranks[tuple(parts)] = len(ranks)
         vocab[group] = next_id
         next_id += 1
     return tokenizers.Tokenizer.from_str(json.dumps(spec))
@@ -104,15 +107,12 @@ class Tokenizer:
         ])
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
+            # whole numbers: leave room, the number merges the corpus did not learn are added after
+            vocab_size=vocab_size - (len(NUMBER_GROUPS) if whole_numbers else 0),
             special_tokens=SPECIAL_TOKENS,  # added first, so they get ids 0..7 in this order
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
             show_progress=show_progress,
         )
-        if whole_numbers:  # leave room: the number merges the corpus did not learn are added after
-            trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(NUMBER_GROUPS), special_tokens=SPECIAL_TOKENS,
-                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                          show_progress=show_progress)
         hf.train_from_iterator(texts, trainer)
         return cls(_with_number_tokens(hf) if whole_numbers else hf)
 
