@@ -3,11 +3,11 @@ copies the assistant tasks need, side by side for any number of checkpoints.
 
     python bench/copy_probe.py runs/cpu/ckpt/base runs/cpu/ckpt/sft
 
-Three probes, all on text no training set contains (seeded random draws):
+Four probes, all on text no training set contains (seeded random draws):
   - repeat:  a run of L random non-special tokens, then the same run again. A model with
              induction heads predicts the second run far better than the first; reported as
              the loss on each half and top-1 accuracy on the second ("copy acc").
-  - digits:  a 3-7 digit number, some filler text, then the same number again: per-digit top-1
+  - digits:  a 3-7 digit number, some filler text, then the same number again: per-token top-1
              accuracy when the number is repeated (what a calculator call or an answer needs).
   - names:   "NAME moved to CITY. ... NAME moved to CITY" with unseen capitalised strings:
              top-1 accuracy on the repeated name and city tokens (what JSON extraction needs).
@@ -23,7 +23,8 @@ import random
 
 import torch
 
-from llmforge.tokenizer.chat import SPECIALS
+from llmforge.tasks.copying import copy_drills
+from llmforge.tokenizer.chat import END, SPECIALS, render
 from llmforge.train.checkpoint import load_model, load_tokenizer
 
 
@@ -91,8 +92,6 @@ def name_probe(model, tok, n: int, seed: int) -> float:
 
 
 def chat_probe(model, tok, n: int, seed: int) -> float:
-    from llmforge.tasks.copying import copy_drills
-    from llmforge.tokenizer.chat import END, render
     end = tok.token_id(END)
     hits, total = 0.0, 0
     for conv in copy_drills(n, seed=10_000 + seed):    # training drills use the stage seeds
