@@ -13,6 +13,7 @@ from pathlib import Path
 
 import tomli_w
 
+from llmforge.data.script_rules import CharCleanConfig  # zh/ja/ko/th rules live beside them
 from llmforge.errors import UserError
 from llmforge.scaling.config import ScalingConfig  # the stage's knobs live beside it
 
@@ -58,7 +59,7 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    """One entry of the data mixture. kind: stdlib | pydoc | files | hf."""
+    """One entry of the data mixture. kind: stdlib | pydoc | files | hf | manpages."""
     name: str = "stdlib"
     kind: str = "stdlib"
     path: str = ""              # files: path or glob (comma-separated ok); hf: dataset name or local dir
@@ -68,6 +69,9 @@ class SourceConfig:
     code: bool = False          # code gets the lighter cleaning rules
     max_docs: int = 0           # 0 = no cap (caps keep tiny presets tiny)
     include_tests: bool = True  # stdlib: also read the test/ and tests/ packages (about 60% of it)
+    languages: list[str] = field(default_factory=list)  # keep only these languages (ISO 639-1: "zh", "en"); [] = all
+    encoding: str = "utf-8"     # files: the files' text encoding (e.g. "gb18030", "big5", "utf-16")
+    licenses: list[str] = field(default_factory=list)   # files: keep only these SPDX ids ("MIT", "Apache-2.0"); [] = no check
 
 
 @dataclass
@@ -108,6 +112,9 @@ class DataConfig:
     seed: int = 0
     shingle_words: int = 5          # near-dedup compares sets of this many consecutive words
     clean: CleanConfig = field(default_factory=CleanConfig)
+    shingle_chars: int = 5          # zh/ja/ko/th near-dedup: shingles of this many characters (not words)
+    clean_chars: CharCleanConfig = field(default_factory=CharCleanConfig)  # rules for zh/ja/ko/th documents
+    language_weights: dict[str, float] = field(default_factory=dict)  # a document's weight x this ({zh = 2.0}); missing = 1
 
 
 @dataclass

@@ -250,7 +250,7 @@ def test_token_pool_matches_in_process_encoding():
     two = list(encode_chunks(chunks, tok.hf.to_str(), workers=2))
     assert [r[1:] for r in one] == [r[1:] for r in two]
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(one, two))
-    ids, n_docs, tokens, nbytes = one[0]
+    ids, n_docs, tokens, nbytes, langs = one[0]
     assert n_docs == 2 and (ids == tok.eot_id).sum() == 2 and ids[-1] == tok.eot_id
     assert tokens["a"] == len(tok.encode(GOOD)) + 1 and nbytes["b"] == len(GOOD_CODE.encode())
 
@@ -268,7 +268,7 @@ def test_files_source_reads_text_jsonl_parquet_in_order(tmp_path):
     (tmp_path / "b.md").write_text("# beta")
     (tmp_path / "c.jsonl").write_text('{"content": "one"}\n\n{"content": "two"}\n')
     pq.write_table(pa.table({"content": ["three", "four"]}), tmp_path / "d.parquet")
-    (tmp_path / "e.txt").write_text("")  # empty files are skipped
+    (tmp_path / "e.py").write_text("")  # empty .py files (an __init__.py) are skipped
     docs = list(iter_documents(_files_source(tmp_path / "*", text_field="content")))
     assert [d["text"] for d in docs] == ["alpha text", "# beta", "one", "two", "three", "four"]
     assert {d["source"] for d in docs} == {"mine"} and len({d["id"] for d in docs}) == 6
@@ -278,7 +278,8 @@ def test_files_source_reads_text_jsonl_parquet_in_order(tmp_path):
 @pytest.mark.parametrize("setup, match", [
     (lambda d: str(d / "nothing*.txt"), "matches no files"),
     (lambda d: "", "has no path"),
-    (lambda d: (d / "empty.txt").write_text("  \n") and str(d / "empty.txt"), "produced no documents"),
+    (lambda d: (d / "empty.txt").write_text("  \n") and str(d / "empty.txt"), r"empty\.txt is empty; delete it"),
+    (lambda d: (d / "e.py").write_text("") or str(d / "e.py"), "produced no documents"),
     (lambda d: (d / "latin.txt").write_bytes("caf\xe9".encode("latin-1")) and str(d / "latin.txt"),
      r"latin\.txt is not UTF-8.*iconv"),
     (lambda d: (d / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n') and str(d / "bad.jsonl"),

@@ -10,12 +10,18 @@ lines) plus C4's page rules (Raffel et al. 2020: "lorem ipsum" pages go, JavaScr
 cookie-notice lines go). Code gets the lighter rules of The Stack / StarCoder: prose
 statistics say nothing about code, so only size, line length, alphanumeric share and
 repetition are checked.
+
+Documents in scripts written without spaces (Chinese, Japanese, Korean, Thai) get rules on
+characters instead of words (data/script_rules.py): `family` "chars" or "words" picks the
+set, detected from the text when not given. Both families drop mojibake.
 """
 from __future__ import annotations
 
 import re
 
 from llmforge.config import CleanConfig
+from llmforge.data.langid import script_family
+from llmforge.data.script_rules import CharCleanConfig, clean_chars, mojibake_per_kchar
 
 # Lines that are website chrome rather than content (C4 drops lines mentioning JavaScript
 # and cookie/legal notices). Narrow phrases, so documentation *about* JavaScript survives.
@@ -30,13 +36,23 @@ _ALPHA = re.compile(r"[^\W\d_]")  # a letter in any script
 _NOT_ALNUM = re.compile(r"[\W_]+")
 
 
-def clean_document(text: str, code: bool = False, rules: CleanConfig | None = None) -> tuple[str | None, str]:
+def clean_document(text: str, code: bool = False, rules: CleanConfig | None = None,
+                   char_rules: CharCleanConfig | None = None, family: str | None = None) -> tuple[str | None, str]:
+    """family: "words" (Gopher/C4) or "chars" (zh/ja/ko/th); None = detect it from the text."""
     rules = rules or CleanConfig()
+    char_rules = char_rules or CharCleanConfig()
     if not text.strip():
         return None, "empty"
     if len(text) > rules.max_chars:
         return None, "too_long"
-    return _clean_code(text, rules) if code else _clean_prose(text, rules)
+    if code:
+        return _clean_code(text, rules)
+    if (family or script_family(text)) == "chars":
+        return clean_chars(text, char_rules, rules.max_ellipsis_line_fraction, rules.max_bullet_line_fraction,
+                           rules.max_duplicate_line_fraction, rules.max_boilerplate_line_fraction)
+    if mojibake_per_kchar(text) > char_rules.max_mojibake_per_kchar:
+        return None, "mojibake"
+    return _clean_prose(text, rules)
 
 
 def _duplicate_line_fraction(lines: list[str]) -> float:

@@ -29,22 +29,36 @@ def _init(tokenizer_json: str, worker: bool = True) -> None:
     _eot = _tokenizer.token_to_id("<|eot|>")
 
 
-def encode_chunk(chunk: list[tuple[str, str]]) -> tuple[np.ndarray, int, Counter, Counter]:
-    """[(text, source), ...] -> (ids with <|eot|> after every document as uint32,
-    number of documents, tokens per source, text bytes per source)."""
-    encodings = _tokenizer.encode_batch([text for text, _ in chunk], add_special_tokens=False)
-    tokens, nbytes, parts = Counter(), Counter(), []
-    for (text, source), enc in zip(chunk, encodings):
+def encode_chunk(chunk: list[tuple]) -> tuple[np.ndarray, int, Counter, Counter, Counter]:
+    """[(text, source[, lang[, emit, natural]]), ...] -> (ids with <|eot|> after every emitted
+    document as uint32, number of emitted documents, tokens per source, text bytes per source,
+    tokens per language). An item with emit False is only counted: its tokens go to
+    "LANG/natural" (the corpus before the mixture) and nowhere else; natural True counts an
+    emitted item there too."""
+    encodings = _tokenizer.encode_batch([item[0] for item in chunk], add_special_tokens=False)
+    tokens, nbytes, langs, parts = Counter(), Counter(), Counter(), []
+    docs = 0
+    for item, enc in zip(chunk, encodings):
+        text, source = item[0], item[1]
+        lang = item[2] if len(item) > 2 else "und"
+        emit, natural = (item[3], item[4]) if len(item) > 4 else (True, False)
+        n = len(enc.ids) + 1
+        if natural:
+            langs[f"{lang}/natural"] += n
+        if not emit:
+            continue
+        docs += 1
         parts.append(np.asarray(enc.ids, dtype=np.uint32))
         parts.append(np.asarray([_eot], dtype=np.uint32))
-        tokens[source] += len(enc.ids) + 1
+        tokens[source] += n
+        langs[lang] += n
         nbytes[source] += len(text.encode("utf-8"))
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-    return ids, len(chunk), tokens, nbytes
+    return ids, docs, tokens, nbytes, langs
 
 
-def encode_chunks(chunks: Iterable[list[tuple[str, str]]], tokenizer_json: str,
-                  workers: int) -> Iterator[tuple[np.ndarray, int, Counter, Counter]]:
+def encode_chunks(chunks: Iterable[list[tuple]], tokenizer_json: str,
+                  workers: int) -> Iterator[tuple[np.ndarray, int, Counter, Counter, Counter]]:
     """encode_chunk over `chunks`, in order; `workers` <= 1 means in this process."""
     if workers <= 1:
         _init(tokenizer_json, worker=False)  # tokenizers may use its own threads here

@@ -4,9 +4,11 @@
 
 Three steps, each skipped on a re-run when its output is already there for the same
 settings:
-  1. collect_documents: read every source, clean, deduplicate across sources, assign
-     each document its split and copy count; writes data/docs.jsonl (one cleaned, unique
-     document per line) and data/docs_stats.json (counts per source and rule).
+  1. collect_documents: read every source, identify each document's language (data/langid.py),
+     keep the languages the source asks for, clean (rules per script), deduplicate across
+     sources, assign each document its split and copy count (source weight x language
+     weight); writes data/docs.jsonl (one cleaned, unique document per line, with its "lang")
+     and data/docs_stats.json (counts per source, language and rule).
   2. train_tokenizer (only when RUN/tokenizer/tokenizer.json is missing): BPE on a sample
      of the training mixture, cfg.tokenizer.sample_bytes of it.
   3. write_shards: tokenize in a process pool, write data/{train,val}_NNN.bin; completed
@@ -25,7 +27,7 @@ import os
 import sys
 import sysconfig
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Iterator
 
@@ -36,6 +38,7 @@ from llmforge.data import mixture
 from llmforge.data.clean import clean_document
 from llmforge.data.dedup import Deduplicator, exact_key
 from llmforge.data.encode import encode_chunks
+from llmforge.data.langid import CHAR_LANGUAGES, language
 from llmforge.data.shards import MANIFEST, ShardWriter, token_dtype
 from llmforge.data.sources import expand_paths, iter_documents
 from llmforge.errors import UserError
@@ -79,7 +82,8 @@ def _docs_key(cfg: Config) -> str:
                 st = path.stat()
                 inputs.append((str(path), st.st_size, st.st_mtime_ns))
     settings = {k: d[k] for k in ("sources", "clean", "val_fraction", "dedup_exact", "dedup_near",
-                                  "near_threshold", "num_perm", "shingle_words", "seed")}
+                                  "near_threshold", "num_perm", "shingle_words", "seed",
+                                  "clean_chars", "shingle_chars", "language_weights")}
     return _sha([settings, inputs, sys.version, sysconfig.get_paths()["stdlib"]])
 
 
@@ -97,34 +101,55 @@ def collect_documents(cfg: Config, run: RunDir) -> dict:
         raise UserError("two data.sources share a name; give every source a unique name")
 
     started = time.time()
+    lang_weights = language_weights(cfg)
     dd = Deduplicator(cfg.data.dedup_exact, cfg.data.dedup_near, cfg.data.near_threshold,
-                      cfg.data.num_perm, cfg.data.shingle_words)
+                      cfg.data.num_perm, cfg.data.shingle_words, cfg.data.shingle_chars)
     per_source = {s.name: Counter() for s in cfg.data.sources}
     removed = {s.name: Counter() for s in cfg.data.sources}
+    per_lang: dict[str, Counter] = defaultdict(Counter)
+    removed_lang: dict[str, Counter] = defaultdict(Counter)
     smallest_train = None  # (split hash, line number): moved to val if val ends up empty
     lines = checked = 0
     with atomic_path(docs_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for src in cfg.data.sources:
             counts = per_source[src.name]
-            for doc in tqdm(iter_documents(src), desc=f"clean+dedup {src.name}", unit="doc",
+            wanted = _languages_filter(src)
+            seen_langs, dropped = Counter(), Counter()
+            for doc in tqdm(iter_documents(src, dropped), desc=f"clean+dedup {src.name}", unit="doc",
                             total=src.max_docs or None, leave=False):
                 nbytes = len(doc["text"].encode("utf-8"))
                 counts["docs_raw"] += 1
                 counts["bytes_raw"] += nbytes
-                text, reason = clean_document(doc["text"], code=src.code, rules=cfg.data.clean)
+                lang = "code" if src.code else language(doc["text"])
+                seen_langs[lang] += 1
+                lc = per_lang[lang]
+                lc["docs_raw"] += 1
+                lc["bytes_raw"] += nbytes
+                if wanted and lang not in wanted:
+                    removed[src.name]["language_filtered"] += 1
+                    removed_lang[lang]["language_filtered"] += 1
+                    continue
+                family = "chars" if lang in CHAR_LANGUAGES else "words"
+                text, reason = clean_document(doc["text"], code=src.code, rules=cfg.data.clean,
+                                              char_rules=cfg.data.clean_chars, family=family)
                 if text is None:
                     removed[src.name][reason] += 1
+                    removed_lang[lang][reason] += 1
                     continue
                 counts["docs_clean"] += 1
                 counts["bytes_clean"] += len(text.encode("utf-8"))
                 doc_key = exact_key(text)
                 checked += 1  # a unique LSH key even if two sources share a document id
-                duplicate = dd.check(str(checked), text, doc_key)
+                duplicate = dd.check(str(checked), text, doc_key, family=family)
                 if duplicate:
                     removed[src.name][duplicate] += 1
+                    removed_lang[lang][duplicate] += 1
                     continue
                 split = mixture.split_of(doc_key, cfg.data.val_fraction)
-                copies = mixture.copies(src.weight, doc_key, cfg.data.seed, split)
+                copies = mixture.copies(src.weight * lang_weights.get(lang, 1.0), doc_key, cfg.data.seed, split)
+                lc["docs_dedup"] += 1
+                lc["bytes_dedup"] += len(text.encode("utf-8"))
+                lc[f"copies_{split}"] += copies
                 counts["docs_dedup"] += 1
                 counts["bytes_dedup"] += len(text.encode("utf-8"))
                 counts[f"docs_{split}"] += 1
@@ -132,9 +157,15 @@ def collect_documents(cfg: Config, run: RunDir) -> dict:
                 if split == "train" and copies:
                     h = mixture.unit_hash("split", doc_key)
                     smallest_train = min(smallest_train or (h, lines), (h, lines))
-                out.write(json.dumps({"id": doc["id"], "source": src.name, "split": split,
+                out.write(json.dumps({"id": doc["id"], "source": src.name, "lang": lang, "split": split,
                                       "copies": copies, "text": text}, ensure_ascii=False) + "\n")
                 lines += 1
+            removed[src.name].update(dropped)  # files the licence filter skipped
+            if wanted and not any(seen_langs[lang] for lang in wanted):
+                found = ", ".join(f"{lang} {n}" for lang, n in seen_langs.most_common(8))
+                raise UserError(f"data source '{src.name}': the filter languages = {sorted(wanted)} keeps none of "
+                                f"its {sum(seen_langs.values())} documents (found: {found}); fix the codes "
+                                "(ISO 639-1, e.g. \"zh\", \"en\") or remove the filter")
         out.flush()
         if cfg.data.val_fraction > 0 and not any(c["docs_val"] for c in per_source.values()) \
                 and smallest_train and lines > 1:
@@ -142,9 +173,35 @@ def collect_documents(cfg: Config, run: RunDir) -> dict:
 
     stats = {"key": key, "sources": {k: dict(v) for k, v in per_source.items()},
              "removed": {k: dict(v) for k, v in removed.items()}, "dedup": dict(dd.removed),
+             "languages": {k: dict(v) for k, v in sorted(per_lang.items())},
+             "removed_languages": {k: dict(v) for k, v in sorted(removed_lang.items())},
              "documents": lines, "seconds": round(time.time() - started, 2)}
     write_json_atomic(stats_path, stats)
     return stats
+
+
+def language_weights(cfg: Config) -> dict[str, float]:
+    """data.language_weights as floats (a --set gives strings); UserError for a bad one."""
+    weights = {}
+    for lang, w in (cfg.data.language_weights or {}).items():
+        try:
+            weights[str(lang)] = float(w)
+        except (TypeError, ValueError):
+            raise UserError(f"data.language_weights.{lang} = {w!r} is not a number; "
+                            "give a weight like 2.0 (1.0 = the source's weight unchanged)") from None
+        if weights[str(lang)] < 0:
+            raise UserError(f"data.language_weights.{lang} = {w} is negative; use 0 to drop the language")
+    return weights
+
+
+def _languages_filter(src) -> set[str]:
+    langs = src.languages
+    if isinstance(langs, str):
+        langs = [x.strip() for x in langs.split(",") if x.strip()]
+    if not isinstance(langs, list) or not all(isinstance(x, str) for x in langs):
+        raise UserError(f"data source '{src.name}': languages must be a list of codes like [\"zh\", \"en\"], "
+                        f"got {src.languages!r}")
+    return set(langs)
 
 
 def _move_to_val(path: Path, line_no: int, per_source: dict) -> None:
@@ -170,16 +227,18 @@ def _read_docs(run: RunDir) -> Iterator[dict]:
             yield json.loads(line)
 
 
-def mixture_stream(run: RunDir, split: str) -> Iterator[tuple[str, str]]:
-    """(text, source) of every document copy in `split`, epoch by epoch."""
+def mixture_stream(run: RunDir, split: str) -> Iterator[tuple[str, str, str, bool, bool]]:
+    """(text, source, lang, emit, natural) of every document copy in `split`, epoch by epoch.
+    The first pass also yields the documents the mixture left out (emit False), so the
+    token counts before the mixture ("natural") cover every document once."""
     max_copies = 1
     epoch = 0
     while epoch < max_copies:
         for doc in _read_docs(run):
             if doc["split"] == split:
                 max_copies = max(max_copies, doc["copies"])
-                if doc["copies"] > epoch:
-                    yield doc["text"], doc["source"]
+                if doc["copies"] > epoch or epoch == 0:
+                    yield doc["text"], doc["source"], doc.get("lang", "und"), doc["copies"] > epoch, epoch == 0
         epoch += 1
 
 
@@ -231,15 +290,20 @@ def _split_bytes(run: RunDir, split: str) -> int:
 
 # ------------------------------------------------------------------ 3. shards
 
-def _chunks(stream: Iterator[tuple[str, str]], max_bytes: int) -> Iterator[list[tuple[str, str]]]:
+def _chunks(stream: Iterator[tuple], max_bytes: int, sizes: deque | None = None) -> Iterator[list[tuple]]:
+    """Lists of stream items of about max_bytes of text; each list's length goes to `sizes`."""
     chunk, size = [], 0
     for item in stream:
         chunk.append(item)
         size += len(item[0])
         if size >= max_bytes:
+            if sizes is not None:
+                sizes.append(len(chunk))
             yield chunk
             chunk, size = [], 0
     if chunk:
+        if sizes is not None:
+            sizes.append(len(chunk))
         yield chunk
 
 
@@ -287,13 +351,15 @@ def write_shards(cfg: Config, run: RunDir, tok: Tokenizer, stats: dict) -> dict:
         bar = tqdm(total=total_bytes, initial=sum(s["text_bytes"] for s in done), unit="B", unit_scale=True,
                    desc=f"tokenize {split}")
         pool_workers = workers if total_bytes >= POOL_MIN_BYTES else 1
+        sizes: deque = deque()  # stream items per chunk, in order (results come back in order)
         with ShardWriter(run.data, split, dtype, cfg.data.shard_tokens, start_index=len(done),
                          on_shard=record) as writer:
-            encoded = encode_chunks(_chunks(stream, chunk_bytes), tok.hf.to_str(), pool_workers)
-            for ids, n_docs, source_tokens, source_bytes in encoded:
-                position += n_docs
+            encoded = encode_chunks(_chunks(stream, chunk_bytes, sizes), tok.hf.to_str(), pool_workers)
+            for ids, n_docs, source_tokens, source_bytes, lang_tokens in encoded:
+                position += sizes.popleft()
                 nbytes = sum(source_bytes.values())
-                writer.add(ids, position, docs=n_docs, text_bytes=nbytes, source_tokens=source_tokens)
+                writer.add(ids, position, docs=n_docs, text_bytes=nbytes, source_tokens=source_tokens,
+                           lang_tokens=lang_tokens)
                 bar.update(nbytes)
         bar.close()
         state["complete"] = True
@@ -304,6 +370,7 @@ def write_shards(cfg: Config, run: RunDir, tok: Tokenizer, stats: dict) -> dict:
 def _manifest(cfg: Config, tok: Tokenizer, dtype, key: str, progress: dict, stats: dict) -> dict:
     splits = {}
     mix_tokens = defaultdict(Counter)
+    lang_tokens = defaultdict(Counter)
     for split in ("train", "val"):
         shards = progress[split]["shards"]
         splits[split] = {
@@ -315,6 +382,9 @@ def _manifest(cfg: Config, tok: Tokenizer, dtype, key: str, progress: dict, stat
         for s in shards:
             for source, n in s["source_tokens"].items():
                 mix_tokens[source][f"tokens_{split}"] += n
+            for lang_key, n in s.get("lang_tokens", {}).items():
+                lang, _, natural = lang_key.partition("/")
+                lang_tokens[lang][f"tokens_{split}_natural" if natural else f"tokens_{split}"] += n
     sources = {}
     for src in cfg.data.sources:
         counts = dict(stats["sources"].get(src.name, {}))
@@ -326,7 +396,24 @@ def _manifest(cfg: Config, tok: Tokenizer, dtype, key: str, progress: dict, stat
         "version": 1, "key": key, "tokenizer_hash": tok.hash, "vocab_size": tok.vocab_size,
         "dtype": dtype.name, "eot_id": tok.eot_id, "bos_id": tok.bos_id, "shard_tokens": cfg.data.shard_tokens,
         "splits": splits, "sources": sources, "dedup": stats["dedup"], "removed": stats["removed"],
+        "languages": _language_table(stats, lang_tokens),
     }
+
+
+def _language_table(stats: dict, lang_tokens: dict) -> dict:
+    """Per language: documents, bytes, removals, and the train-token share before the mixture
+    (every unique document once) and after it (the copies training sees)."""
+    before_total = sum(c.get("tokens_train_natural", 0) for c in lang_tokens.values()) or 1
+    after_total = sum(c.get("tokens_train", 0) for c in lang_tokens.values()) or 1
+    table = {}
+    for lang in sorted(set(stats.get("languages", {})) | set(lang_tokens)):
+        row = dict(stats.get("languages", {}).get(lang, {}))
+        row.update(lang_tokens.get(lang, {}))
+        row["removed"] = stats.get("removed_languages", {}).get(lang, {})
+        row["share_before"] = round(row.get("tokens_train_natural", 0) / before_total, 4)
+        row["share_after"] = round(row.get("tokens_train", 0) / after_total, 4)
+        table[lang] = row
+    return table
 
 
 # ------------------------------------------------------------------ the verb
@@ -370,6 +457,17 @@ def format_table(manifest: dict) -> str:
         rows.append(f"{name:<12} {c['weight']:>6g} {c.get('docs_raw', 0):>7} {c.get('docs_clean', 0):>7} "
                     f"{c.get('docs_dedup', 0):>7} {mb_in:>7.2f} {mb_kept:>7.2f} "
                     f"{c.get('tokens_train', 0):>10} {c.get('tokens_val', 0):>9}  {removed or '-'}")
+    langs = manifest.get("languages", {})
+    if langs:
+        head = f"{'language':<8} {'docs':>7} {'unique':>7} {'MB kept':>7} {'tokens before':>13} {'share':>6} " \
+               f"{'tokens after':>12} {'share':>6}  removed"
+        rows += ["", head, "-" * len(head)]
+        for lang, c in langs.items():
+            removed = ", ".join(f"{r} {n}" for r, n in sorted(c.get("removed", {}).items()))
+            rows.append(f"{lang:<8} {c.get('docs_raw', 0):>7} {c.get('docs_dedup', 0):>7} "
+                        f"{c.get('bytes_dedup', 0) / 1e6:>7.2f} {c.get('tokens_train_natural', 0):>13} "
+                        f"{c['share_before']:>6.1%} {c.get('tokens_train', 0):>12} {c['share_after']:>6.1%}  "
+                        f"{removed or '-'}")
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     rows.append(f"train: {tr['tokens']} tokens in {len(tr['shards'])} shard(s), "
                 f"{tr['text_bytes'] / max(tr['tokens'], 1):.2f} bytes/token; val: {va['tokens']} tokens; "

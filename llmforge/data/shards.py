@@ -72,9 +72,10 @@ class ShardWriter:
         self._sha = hashlib.sha256()
         self._tokens = self._docs = self._bytes = 0
         self._source_tokens: Counter = Counter()
+        self._lang_tokens: Counter = Counter()
 
     def add(self, ids: np.ndarray, position: int, docs: int = 0, text_bytes: int = 0,
-            source_tokens: dict | None = None) -> None:
+            source_tokens: dict | None = None, lang_tokens: dict | None = None) -> None:
         if self._file is None:
             self._open()
         if len(ids) and int(ids.max()) > np.iinfo(self.dtype).max:
@@ -86,6 +87,7 @@ class ShardWriter:
         self._docs += docs
         self._bytes += text_bytes
         self._source_tokens.update(source_tokens or {})
+        self._lang_tokens.update(lang_tokens or {})
         self._position = position
         if self._tokens >= self.shard_tokens:
             self._finish()
@@ -100,7 +102,8 @@ class ShardWriter:
         os.replace(self._tmp, self.dir / name)
         entry = {"file": name, "tokens": self._tokens, "size": self._tokens * self.dtype.itemsize,
                  "sha256": self._sha.hexdigest(), "docs": self._docs, "text_bytes": self._bytes,
-                 "source_tokens": dict(self._source_tokens), "next_doc": self._position}
+                 "source_tokens": dict(self._source_tokens),
+                 "lang_tokens": dict(self._lang_tokens), "next_doc": self._position}
         self._file = self._tmp = None
         self.index += 1
         self.shards.append(entry)
