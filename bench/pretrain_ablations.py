@@ -25,15 +25,18 @@ from llmforge.run import RunDir
 from llmforge.stages import pretrain
 from llmforge.train.checkpoint import load_model
 
-VARIANTS = {
+VARIANTS = {  # overrides on top of the `cpu` preset (Muon at 0.05 for the blocks, AdamW at 1e-2 for the rest)
     "baseline": [],
+    "adamw": ["pretrain.optimizer=adamw", "pretrain.lr=3e-3"],           # the preset before Muon
+    "muon-lr05": ["pretrain.lr=3e-3"],                                   # Muon, the rest at AdamW's old lr
+    "muon-lr02": ["pretrain.lr=3e-3", "pretrain.muon_lr=0.02"],
+    "adam2e-2": ["pretrain.lr=2e-2"],
+    "b8": ["pretrain.batch_size=8"],
     "ctx256": ["model.max_seq_len=256", "pretrain.seq_len=256", "pretrain.batch_size=16"],
     "ctx512": ["model.max_seq_len=512", "pretrain.seq_len=512", "pretrain.batch_size=8"],
     "ctx1024": ["model.max_seq_len=1024", "pretrain.seq_len=1024", "pretrain.batch_size=4"],
     "wsd": ["pretrain.schedule=wsd"],
     "untied": ["model.tie_embeddings=false"],
-    "lr1e-3": ["pretrain.lr=1e-3"],
-    "lr6e-3": ["pretrain.lr=6e-3"],
 }
 
 

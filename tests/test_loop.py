@@ -49,16 +49,17 @@ CFG = TrainConfig(batch_size=8, seq_len=16, lr=3e-3, warmup_steps=5, max_steps=3
                   eval_every=0, dtype="fp32", grad_accum=2)
 
 
-def test_loss_falls(tmp_path):
-    run, summary = run_train(tmp_path, CFG)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_loss_falls(tmp_path, optimizer):
+    run, summary = run_train(tmp_path, dataclasses.replace(CFG, optimizer=optimizer))
     curve = losses(run)
     assert summary["steps"] == 30
     assert curve[30] < curve[1] - 1.0
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_resume_after_crash_reproduces_the_uninterrupted_curve(tmp_path, dtype):
-    cfg = dataclasses.replace(CFG, dtype=dtype)
+@pytest.mark.parametrize("dtype,optimizer", [("fp32", "adamw"), ("bf16", "adamw"), ("fp32", "muon")])
+def test_resume_after_crash_reproduces_the_uninterrupted_curve(tmp_path, dtype, optimizer):
+    cfg = dataclasses.replace(CFG, dtype=dtype, optimizer=optimizer)
     full, _ = run_train(tmp_path, cfg, name="full")
 
     def crashing(step, micro, ctx):
@@ -96,3 +97,37 @@ def test_schedules():
     wsd = dataclasses.replace(cos, schedule="wsd", decay_fraction=0.2)
     assert lr_at(50, 0.7, wsd) == pytest.approx(1.0)
     assert lr_at(50, 0.9, wsd) == pytest.approx(0.55)
+
+
+def test_orthogonalize_pushes_singular_values_near_one():
+    from llmforge.train.optim import orthogonalize
+    g = torch.randn(48, 96, generator=torch.Generator().manual_seed(0)) @ torch.diag(torch.logspace(-2, 1, 96))
+    for m in (g, g.T):  # wide and tall
+        s = torch.linalg.svdvals(orthogonalize(m))
+        assert 0.6 < float(s.min()) and float(s.max()) < 1.25, s
+        # the same singular vectors: U V^T of the input, up to the iteration's looseness
+        u, _, vh = torch.linalg.svd(m, full_matrices=False)
+        assert torch.nn.functional.cosine_similarity(orthogonalize(m).flatten(), (u @ vh).flatten(), 0) > 0.95
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    from llmforge.train.optim import Muon, build_optimizer
+    model = Transformer(MODEL)
+    opt = build_optimizer(model, dataclasses.replace(CFG, optimizer="muon", muon_lr=0.02), "cpu")
+    assert isinstance(opt, Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.param_groups if g["muon"] for p in g["params"]}
+    other = {names[id(p)] for g in opt.param_groups if not g["muon"] for p in g["params"]}
+    assert "layers.0.attn.q_proj.weight" in muon and "layers.1.mlp.down_proj.weight" in muon
+    assert "embed.weight" in other and not any("norm" in n for n in muon)
+    assert all(g["lr_scale"] == pytest.approx(0.02 / CFG.lr) for g in opt.param_groups if g["muon"])
+    # one Muon step moves a matrix by lr * sqrt(max(1, rows/cols)) * (a near-orthogonal update)
+    model(torch.randint(0, 32, (2, 8)), targets=torch.randint(0, 32, (2, 8)))[1].backward()
+    w = model.layers[0].mlp.gate_proj.weight   # rows 128 > cols 32: scale 2
+    before = w.detach().clone()
+    for g in opt.param_groups:
+        g["lr"] = 0.01 if g["muon"] else 0.0
+        g["weight_decay"] = 0.0
+    opt.step()
+    s = torch.linalg.svdvals((w.detach() - before) / 0.01)
+    assert 0.6 * 2 < float(s.max()) < 1.25 * 2

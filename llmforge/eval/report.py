@@ -267,7 +267,9 @@ def write(run: RunDir, cfg=None) -> str:
     if models:
         tasks = ev["tasks"]
         k = next((key for r in models.values() for key in r["tasks"]["mean"] if key.startswith("pass@")), None)
-        header = ["checkpoint"] + tasks + ["mean"] + ([k] if k else []) + ["bpb", "RM win vs SFT"]
+        k_label = k if not (k and cfg is not None and cfg.eval.pass_k_per_task) else \
+            f"{k} (first {cfg.eval.pass_k_per_task}/task)"
+        header = ["checkpoint"] + tasks + ["mean"] + ([k_label] if k else []) + ["bpb", "RM win vs SFT"]
         rows = []
         for m, r in models.items():
             t = r["tasks"]

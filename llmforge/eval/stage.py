@@ -87,6 +87,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
             # pass@k (is there signal for RL to amplify?) only where RL starts: the SFT model
             acc, samples = task_eval.evaluate(model, tok, names, ec.eval_per_task,
                                               pass_k=ec.pass_k if name == "sft" else 0,
+                                              pass_k_per_task=ec.pass_k_per_task,
                                               max_tokens=cfg.tasks.max_new_tokens, seed=ec.seed,
                                               shots=FEWSHOT if name == "base" else 0, return_samples=True)
             if name != "base":

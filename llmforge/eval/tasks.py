@@ -85,10 +85,24 @@ def heldout(task_names: list[str], per_task: int) -> list[Item]:
     return items
 
 
+def first_per_task(items: list, n: int) -> list:
+    """The first n items of each task, in order (n <= 0: all)."""
+    if n <= 0:
+        return items
+    counts: dict[str, int] = {}
+    kept = []
+    for item in items:
+        counts[item.task] = counts.get(item.task, 0) + 1
+        if counts[item.task] <= n:
+            kept.append(item)
+    return kept
+
+
 @torch.no_grad()
-def evaluate(model, tok, task_names: list[str], per_task: int, *, pass_k: int = 0, max_tokens: int = 64,
-             shots: int = 0, seed: int = 0, return_samples: bool = False):
-    """{task: {"accuracy": greedy verified accuracy, "pass@k": ...}, "mean": {...}}."""
+def evaluate(model, tok, task_names: list[str], per_task: int, *, pass_k: int = 0, pass_k_per_task: int = 0,
+             max_tokens: int = 64, shots: int = 0, seed: int = 0, return_samples: bool = False):
+    """{task: {"accuracy": greedy verified accuracy, "pass@k": ...}, "mean": {...}}; pass@k over the
+    first `pass_k_per_task` items of each task (0 = all of them)."""
     items = heldout(task_names, per_task)
     greedy = sample(model, tok, items, n=1, temperature=0.0, max_tokens=max_tokens, shots=shots, seed=seed)
     results: dict[str, dict] = {}
@@ -96,7 +110,7 @@ def evaluate(model, tok, task_names: list[str], per_task: int, *, pass_k: int = 
         rewards = [row[0].reward for row in greedy if row[0].item.task == name]
         results[name] = {"accuracy": sum(r >= 1.0 for r in rewards) / max(len(rewards), 1), "n": len(rewards)}
     if pass_k > 0:
-        sampled = sample(model, tok, items, n=pass_k, temperature=1.0, max_tokens=max_tokens, shots=shots,
+        sampled = sample(model, tok, first_per_task(items, pass_k_per_task), n=pass_k, temperature=1.0, max_tokens=max_tokens, shots=shots,
                          seed=seed + 1)
         for name in task_names:
             rows = [row for row in sampled if row[0].item.task == name]

@@ -37,7 +37,7 @@ from llmforge.model.lora import apply_lora, lora_meta, save_adapter
 from llmforge.run import RunDir
 from llmforge.train import checkpoint as ckpt_io
 from llmforge.train.distributed import DistContext, all_reduce_mean
-from llmforge.train.optim import build_optimizer, lr_at
+from llmforge.train.optim import build_optimizer, lr_at, set_lr
 
 
 @dataclass
@@ -99,6 +99,9 @@ def measured_peak_flops(device: torch.device, dtype: torch.dtype | None, n: int 
 
 # ------------------------------------------------------------------ resume
 
+LEGACY_ADAMW = ("step", "exp_avg", "exp_avg_sq")
+
+
 def load_train_state(ck: Checkpointing, model: torch.nn.Module, optimizer) -> dict | None:
     folder = Path(ck.dir)
     if not (folder / "train_state.json").is_file():
@@ -112,10 +115,12 @@ def load_train_state(ck: Checkpointing, model: torch.nn.Module, optimizer) -> di
     from safetensors.torch import load_file
     tensors = load_file(str(folder / "train_state.safetensors"))
     opt_state = optimizer.state_dict()
-    for i, pid in enumerate(opt_state["param_groups"][0]["params"] + opt_state["param_groups"][1]["params"]):
-        if f"exp_avg.{i}" in tensors:
-            opt_state["state"][pid] = {"step": tensors[f"step.{i}"], "exp_avg": tensors[f"exp_avg.{i}"],
-                                       "exp_avg_sq": tensors[f"exp_avg_sq.{i}"]}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        if parts[0] == "opt":           # opt.<param id>.<state name>
+            opt_state["state"].setdefault(int(parts[1]), {})[parts[2]] = value
+        elif parts[0] in LEGACY_ADAMW:  # exp_avg.<param id>: checkpoints written before Muon
+            opt_state["state"].setdefault(int(parts[1]), {})[parts[0]] = value
     optimizer.load_state_dict(opt_state)
     torch.set_rng_state(tensors["rng.cpu"])
     return state
@@ -125,14 +130,9 @@ def train_state_of(optimizer, step: int, tokens: int, elapsed: float) -> dict:
     """Optimizer moments, schedule position, RNG and loader position (the step: batches are a
     pure function of it) as flat tensors + JSON, for safetensors."""
     tensors = {"rng.cpu": torch.get_rng_state()}
-    opt_state = optimizer.state_dict()
-    ids = opt_state["param_groups"][0]["params"] + opt_state["param_groups"][1]["params"]
-    for i, pid in enumerate(ids):
-        s = opt_state["state"].get(pid)
-        if s:
-            tensors[f"step.{i}"] = torch.as_tensor(s["step"]).reshape(1).float().reshape(())
-            tensors[f"exp_avg.{i}"] = s["exp_avg"]
-            tensors[f"exp_avg_sq.{i}"] = s["exp_avg_sq"]
+    for pid, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"opt.{pid}.{name}"] = torch.as_tensor(value).float() if name == "step" else value
     return {"tensors": tensors, "json": {"step": step, "tokens": tokens, "elapsed": elapsed}}
 
 
@@ -217,8 +217,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     try:
         while progress() < 1.0 and stop["signal"] is None:
             lr = lr_at(step, progress(), cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=device)  # stays on the device: no sync per micro-step
             sums: dict[str, float] = {}
             step_tokens = 0

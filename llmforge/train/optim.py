@@ -1,4 +1,5 @@
-"""AdamW with decay/no-decay groups, and the learning-rate schedules."""
+"""The optimizers (AdamW, or Muon for the hidden matrices with AdamW for the rest) and the
+learning-rate schedules."""
 from __future__ import annotations
 
 import math
@@ -7,17 +8,101 @@ import torch
 
 from llmforge.config import TrainConfig
 
+# Newton-Schulz quintic coefficients (Jordan et al. 2024, "Muon"): chosen so that five iterations
+# push every singular value of a normalised matrix into roughly [0.7, 1.2], fast rather than exact
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """Weight decay on matrices only; norms, biases and scalar heads' biases are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U V^T for G = U S V^T, by the quintic Newton-Schulz iteration
+    X <- a X + (b A + c A^2) X with A = X X^T, started from X = G / ||G||_F."""
+    a, b, c = NS_COEFFS
+    x = g.float()
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the short side: A is min(m, n) squared
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        A = x @ x.T
+        x = a * x + (b * A + c * (A @ A)) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for groups with `muon=True`, AdamW for the others, in one optimizer (one state_dict).
+
+    Muon (MomentUm Orthogonalized by Newton-Schulz; Jordan et al. 2024): keep a Nesterov momentum
+    of the gradient, replace it by its nearest semi-orthogonal matrix, and step along that,
+    scaled by sqrt(max(1, rows / cols)) so every matrix shape moves its outputs equally:
+
+        m <- mu m + (1 - mu) g;   u <- orth((1 - mu) g + mu m);   W <- W (1 - lr wd) - lr sqrt(max(1, r/c)) u
+
+    It is for the hidden 2-D weights only; embeddings, the output head, norms and biases use AdamW
+    (Loshchilov & Hutter 2019) with bias-corrected moments and decoupled weight decay."""
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], momentum: float = 0.95,
+                 ns_steps: int = 5, eps: float = 1e-8):
+        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, ns_steps=ns_steps, eps=eps,
+                                      weight_decay=0.0, muon=False, lr_scale=1.0))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if group["muon"]:
+                    mu = group["momentum"]
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.lerp_(g, 1 - mu)
+                    u = orthogonalize(g.lerp(buf, mu), group["ns_steps"]).to(p.dtype)
+                    p.mul_(1 - lr * wd).add_(u, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                    continue
+                b1, b2 = group["betas"]
+                if not state:
+                    state["step"] = torch.zeros(())
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                t = float(state["step"])
+                state["exp_avg"].lerp_(g, 1 - b1)
+                state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+                p.mul_(1 - lr * wd).addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+
+
+def hidden_matrices(model: torch.nn.Module) -> set[int]:
+    """ids of the 2-D weights inside the transformer blocks (what Muon is for): not the token
+    embedding, the output head (tied or not) or a scalar/value head."""
+    return {id(p) for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and ".layers." in f".{name}"}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    """Weight decay on matrices only; norms, biases and scalar heads' biases are not decayed.
+    cfg.optimizer = "muon" moves the hidden matrices to Muon at peak lr cfg.muon_lr."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "muon":
+        hidden = hidden_matrices(model)
+        groups = [{"params": [p for p in params if id(p) in hidden], "weight_decay": cfg.weight_decay,
+                   "muon": True, "lr_scale": cfg.muon_lr / cfg.lr},
+                  {"params": [p for p in params if id(p) not in hidden and p.dim() >= 2],
+                   "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if id(p) not in hidden and p.dim() < 2], "weight_decay": 0.0}]
+        return Muon([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if cfg.optimizer != "adamw":
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device_type == "cuda"  # the fused CUDA kernel; CPU uses the foreach path
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's lr for this step; a group with an `lr_scale` (Muon's) runs at lr * lr_scale."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
