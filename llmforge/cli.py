@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--db", default=None, help="feedback store: SQLite path or postgresql:// URL")
     p.add_argument("--index", default=None, help="retrieval index (SQLite) to enable RAG")
+    p.add_argument("--api-key", action="append", default=None, metavar="[NAME=]KEY",
+                   help="an API key (repeatable; each key is a user); also $LLMFORGE_API_KEYS. "
+                        "Without keys the server answers on 127.0.0.1 only")
 
     p = sub.add_parser("export", help="export a checkpoint (hf | gguf)")
     p.add_argument("model")
@@ -212,7 +215,7 @@ def dispatch(args, extra) -> None:
         chat_cli(args.model)
     elif verb == "serve":
         from llmforge.serve.api import serve
-        serve(args.model, host=args.host, port=args.port, db=args.db, index=args.index)
+        serve(args.model, host=args.host, port=args.port, db=args.db, index=args.index, api_keys=args.api_key)
     elif verb == "export":
         from llmforge.interop import export_checkpoint
         export_checkpoint(args.model, args.format, args.out, dtype=args.dtype)

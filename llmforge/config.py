@@ -257,6 +257,10 @@ class ServeConfig:
     max_n: int = 8                  # largest `n` (choices per request) accepted
     builtin_tools: bool = True      # run the calculator / Python sandbox when the model calls them
     retrieval_k: int = 3            # chunks retrieved per request with retrieval on
+    max_body_bytes: int = 4 << 20   # larger request bodies are refused with 413 before they are read
+    max_queue: int = 64             # engine requests waiting for a slot before new ones get 429 + Retry-After
+    tool_workers: int = 4           # built-in tool calls run in this many worker threads, off the batch
+    api_keys: str = ""              # comma-separated keys (or NAME=KEY), each a user; also LLMFORGE_API_KEYS
 
 
 @dataclass

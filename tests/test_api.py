@@ -36,7 +36,8 @@ def test_models_and_health(served):
     assert [m.id for m in client.models.list()] == [server.model_name]
     assert server.model_name.endswith("-sft")          # run directory name + checkpoint kind
     health = httpx.get(url + "/health").json()
-    assert health["status"] == "ok" and re.fullmatch(r".*/ckpt/sft@[0-9a-f]{12}", health["checkpoint"])
+    assert health["status"] == "ok" and re.fullmatch(r"[\w.-]+-sft@[0-9a-f]{12}", health["checkpoint"])
+    assert "/" not in json.dumps(health) and "/" not in json.dumps(client.models.list().model_dump())
 
 
 def test_plain_and_streaming_agree(served):
@@ -143,7 +144,7 @@ def test_legacy_completions(served):
     ({"model": "MODEL", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
     ({"model": "MODEL", "messages": HI, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format"),
-    ({"model": "MODEL", "messages": HI, "conversation_id": "conv-nope"}, 400, "conversation_id"),
+    ({"model": "MODEL", "messages": HI, "conversation_id": "conv-nope"}, 404, "conversation_id"),
     ({"model": "MODEL", "messages": HI, "tool_choice": {"type": "function", "function": {"name": "rm_rf"}}},
      400, "tool_choice"),
     ({"model": "MODEL", "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}],
@@ -222,7 +223,7 @@ def test_feedback_round_trip_through_the_api(served, tmp_path):
     assert httpx.post(url + "/v1/feedback/edits", json={"generation_id": gen, "content": "Hello there!"}).status_code == 200
     assert httpx.post(url + "/v1/feedback/ratings", json={"generation_id": gen, "value": 1}).status_code == 200
     bad = httpx.post(url + "/v1/feedback/ratings", json={"generation_id": "gen-nope", "value": 1})
-    assert bad.status_code == 400 and "unknown generation" in bad.json()["error"]["message"]
+    assert bad.status_code == 404 and "unknown generation" in bad.json()["error"]["message"]
     g = httpx.get(url + f"/v1/feedback/generations/{gen}").json()
     assert g["model"] == server.model_name and g["checkpoint"] == server.checkpoint_id and g["rating"] == 1
     out = tmp_path / "prefs.jsonl"
@@ -257,7 +258,7 @@ def test_terminal_chat_streams_and_keeps_history(served, tmp_path):
 
     server, _, _ = served
     out = io.StringIO()
-    folder = server.checkpoint_id.rsplit("@", 1)[0]
+    folder = server.folder
     chat_cli(folder, max_tokens=5, stdin=io.StringIO("hello\n/reset\nagain\n/quit\n"), stdout=out)
     text = out.getvalue()
     assert text.count("assistant> ") == 2 and "(new conversation)" in text

@@ -179,3 +179,53 @@ def test_prompt_longer_than_context_raises(model, tok):
     with pytest.raises(ValueError, match="empty prompt"):
         engine.add([], greedy(4))
     assert not engine.has_work()
+
+
+class _Exploding:
+    """A constraint that fails on its third token (a stand-in for any per-row bug)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def allowed_mask(self, vocab_size):
+        self.n += 1
+        if self.n == 3:
+            raise RuntimeError("constraint exploded")
+        return torch.ones(vocab_size, dtype=torch.bool)
+
+    def advance(self, token_id):
+        pass
+
+    def is_done(self):
+        return False
+
+
+def test_an_error_in_one_row_ends_that_request_alone(model, tok):
+    prompts = prompts_of(tok, [5, 7, 9])
+    alone = Engine(model, tok, max_batch=4).generate(prompts, greedy(12))
+    engine = Engine(model, tok, max_batch=4)
+    ids = [engine.add(p, greedy(12), _Exploding() if i == 1 else None) for i, p in enumerate(prompts)]
+    done, errors = {}, {}
+    while len(done) < 3:
+        for ev in engine.step():
+            if ev.finished:
+                done[ev.request_id] = ev.completion
+                if ev.error:
+                    errors[ev.request_id] = ev.error
+    assert list(errors) == [ids[1]] and "exploded" in errors[ids[1]] and done[ids[1]].finish_reason == "error"
+    assert done[ids[0]].tokens == alone[0].tokens and done[ids[2]].tokens == alone[2].tokens
+    assert len(engine.free_slots) == 4 and not engine.has_work()
+
+
+def test_top_p_zero_is_greedy(model, tok):
+    prompt = prompts_of(tok, [6])[0]
+    engine = Engine(model, tok, max_batch=1)
+    sampled = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=1.0, top_p=0.0, seed=1))[0]
+    assert sampled.tokens == engine.generate([prompt], greedy(10))[0].tokens
+    assert _kept(filter_logits(torch.randn(50), 0, 0.0)) and len(_kept(filter_logits(torch.randn(50), 0, 0.0))) == 1
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(model, tok):
+    engine = Engine(model, tok, max_batch=1)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add([1, tok.vocab_size + 5], greedy(2))

@@ -134,3 +134,21 @@ def json_constraint(tok, schema: dict | str | None = None, *, stop_token_ids, vo
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"JSON schema cannot be used for constrained decoding ({first}); simplify the schema") from None
     return JSONConstraint(compiled, compiled.tokenizer_info.vocab_size)
+
+
+class BanTokens:
+    """A constraint that never allows some ids (tool_choice 'none' forbids <|tool_call|>)."""
+
+    def __init__(self, vocab_size: int, banned: list[int]):
+        import torch
+        self.mask = torch.ones(vocab_size, dtype=torch.bool)
+        self.mask[banned] = False
+
+    def allowed_mask(self, vocab_size: int):
+        return self.mask[:vocab_size]
+
+    def advance(self, token_id: int) -> None:
+        pass
+
+    def is_done(self) -> bool:
+        return False

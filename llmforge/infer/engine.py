@@ -10,9 +10,18 @@ that arrives while others are decoding simply joins at the next step (continuous
 
 For a server: `add(prompt_ids, params)` -> request id, then call `step()` repeatedly; it
 returns the events (request id, new token, finished?) of that step.
+
+Isolation: an exception while sampling one row (a bad constraint, a non-finite distribution)
+ends that request alone with an error event (`Event.error`, finish_reason "error"); a forward
+pass that fails for a batch is retried row by row so only the rows that fail alone end.
+Tool calls run off the batch: when a row closes a `<|tool_call|>` span its call goes to a small
+worker pool and the row is *parked* (it keeps its KV-cache slot but leaves the decode batch);
+the other rows keep decoding, and the result is fed at the first step after it arrives.
+`on_wake` (set by a scheduler) is called from the worker when a parked row becomes runnable.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import threading
@@ -33,7 +42,7 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)   # per token; 0.0 for inserted ones
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None                      # "stop" | "length"
+    finish_reason: str | None = None                      # "stop" | "length" | "error"
     tool_calls_run: int = 0
 
 
@@ -44,6 +53,7 @@ class Event:
     text_delta: str
     finished: bool
     completion: Completion
+    error: str | None = None   # set (with finished) when this request alone failed
 
 
 @dataclass
@@ -60,6 +70,7 @@ class _Request:
     emitted_text: str = ""
     decoded_text: str = ""                                # text of out.tokens[:decoded_upto]
     decoded_upto: int = 0                                 # always on a whole-character boundary
+    tool_future: object = None                            # a running tool call (the row is parked)
 
 
 @dataclass
@@ -71,10 +82,13 @@ class EngineStats:
     prefill_tokens: int = 0
     generated_tokens: int = 0
     requests: int = 0
+    tool_calls: int = 0
+    request_errors: int = 0        # requests ended alone by an exception in their own row
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_len: int | None = None, tool_runner=None):
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_len: int | None = None, tool_runner=None,
+                 tool_workers: int = 4):
         self.model = model.eval()
         self.tok = tokenizer
         self.max_batch = max_batch
@@ -84,11 +98,16 @@ class Engine:
         self.free_slots = list(range(max_batch))[::-1]
         self.active: dict[int, _Request] = {}
         self.waiting: list[_Request] = []
+        self.parked: dict[int, _Request] = {}   # rows whose tool call is running in the worker pool
+        self.vocab_size = model.cfg.vocab_size
         self.ids = itertools.count()
         self.lock = threading.Lock()
         self.cancelled: set[int] = set()
         self.stats = EngineStats()
         self.tool_runner = tool_runner
+        self.tool_workers = tool_workers
+        self._tool_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.on_wake = None   # called (from a worker thread) when a parked row can resume
         self.end_id = self._special("<|end|>")
         self.tool_call_id = self._special("<|tool_call|>")
         self.assistant_id = self._special("<|assistant|>")
@@ -106,6 +125,10 @@ class Engine:
             raise ValueError("empty prompt: give at least one token (e.g. <|bos|>)")
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_len} tokens")
+        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int)
+                    or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})")
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         gen = torch.Generator().manual_seed(seed)
         with self.lock:
@@ -123,43 +146,87 @@ class Engine:
             self.cancelled.add(request_id)
 
     def has_work(self) -> bool:
-        return bool(self.active or self.waiting)
+        return bool(self.active or self.waiting or self.parked)
+
+    def runnable(self) -> bool:
+        """Whether step() would do anything now (parked rows wait for their tool)."""
+        with self.lock:
+            return bool(self.active or (self.waiting and self.free_slots) or self.cancelled
+                        or any(r.tool_future.done() for r in self.parked.values()))
 
     # ------------------------------------------------------------ stepping
     @torch.no_grad()
     def step(self) -> list[Event]:
+        events: list[Event] = []
         with self.lock:
             for rid in self.cancelled:
-                req = self.active.pop(rid, None)
+                req = self.active.pop(rid, None) or self.parked.pop(rid, None)
                 if req is not None:
                     self.free_slots.append(req.slot)
             self.waiting = [r for r in self.waiting if r.id not in self.cancelled]
             self.cancelled.clear()
+            resumed = [r for r in self.parked.values() if r.tool_future.done()]
+            for req in resumed:
+                del self.parked[req.id]
+                self.active[req.id] = req
             while self.waiting and self.free_slots:
                 req = self.waiting.pop(0)
                 req.slot = self.free_slots.pop()
                 self.active[req.id] = req
+        for req in resumed:
+            ev = self._resume(req)
+            if ev is not None:
+                events.append(ev)
+        with self.lock:
             rows = list(self.active.values())
         if not rows:
-            return []
+            return events
         self.stats.steps += 1
         logits: dict[int, torch.Tensor] = {}
         decode = [r for r in rows if len(r.pending) == 1]
         prefill = [r for r in rows if len(r.pending) > 1]
         if prefill:
-            logits.update(self._forward(prefill))
+            logits.update(self._forward_isolated(prefill, events))
             self.stats.prefill_tokens += sum(len(r.pending) for r in prefill)
         if decode:
-            logits.update(self._forward(decode))
+            logits.update(self._forward_isolated(decode, events))
             self.stats.decode_batches += 1
             self.stats.decode_rows += len(decode)
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(decode))
-        events = []
         for req in rows:
+            if req.id not in logits:   # its forward failed: already ended with an error event
+                continue
             req.position += len(req.pending)
             req.pending = []
-            events.append(self._advance(req, logits[req.id]))
+            try:
+                events.append(self._advance(req, logits[req.id]))
+            except Exception as e:  # this request's sampling/constraint failed: end it alone
+                events.append(self._fail(req, e))
         return events
+
+    def _forward_isolated(self, reqs: list[_Request], events: list[Event]) -> dict[int, torch.Tensor]:
+        """The batched forward; if it raises, each row alone, ending only the rows that fail."""
+        try:
+            return self._forward(reqs)
+        except Exception as e:
+            if len(reqs) == 1:
+                events.append(self._fail(reqs[0], e))
+                return {}
+        out: dict[int, torch.Tensor] = {}
+        for r in reqs:
+            try:
+                out.update(self._forward([r]))
+            except Exception as e:
+                events.append(self._fail(r, e))
+        return out
+
+    def _fail(self, req: _Request, error: BaseException) -> Event:
+        req.out.finish_reason = "error"
+        self.stats.request_errors += 1
+        with self.lock:
+            if self.active.pop(req.id, None) is not None or self.parked.pop(req.id, None) is not None:
+                self.free_slots.append(req.slot)
+        return Event(req.id, None, "", True, req.out, error=f"{type(error).__name__}: {error}")
 
     def _forward(self, reqs: list[_Request]) -> dict[int, torch.Tensor]:
         """One right-padded forward; returns each request's last-position logits (V,) in fp32.
@@ -197,9 +264,11 @@ class Engine:
         req.pending = [token]
 
         finish = None
+        parked = False
         if token in p.stop_token_ids:
             if p.execute_tools and token == self.end_id and self._in_tool_call(out) and self.tool_runner:
-                self._run_tool(req)
+                self._start_tool(req)
+                parked = True
             else:
                 finish = "stop"
         elif req.constraint is not None and req.constraint.is_done():
@@ -209,7 +278,8 @@ class Engine:
             cut = min((text.find(s) for s in p.stop if s in text), default=-1)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
-        if finish is None and (len(out.tokens) >= p.max_tokens or req.position + len(req.pending) >= self.max_len):
+        if finish is None and not parked and (len(out.tokens) >= p.max_tokens
+                                              or req.position + len(req.pending) >= self.max_len):
             finish = "length"
         out.text = text
         # hold back a trailing partial UTF-8 character until its remaining bytes arrive
@@ -244,23 +314,52 @@ class Engine:
                 return False
         return False
 
-    def _run_tool(self, req: _Request) -> None:
-        """Execute the call, then feed `<|tool_result|>RESULT<|end|><|assistant|>` to the model."""
+    def _start_tool(self, req: _Request) -> None:
+        """Send the call to the worker pool and park the row until its result arrives."""
         out = req.out
         start = len(out.tokens) - 1 - out.tokens[::-1].index(self.tool_call_id, 1)
         call_text = self.tok.decode(out.tokens[start + 1:-1])
-        try:
-            call = json.loads(call_text)
-            result = self.tool_runner(call.get("name", ""), call.get("arguments", {}))
-        except Exception as e:  # a malformed call is the model's mistake: show it the error
-            result = f"error: {e}"
-        inserted = ([self._special("<|tool_result|>")] + self.tok.encode(str(result)) +
+        runner = self.tool_runner
+
+        def work() -> str:
+            try:
+                call = json.loads(call_text)
+                return str(runner(call.get("name", ""), call.get("arguments", {})))
+            except Exception as e:  # a malformed call is the model's mistake: show it the error
+                return f"error: {e}"
+
+        if self._tool_pool is None:
+            self._tool_pool = concurrent.futures.ThreadPoolExecutor(self.tool_workers,
+                                                                    thread_name_prefix="llmforge-tool")
+        req.pending = []
+        with self.lock:
+            self.active.pop(req.id, None)
+            self.parked[req.id] = req
+            req.tool_future = self._tool_pool.submit(work)
+        self.stats.tool_calls += 1
+        if self.on_wake is not None:
+            req.tool_future.add_done_callback(lambda _: self.on_wake())
+
+    def _resume(self, req: _Request) -> Event | None:
+        """Feed `<|tool_result|>RESULT<|end|><|assistant|>` after the parked call; an Event if it ends here."""
+        out = req.out
+        result = req.tool_future.result()
+        req.tool_future = None
+        inserted = ([self._special("<|tool_result|>")] + self.tok.encode(result) +
                     [self.end_id, self.assistant_id])
         out.tokens.extend(inserted)
         out.generated.extend([False] * len(inserted))
         out.logprobs.extend([0.0] * len(inserted))
         out.tool_calls_run += 1
         req.pending = [self.end_id] + inserted  # the sampled <|end|> has not been fed yet
+        if req.position + len(req.pending) < self.max_len:
+            return None
+        req.pending = []   # the result does not fit what is left of the context
+        out.finish_reason = "length"
+        with self.lock:
+            self.active.pop(req.id, None)
+            self.free_slots.append(req.slot)
+        return Event(req.id, None, "", True, out)
 
     # ------------------------------------------------------------ batch API
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -271,7 +370,11 @@ class Engine:
         ids = [self.add(p, sp, c) for p, sp, c in zip(prompts, params, constraints)]
         results: dict[int, Completion] = {}
         while len(results) < len(ids):
-            for ev in self.step():
+            events = self.step()
+            for ev in events:
                 if ev.finished:
                     results[ev.request_id] = ev.completion
+            if not events and self.parked:   # only tool calls are running: wait for one
+                concurrent.futures.wait([r.tool_future for r in list(self.parked.values())], timeout=1.0,
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
         return [results[i] for i in ids]

@@ -30,14 +30,17 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass before it already reaches top_p (the first always stays)
         drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop[0] = False   # top_p = 0 keeps the most likely token (greedy), never an empty set
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Draw one token id from a row of logits (V,) in fp32."""
-    if params.temperature <= 0:
+    if params.temperature <= 0 or params.top_p <= 0:   # greedy (OpenAI treats top_p 0 as greedy too)
         return int(torch.argmax(logits))
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
+    if not torch.isfinite(probs).all() or float(probs.sum()) <= 0:
+        raise ValueError("the sampling distribution is empty or not finite (check temperature/top_p/constraint)")
     return int(torch.multinomial(probs, 1, generator=generator))

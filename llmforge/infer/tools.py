@@ -231,6 +231,16 @@ def sandbox_isolation() -> str:
     return "namespaces" if probe.strip() == "sandbox-ok" else "python-guard"
 
 
+def sandbox_description() -> str:
+    """One line for the server's start-up log: which isolation the Python tool really gets."""
+    if sandbox_isolation() == "namespaces":
+        return ("python sandbox: namespaces (no network, own PID and mount namespaces, read-only filesystem, "
+                "hidden paths covered, runs as nobody without capabilities, rlimits incl. process count)")
+    return ("python sandbox: python-guard FALLBACK (no root/unshare here, so no namespaces): same user as the "
+            "server, rlimits incl. process count, best-effort Python-level blocks on network, writes and hidden "
+            "paths; code using ctypes or os.system can get around them")
+
+
 def _rlimits(limits: SandboxLimits) -> dict:
     return {"RLIMIT_AS": (limits.memory_bytes, limits.memory_bytes),
             "RLIMIT_CPU": (limits.cpu_seconds, limits.cpu_seconds + 1),

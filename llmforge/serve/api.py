@@ -1,14 +1,28 @@
 """An OpenAI-compatible server around the one generation engine, plus the web chat and the
 feedback endpoints.
 
-    llmforge serve runs/cpu --port 8000
-    curl localhost:8000/v1/chat/completions -d '{"model": "cpu-sft", "messages": [{"role": "user", "content": "hi"}]}'
+    llmforge serve runs/cpu --port 8000                       # no keys: 127.0.0.1 only, one user
+    llmforge serve runs/cpu --host 0.0.0.0 --api-key alice=sk-alice-123 --api-key bob=sk-bob-456
+    curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "cpu-sft", "messages": [{"role": "user", "content": "hi"}]}'
 
     from openai import OpenAI
-    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-alice-123")   # any string without keys
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health,
-GET /v1/engine/stats, the /v1/feedback/* endpoints the web chat posts to, and the web chat at /.
+GET /metrics (Prometheus), GET /v1/engine/stats, the /v1/feedback/* endpoints the web chat posts
+to, and the web chat at /. Request bodies are the Pydantic models of serve/protocol.py, so
+/openapi.json (and /docs) describe them.
+
+At the edge (here): every error is OpenAI's {"error": {message, type, param, code}} JSON with
+its status (400 bad input, 401 key, 403 cross-origin, 404 unknown id, 413 body too large,
+415 not JSON, 429 queue full + Retry-After, 500 with the request id that the log names);
+bodies over `max_body_bytes` are refused before they are read; parsing a request into engine
+inputs (tokenisation) and feedback-store I/O run in worker threads, never on the event loop.
+Each response carries `x-request-id`; one access-log line per request (logger
+"llmforge.serve.access"). Users and keys: serve/auth.py; conversations, ratings and edits are
+the user's own (serve/feedback.py). CSRF: a state-changing request must be JSON
+(a cross-origin form or text/plain POST cannot be) and may not come from another Origin.
 
 How concurrent requests share the model is in serve/scheduler.py (one engine thread, continuous
 batching); the OpenAI request/response format is in serve/protocol.py.
@@ -16,219 +30,380 @@ batching); the OpenAI request/response format is in serve/protocol.py.
 Extensions to the OpenAI request body (all optional; the `openai` client sends them via
 `extra_body`): `conversation_id` logs the answer in the feedback store (the response's
 `llmforge.generation_ids` name what to rate/edit), `retrieval: true | {"k": 3}` prepends the
-best chunks of the retrieval index and returns them as `llmforge.citations`.
+best chunks of the retrieval index and returns them as `llmforge.citations`, `trim_history: true`
+drops the oldest turns that do not fit (`llmforge.trimmed_messages` says how many) and clamps
+max_tokens to the context left.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
+import traceback
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from fastapi import Request  # module level: handler annotations are resolved in this namespace
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmforge.errors import UserError
-from llmforge.serve.protocol import APIError, Answer, ChatRequest, _finish_reason, _number, _stop_strings
+from llmforge.serve.auth import LOOPBACK_HOSTS, current_user, keys_from_env, parse_keys
+from llmforge.serve.feedback import NotFoundError
+from llmforge.serve.protocol import (APIError, Answer, ChatCompletionBody, ChatRequest, ChoiceBody, CompletionBody,
+                                     CompletionRequest, EditBody, NewConversationBody, RatingBody, _finish_reason,
+                                     check_text)
 from llmforge.serve.scheduler import SERVE_STOPS, ModelServer, Scheduler, load_served
 
 __all__ = ["APIError", "Answer", "ChatRequest", "ModelServer", "Scheduler", "SERVE_STOPS", "create_app",
-           "load_served", "run_in_thread", "serve"]
+           "load_served", "router", "run_in_thread", "serve"]
+
+log = logging.getLogger("llmforge.serve")
+access_log = logging.getLogger("llmforge.serve.access")
+router = APIRouter()
+
+
+def _server(request: Request) -> ModelServer:
+    return request.app.state.server
+
+
+def _rid(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id") or f"req-{uuid.uuid4().hex[:16]}"
+
+
+# ---------------------------------------------------------------- models, health
+
+@router.get("/health")
+async def health(request: Request):
+    server = _server(request)
+    return {"status": "ok", "model": server.model_name, "checkpoint": server.checkpoint_id,
+            "uptime_s": round(time.time() - server.started, 1)}
+
+
+@router.get("/v1/engine/stats")
+async def stats(request: Request, user: str = Depends(current_user)):
+    return _server(request).stats()
+
+
+@router.get("/v1/models")
+async def models(request: Request, user: str = Depends(current_user)):
+    server = _server(request)
+    return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": int(server.started),
+                                        "owned_by": "llmforge", "checkpoint": server.checkpoint_id,
+                                        "context_length": server.context}]}
+
+
+@router.get("/v1/models/{model_id}")
+async def model_info(model_id: str, request: Request, user: str = Depends(current_user)):
+    server = _server(request)
+    if model_id != server.model_name:
+        raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
+    return {"id": server.model_name, "object": "model", "created": int(server.started), "owned_by": "llmforge",
+            "context_length": server.context}
+
+
+# ---------------------------------------------------------------- chat completions
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionBody, request: Request, user: str = Depends(current_user)):
+    server = _server(request)
+    check_text(body.model_dump(by_alias=True))
+    req = await run_in_threadpool(ChatRequest, server, body, user)   # tokenises: off the event loop
+    server.admit(req.n)
+    cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    if req.stream:
+        from sse_starlette.sse import EventSourceResponse
+        return EventSourceResponse(_guarded(_stream_chat(server, req, cid, created), _rid(request)),
+                                   ping=15, sep="\n")
+    answers = [Answer(server, req, i) for i in range(req.n)]
+    completions = await asyncio.gather(*[_final(server, req.prompt, p, c)
+                                         for p, c in zip(req.params, req.constraints)])
+    choices, usage_out = [], 0
+    extension = {"generation_ids": [], "citations": req.citations, "tool_runs": [],
+                 "trimmed_messages": req.trimmed_messages, "max_tokens": req.max_tokens}
+    for a, comp in zip(answers, completions):
+        content, calls, runs = a.view(comp)
+        message = {"role": "assistant", "content": content if content or not calls else None, "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
+        choice = {"index": a.index, "message": message, "finish_reason": _finish_reason(comp, calls),
+                  "logprobs": {"content": a.logprobs(comp), "refusal": None} if req.logprobs else None}
+        choices.append(choice)
+        usage_out += sum(comp.generated)
+        extension["tool_runs"].append(runs)
+        extension["generation_ids"].append(await run_in_threadpool(_log, server, req, f"{cid}.{a.index}", content,
+                                                                   calls, comp))
+    return {"id": cid, "object": "chat.completion", "created": created, "model": server.model_name,
+            "system_fingerprint": server.fingerprint, "choices": choices,
+            "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": usage_out,
+                      "total_tokens": len(req.prompt) + usage_out},
+            "llmforge": extension}
+
+
+# ---------------------------------------------------------------- completions
+
+@router.post("/v1/completions")
+async def completions(body: CompletionBody, request: Request, user: str = Depends(current_user)):
+    server = _server(request)
+    check_text(body.model_dump())
+    req = await run_in_threadpool(CompletionRequest, server, body, user)
+    server.admit(len(req.jobs))
+    cid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    if req.stream:
+        from sse_starlette.sse import EventSourceResponse
+        return EventSourceResponse(_guarded(_stream_text(server, req, cid, created), _rid(request)),
+                                   ping=15, sep="\n")
+    comps = await asyncio.gather(*[_final(server, ids, p, None) for _, ids, p in req.jobs])
+    choices = []
+    for k in range(len(req.prompts)):
+        group = [c for (pk, _, _), c in zip(req.jobs, comps) if pk == k]
+        if req.best_of > req.n:   # keep the n samples the model finds most likely
+            group = sorted(group, key=lambda c: -sum(c.logprobs))[:req.n]
+        for j, comp in enumerate(group):
+            lp = None
+            if req.top:
+                toks = [t for t, g in zip(comp.tokens, comp.generated) if g]
+                lp = {"tokens": [server.tok.decode([t]) for t in toks], "token_logprobs": comp.logprobs,
+                      "top_logprobs": [{server.tok.decode([t]): v for t, v in row} for row in comp.top_logprobs],
+                      "text_offset": _offsets(server, toks, len(req.texts[k]) if req.echo else 0)}
+            text = (req.texts[k] if req.echo else "") + comp.text
+            choices.append({"index": k * req.n + j, "text": text, "finish_reason": comp.finish_reason, "logprobs": lp})
+    out = sum(len(c.tokens) for c in comps)
+    prompt_tokens = sum(len(ids) for ids in req.prompts)
+    return {"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
+            "system_fingerprint": server.fingerprint, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": out, "total_tokens": prompt_tokens + out}}
+
+
+def _offsets(server, toks, start):
+    out, pos = [], start
+    for t in toks:
+        out.append(pos)
+        pos += len(server.tok.decode([t]))
+    return out
+
+
+# ---------------------------------------------------------------- feedback (each user sees only their own)
+
+def _store(request: Request):
+    server = _server(request)
+    if server.store is None:
+        raise APIError(503, "this server has no feedback store; start it with --db", code="no_store",
+                       type="server_error")
+    return server.store
+
+
+@router.post("/v1/feedback/conversations")
+async def new_conversation(request: Request, body: NewConversationBody | None = None,
+                           user: str = Depends(current_user)):
+    check_text(body.model_dump() if body else {})
+    title = body.title if body else ""
+    return {"id": await run_in_threadpool(_store(request).new_conversation, title, user)}
+
+
+@router.get("/v1/feedback/conversations")
+async def list_conversations(request: Request, user: str = Depends(current_user)):
+    return {"object": "list", "data": await run_in_threadpool(_store(request).conversations, 100, user)}
+
+
+@router.get("/v1/feedback/conversations/{conversation_id}")
+async def get_conversation(conversation_id: str, request: Request, user: str = Depends(current_user)):
+    return await run_in_threadpool(_store(request).conversation, conversation_id, user)
+
+
+@router.get("/v1/feedback/generations/{generation_id}")
+async def get_generation(generation_id: str, request: Request, user: str = Depends(current_user)):
+    return await run_in_threadpool(_store(request).generation, generation_id, user)
+
+
+@router.post("/v1/feedback/ratings")
+async def rate(body: RatingBody, request: Request, user: str = Depends(current_user)):
+    check_text(body.model_dump())
+    store = _store(request)
+    return {"id": await run_in_threadpool(lambda: store.rate(body.generation_id, body.value, body.comment, user=user))}
+
+
+@router.post("/v1/feedback/edits")
+async def edit(body: EditBody, request: Request, user: str = Depends(current_user)):
+    check_text(body.model_dump())
+    store = _store(request)
+    return {"id": await run_in_threadpool(lambda: store.edit(body.generation_id, body.content, kept=body.kept,
+                                                             user=user))}
+
+
+@router.post("/v1/feedback/choices")
+async def choose(body: ChoiceBody, request: Request, user: str = Depends(current_user)):
+    store = _store(request)
+    await run_in_threadpool(lambda: store.choose(body.generation_id, user=user))
+    return {"ok": True}
 
 
 # ---------------------------------------------------------------- the app
 
-def create_app(server: ModelServer):
-    from fastapi import FastAPI
+def _error(status: int, message: str, param=None, code=None, type="invalid_request_error", headers=None):
     from fastapi.responses import JSONResponse
-    from fastapi.staticfiles import StaticFiles
-    from sse_starlette.sse import EventSourceResponse
+    return JSONResponse(APIError(status, message, param, code, type).body(), status_code=status, headers=headers)
 
+
+_STATUS_CODES = {400: "invalid_json", 401: "invalid_api_key", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+
+
+def _validation_error(exc: RequestValidationError):
+    """Pydantic's first complaint as one OpenAI error: param = the top-level field it concerns."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [x for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return _error(400, "the request body is not valid JSON; send a JSON object with "
+                           "Content-Type: application/json", code="invalid_json")
+    if not loc or (len(loc) == 1 and isinstance(loc[0], int)):
+        return _error(400, "the request body must be a JSON object (see /docs for its fields)", code="invalid_json")
+    path = str(loc[0]) + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc[1:])
+    given = first.get("input")
+    shown = "" if first.get("type") == "missing" else f" (got {json.dumps(given, default=str)[:60]})"
+    code = "missing_required_parameter" if first.get("type") == "missing" else \
+        "unknown_parameter" if first.get("type") == "extra_forbidden" else "invalid_value"
+    return _error(400, f"{path}: {first.get('msg', 'invalid')}{shown}", param=str(loc[0]), code=code)
+
+
+class EdgeMiddleware:
+    """Pure ASGI (streams pass through untouched): a request id, CSRF / Host checks, access log,
+    metrics. State-changing methods must send JSON and, when a browser names an Origin, come
+    from this server's own origin; without API keys only loopback Host names are answered."""
+
+    def __init__(self, app, keyless: bool, max_body_bytes: int, metrics=None):
+        self.app, self.keyless, self.metrics, self.max_body = app, keyless, metrics, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers
+
+        rid = f"req-{uuid.uuid4().hex[:16]}"
+        scope.setdefault("state", {})["request_id"] = rid
+        headers = Headers(scope=scope)
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        refusal = self._refuse(scope, headers)
+        received = 0
+
+        async def limited_receive():   # a body without (or lying about) Content-Length stops at the limit
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise StarletteHTTPException(413)
+            return message
+
+        try:
+            if refusal is not None:
+                await refusal(scope, receive, send_with_id)
+            else:
+                await self.app(scope, limited_receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - start
+            user = scope.get("state", {}).get("user", "-")
+            access_log.info("%s %s %s %d %.1fms user=%s", rid, scope["method"], scope["path"], status[0],
+                            seconds * 1000, user)
+            if self.metrics is not None:
+                self.metrics.observe_request(scope["path"], status[0], seconds)
+
+    def _refuse(self, scope, headers):
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:   # refused before a byte of it is read
+            return _error(413, f"the request body is {length} bytes; this server accepts at most {self.max_body}",
+                          code="request_too_large")
+        host = headers.get("host", "")
+        hostname = urlsplit("//" + host).hostname or ""
+        if self.keyless and hostname and hostname not in LOOPBACK_HOSTS and f"[{hostname}]" not in LOOPBACK_HOSTS:
+            return _error(403, f"this server has no API keys and answers only on localhost, not '{host}'; "
+                               "start it with --api-key to serve other hosts", code="forbidden_host")
+        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            origin = headers.get("origin")
+            if origin is not None and urlsplit(origin).netloc != host:
+                return _error(403, f"cross-origin request from {origin} refused", code="cross_origin")
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json" and not ctype.endswith("+json"):
+                return _error(415, "send the body as JSON with Content-Type: application/json",
+                              code="unsupported_media_type")
+        return None
+
+
+def create_app(server: ModelServer, api_keys: str | list[str] | dict | None = None, metrics: bool = True):
+    """The FastAPI app. `api_keys`: keys (comma-separated or a list, NAME=KEY entries allowed);
+    None = ServeConfig.api_keys, then $LLMFORGE_API_KEYS; no keys = one local user."""
+    from fastapi import FastAPI
+    from fastapi.staticfiles import StaticFiles
+
+    if isinstance(api_keys, dict):
+        keys = dict(api_keys)
+    else:
+        keys = parse_keys(api_keys) if api_keys is not None else parse_keys(server.cfg.api_keys, keys_from_env())
     app = FastAPI(title="llmforge", version="0.1")
     app.state.server = server
+    app.state.api_keys = keys
+    app.state.metrics = None
+    if metrics:
+        from llmforge.serve.metrics import Metrics
+        app.state.metrics = Metrics(server)
+        app.add_route("/metrics", app.state.metrics.endpoint, methods=["GET"], include_in_schema=False)
+
+    api_paths = {r.path for r in router.routes}
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return _error(e.status, e.message, e.param, e.code, e.type, e.headers)
+
+    @app.exception_handler(NotFoundError)
+    async def not_found_error(_, e: NotFoundError):
+        return _error(404, str(e), code="not_found")
 
     @app.exception_handler(UserError)
     async def user_error(_, e: UserError):
-        return JSONResponse(APIError(400, str(e)).body(), status_code=400)
+        return _error(400, str(e))
 
-    @app.exception_handler(404)
-    async def not_found(request, _):
-        return JSONResponse(APIError(404, f"no route {request.method} {request.url.path}; see /docs",
-                                     code="not_found").body(), status_code=404)
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError):
+        return _validation_error(e)
 
-    @app.exception_handler(405)
-    async def not_allowed(request, _):
-        return JSONResponse(APIError(405, f"{request.method} is not allowed on {request.url.path}",
-                                     code="method_not_allowed").body(), status_code=405)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        if e.status_code == 404 and request.url.path in api_paths:   # the static mount answered a wrong method
+            e = StarletteHTTPException(405)
+        message = {404: f"no route {request.method} {request.url.path}; see /docs",
+                   405: f"{request.method} is not allowed on {request.url.path}",
+                   413: f"the request body is larger than {server.cfg.max_body_bytes} bytes",
+                   400: "the request body could not be parsed (invalid or too deeply nested JSON)"}.get(
+            e.status_code, str(e.detail))
+        return _error(e.status_code, message, code=_STATUS_CODES.get(e.status_code),
+                      headers=getattr(e, "headers", None))
 
-    async def json_body(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON; send a JSON object with "
-                                "Content-Type: application/json", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-        return body
+    @app.exception_handler(Exception)
+    async def crash(request, e: Exception):   # the body is still OpenAI's shape; the log has the trace
+        rid = _rid(request)
+        log.error("%s unhandled %s: %s\n%s", rid, type(e).__name__, e, traceback.format_exc())
+        return _error(500, f"internal server error (request id {rid}; the server log has the details)",
+                      type="server_error", code="internal_error", headers={"x-request-id": rid})
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": server.model_name, "checkpoint": server.checkpoint_id,
-                "uptime_s": round(time.time() - server.started, 1), "engine": server.stats()}
-
-    @app.get("/v1/engine/stats")
-    async def stats():
-        return server.stats()
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": int(server.started),
-                                            "owned_by": "llmforge", "checkpoint": server.checkpoint_id,
-                                            "context_length": server.context}]}
-
-    @app.get("/v1/models/{model_id}")
-    async def model_info(model_id: str):
-        if model_id != server.model_name:
-            raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
-        return {"id": server.model_name, "object": "model", "created": int(server.started), "owned_by": "llmforge"}
-
-    # ------------------------------------------------------------ chat completions
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = ChatRequest(server, await json_body(request))
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        if req.stream:
-            return EventSourceResponse(_stream_chat(server, req, cid, created), ping=15, sep="\n")
-        answers = [Answer(server, req, i) for i in range(req.n)]
-        completions = await asyncio.gather(*[_final(server, req.prompt, p, c)
-                                             for p, c in zip(req.params, req.constraints)])
-        choices, usage_out = [], 0
-        extension = {"generation_ids": [], "citations": req.citations, "tool_runs": []}
-        for a, comp in zip(answers, completions):
-            content, calls, runs = a.view(comp)
-            message = {"role": "assistant", "content": content if content or not calls else None}
-            if calls:
-                message["tool_calls"] = calls
-            choice = {"index": a.index, "message": message, "finish_reason": _finish_reason(comp, calls),
-                      "logprobs": {"content": a.logprobs(comp)} if req.logprobs else None}
-            choices.append(choice)
-            usage_out += sum(comp.generated)
-            extension["tool_runs"].append(runs)
-            extension["generation_ids"].append(_log(server, req, f"{cid}.{a.index}", content, calls, comp))
-        return {"id": cid, "object": "chat.completion", "created": created, "model": server.model_name,
-                "system_fingerprint": server.checkpoint_id[-32:], "choices": choices,
-                "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": usage_out,
-                          "total_tokens": len(req.prompt) + usage_out},
-                "llmforge": extension}
-
-    # ------------------------------------------------------------ completions
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        from llmforge.infer.sampling import SamplingParams
-
-        body = await json_body(request)
-        model = body.get("model")
-        if model != server.model_name:
-            raise APIError(404 if isinstance(model, str) else 400,
-                           f"the model '{model}' does not exist; this server serves '{server.model_name}'",
-                           param="model", code="model_not_found")
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise APIError(400, "'prompt' is required and must be a string", param="prompt")
-        ids = [server.tok.eot_id] + server.tok.encode(prompt)   # documents start after <|eot|> in pretraining
-        room = server.context - len(ids)
-        if room < 1:
-            raise APIError(400, f"this model's maximum context length is {server.context} tokens, but the prompt "
-                                f"is {len(ids)} tokens", param="prompt", code="context_length_exceeded")
-        max_tokens = _number(body, "max_tokens", min(16, room), 1, server.context, int)
-        if max_tokens > room:
-            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {len(ids)} tokens exceeds the context "
-                                f"of {server.context}; ask for at most {room}", param="max_tokens",
-                           code="context_length_exceeded")
-        n = _number(body, "n", 1, 1, server.cfg.max_n, int)
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise APIError(400, f"'seed' must be an integer, got {seed!r}", param="seed")
-        top = _number(body, "logprobs", 0, 0, 5, int)
-        params = [SamplingParams(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                                 top_p=_number(body, "top_p", 1.0, 0.0, 1.0), seed=None if seed is None else seed + i,
-                                 stop_token_ids=[server.tok.eot_id], stop=_stop_strings(body),
-                                 logprobs=bool(top), top_logprobs=top) for i in range(n)]
-        cid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        if body.get("stream"):
-            return EventSourceResponse(_stream_text(server, ids, params, cid, created), ping=15, sep="\n")
-        comps = await asyncio.gather(*[_final(server, ids, p, None) for p in params])
-        choices = []
-        for i, comp in enumerate(comps):
-            lp = None
-            if top:
-                toks = [t for t, g in zip(comp.tokens, comp.generated) if g]
-                lp = {"tokens": [server.tok.decode([t]) for t in toks], "token_logprobs": comp.logprobs,
-                      "top_logprobs": [{server.tok.decode([t]): v for t, v in row} for row in comp.top_logprobs]}
-            choices.append({"index": i, "text": comp.text, "finish_reason": comp.finish_reason, "logprobs": lp})
-        out = sum(len(c.tokens) for c in comps)
-        return {"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
-                "choices": choices, "usage": {"prompt_tokens": len(ids), "completion_tokens": out,
-                                              "total_tokens": len(ids) + out}}
-
-    # ------------------------------------------------------------ feedback
-
-    def store():
-        if server.store is None:
-            raise APIError(503, "this server has no feedback store; start it with --db", code="no_store")
-        return server.store
-
-    def field(body, key, kind):
-        value = body.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            raise APIError(400, f"'{key}' is required ({kind.__name__})", param=key)
-        return value
-
-    @app.post("/v1/feedback/conversations")
-    async def new_conversation(request: Request):
-        body = await json_body(request)
-        return {"id": store().new_conversation(str(body.get("title") or "")[:200])}
-
-    @app.get("/v1/feedback/conversations")
-    async def list_conversations():
-        return {"object": "list", "data": store().conversations()}
-
-    @app.get("/v1/feedback/conversations/{conversation_id}")
-    async def get_conversation(conversation_id: str):
-        return store().conversation(conversation_id)
-
-    @app.get("/v1/feedback/generations/{generation_id}")
-    async def get_generation(generation_id: str):
-        return store().generation(generation_id)
-
-    @app.post("/v1/feedback/ratings")
-    async def rate(request: Request):
-        body = await json_body(request)
-        return {"id": store().rate(field(body, "generation_id", str), field(body, "value", int),
-                                   str(body.get("comment") or ""))}
-
-    @app.post("/v1/feedback/edits")
-    async def edit(request: Request):
-        body = await json_body(request)
-        return {"id": store().edit(field(body, "generation_id", str), field(body, "content", str),
-                                   kept=bool(body.get("kept", True)))}
-
-    @app.post("/v1/feedback/choices")
-    async def choose(request: Request):
-        body = await json_body(request)
-        store().choose(field(body, "generation_id", str))
-        return {"ok": True}
-
+    app.include_router(router)
+    app.add_middleware(EdgeMiddleware, keyless=not keys, max_body_bytes=server.cfg.max_body_bytes,
+                       metrics=app.state.metrics)
     web = Path(__file__).parent / "web"
     app.mount("/", StaticFiles(directory=web, html=True), name="web")
     return app
@@ -242,7 +417,7 @@ async def _final(server: ModelServer, prompt, params, constraint):
 
 
 def _log(server: ModelServer, req: ChatRequest, generation_id: str, content: str, calls, completion) -> str | None:
-    """Record the answer in the feedback store when the request named a conversation."""
+    """Record the answer in the feedback store when the request named a conversation (worker thread)."""
     if not req.conversation_id or server.store is None:
         return None
     text = content if not calls else content + "".join(f"\n[tool call] {c['function']['name']}"
@@ -251,14 +426,27 @@ def _log(server: ModelServer, req: ChatRequest, generation_id: str, content: str
     return server.store.log_generation(
         req.conversation_id, req.messages, text, server.model_name, server.checkpoint_id,
         params={"temperature": p.temperature, "top_p": p.top_p, "max_tokens": p.max_tokens, "seed": p.seed},
-        finish_reason=_finish_reason(completion, calls), generation_id=generation_id)
+        finish_reason=_finish_reason(completion, calls), generation_id=generation_id, user=req.user)
+
+
+async def _guarded(events, rid: str):
+    """A stream that ends with an OpenAI-shaped error event instead of a broken connection."""
+    try:
+        async for item in events:
+            yield item
+    except APIError as e:
+        yield json.dumps(e.body())
+    except Exception as e:  # noqa: BLE001 - logged with its request id, the client gets JSON
+        log.error("%s stream failed %s: %s\n%s", rid, type(e).__name__, e, traceback.format_exc())
+        yield json.dumps(APIError(500, f"internal server error (request id {rid})", type="server_error",
+                                  code="internal_error").body())
 
 
 async def _stream_chat(server: ModelServer, req: ChatRequest, cid: str, created: int):
     """SSE chunks of every choice, interleaved as tokens arrive, then `data: [DONE]`."""
     def chunk(index, delta, finish=None, logprobs=None, **extra):
         return json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                           "model": server.model_name, "system_fingerprint": server.checkpoint_id[-32:],
+                           "model": server.model_name, "system_fingerprint": server.fingerprint,
                            "choices": [{"index": index, "delta": delta, "finish_reason": finish,
                                         "logprobs": logprobs}], **extra})
 
@@ -277,14 +465,16 @@ async def _stream_chat(server: ModelServer, req: ChatRequest, cid: str, created:
     usage_out = 0
     try:
         for a in answers:
-            yield chunk(a.index, {"role": "assistant", "content": ""})
+            yield chunk(a.index, {"role": "assistant", "content": "", "refusal": None},
+                        llmforge={"trimmed_messages": req.trimmed_messages, "max_tokens": req.max_tokens})
         done = 0
         while done < req.n:
             i, ev = await queue.get()
             a = answers[i]
             if isinstance(ev, Exception):
-                yield json.dumps({"error": {"message": str(ev), "type": "server_error", "param": None,
-                                            "code": "engine_error"}})
+                err = ev if isinstance(ev, APIError) else APIError(500, str(ev), type="server_error",
+                                                                   code="engine_error")
+                yield json.dumps({**err.body(), "index": i})
                 done += 1
                 continue
             text = a.delta(ev.completion, final=ev.finished)
@@ -297,7 +487,8 @@ async def _stream_chat(server: ModelServer, req: ChatRequest, cid: str, created:
                 if calls:
                     yield chunk(i, {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]})
                 usage_out += sum(ev.completion.generated)
-                generation_ids[i] = _log(server, req, f"{cid}.{i}", content, calls, ev.completion)
+                generation_ids[i] = await run_in_threadpool(_log, server, req, f"{cid}.{i}", content, calls,
+                                                            ev.completion)
                 yield chunk(i, {}, finish=_finish_reason(ev.completion, calls),
                             llmforge={"generation_id": generation_ids[i], "citations": req.citations})
         if req.include_usage:
@@ -311,27 +502,49 @@ async def _stream_chat(server: ModelServer, req: ChatRequest, cid: str, created:
             t.cancel()
 
 
-async def _stream_text(server: ModelServer, ids, params, cid: str, created: int):
+async def _stream_text(server: ModelServer, req: CompletionRequest, cid: str, created: int):
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i):
-        async for ev in server.run(ids, params[i]):
-            await queue.put((i, ev))
+    async def pump(i, ids, params):
+        try:
+            async for ev in server.run(ids, params):
+                await queue.put((i, ev))
+        except Exception as e:
+            await queue.put((i, e))
 
-    tasks = [asyncio.create_task(pump(i)) for i in range(len(params))]
-    sent = [""] * len(params)
+    tasks = [asyncio.create_task(pump(i, ids, p)) for i, (_, ids, p) in enumerate(req.jobs)]
+    sent = [""] * len(req.jobs)
+    usage_out = 0
     try:
+        if req.echo:
+            for i, (k, _, _) in enumerate(req.jobs):
+                yield json.dumps({"id": cid, "object": "text_completion", "created": created,
+                                  "model": server.model_name, "choices": [{"index": i, "text": req.texts[k],
+                                                                           "logprobs": None, "finish_reason": None}]})
         done = 0
-        while done < len(params):
+        while done < len(req.jobs):
             i, ev = await queue.get()
+            if isinstance(ev, Exception):
+                err = ev if isinstance(ev, APIError) else APIError(500, str(ev), type="server_error",
+                                                                   code="engine_error")
+                yield json.dumps({**err.body(), "index": i})
+                done += 1
+                continue
             text = ev.completion.text if ev.finished else ev.completion.text.rstrip("\ufffd")
             delta = text[len(sent[i]):] if text.startswith(sent[i]) else ""
             sent[i] = text if text.startswith(sent[i]) else sent[i]
             done += ev.finished
+            if ev.finished:
+                usage_out += len(ev.completion.tokens)
             if delta or ev.finished:
                 yield json.dumps({"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
                                   "choices": [{"index": i, "text": delta, "logprobs": None,
                                                "finish_reason": ev.completion.finish_reason if ev.finished else None}]})
+        if req.include_usage:
+            prompt_tokens = sum(len(ids) for _, ids, _ in req.jobs)
+            yield json.dumps({"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
+                              "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": usage_out,
+                                                       "total_tokens": prompt_tokens + usage_out}})
         yield "[DONE]"
     finally:
         for t in tasks:
@@ -368,15 +581,29 @@ def run_in_thread(app, host: str = "127.0.0.1", port: int = 0):
 
 
 def serve(checkpoint_or_run, host: str = "127.0.0.1", port: int = 8000, db: str | None = None,
-          index: str | None = None) -> None:
+          index: str | None = None, api_keys: list[str] | None = None) -> None:
     """`llmforge serve CKPT_OR_RUN`: the API and web chat until Ctrl-C."""
     import uvicorn
 
+    from llmforge.infer.tools import sandbox_description
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     server = load_served(checkpoint_or_run, db=db, index=index)
-    app = create_app(server)
+    keys = parse_keys(server.cfg.api_keys, keys_from_env(), api_keys or [])
+    app = create_app(server, api_keys=keys)
+    if keys:
+        print(f"auth: {len(keys)} API key(s), users: {', '.join(sorted(set(keys.values())))}")
+    else:
+        if host not in LOOPBACK_HOSTS:
+            print(f"no API keys: binding to 127.0.0.1, not {host}; pass --api-key (or set LLMFORGE_API_KEYS) "
+                  "to serve other machines")
+        host = "127.0.0.1"
+        print("auth: none (no API keys); one local user, answering on 127.0.0.1 only")
+    if server.cfg.builtin_tools:
+        print(f"tools: {sandbox_description()}")
     print(f"serving {server.model_name} ({server.checkpoint_id}) on http://{host}:{port}  "
-          f"web chat: http://{host}:{port}/  feedback: {server.store.url}")
+          f"web chat: http://{host}:{port}/  feedback: {server.store.kind}")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
     finally:
         server.close()

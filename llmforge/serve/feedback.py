@@ -20,11 +20,18 @@ picks explicitly) is *chosen*, the others are discarded. Preference pairs, one J
 
 SQLite runs in WAL mode (readers never block the server's writes). The schema is created by
 numbered migrations recorded in `schema_version`, so an old database upgrades in place.
+
+Tenancy: every conversation belongs to a user (the API key that created it; "local" when the
+server runs without keys). Reads and writes that name a user see only that user's rows; a row
+of another user is reported exactly like a missing one (NotFoundError), so ids cannot be probed.
+Pairs record their user, and export can keep some users only or cap the pairs per user, so one
+user cannot flood the next training set. A SQLite file is created owner-only (0600).
 """
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -77,7 +84,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             comment TEXT NOT NULL DEFAULT '',
             created_at DOUBLE PRECISION NOT NULL)""",
     ]),
+    (2, [   # tenancy: the user (API key) a conversation belongs to; older rows are "local"
+        "ALTER TABLE conversations ADD COLUMN user_id TEXT NOT NULL DEFAULT 'local'",
+        "CREATE INDEX conversations_by_user ON conversations (user_id, created_at)",
+    ]),
 ]
+
+
+class NotFoundError(UserError):
+    """An id that does not exist, or belongs to another user (the two look the same)."""
 
 
 def _new_id(prefix: str) -> str:
@@ -112,12 +127,16 @@ class FeedbackStore:
         else:
             path = Path(self.url)
             path.parent.mkdir(parents=True, exist_ok=True)
+            _owner_only(path)
             try:
                 self._conn = sqlite3.connect(path, check_same_thread=False, timeout=30)
                 self._conn.execute("PRAGMA journal_mode=WAL")
             except sqlite3.DatabaseError as e:
                 raise UserError(f"feedback store {path} is not a usable SQLite database ({e}); "
                                 "pass a new path or a postgresql:// URL") from None
+            for extra in ("-wal", "-shm"):
+                if Path(str(path) + extra).exists():
+                    _owner_only(Path(str(path) + extra))
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self.kind = "sqlite"
@@ -172,27 +191,36 @@ class FeedbackStore:
 
     # ------------------------------------------------------------ writing
 
-    def new_conversation(self, title: str = "") -> str:
+    def new_conversation(self, title: str = "", user: str = "local") -> str:
         cid = _new_id("conv")
-        self._execute("INSERT INTO conversations (id, title, created_at) VALUES (?, ?, ?)",
-                      (cid, title[:200], time.time()))
+        self._execute("INSERT INTO conversations (id, title, created_at, user_id) VALUES (?, ?, ?, ?)",
+                      (cid, title[:200], time.time(), user))
         return cid
 
-    def has_conversation(self, conversation_id: str) -> bool:
-        return bool(self._execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)))
+    def has_conversation(self, conversation_id: str, user: str | None = None) -> bool:
+        if user is None:
+            return bool(self._execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)))
+        return bool(self._execute("SELECT 1 FROM conversations WHERE id = ? AND user_id = ?",
+                                  (conversation_id, user)))
 
-    def _require(self, table: str, row_id: str, what: str) -> tuple:
-        rows = self._execute(f"SELECT * FROM {table} WHERE id = ?", (row_id,))
+    def _require(self, table: str, row_id: str, what: str, user: str | None = None) -> tuple:
+        if user is None:
+            rows = self._execute(f"SELECT * FROM {table} WHERE id = ?", (row_id,))
+        elif table == "conversations":
+            rows = self._execute("SELECT * FROM conversations WHERE id = ? AND user_id = ?", (row_id, user))
+        else:   # generations: owned through their conversation
+            rows = self._execute("SELECT g.* FROM generations g JOIN conversations c ON c.id = g.conversation_id "
+                                 "WHERE g.id = ? AND c.user_id = ?", (row_id, user))
         if not rows:
-            raise UserError(f"unknown {what} '{row_id}'; use an id returned by the server")
+            raise NotFoundError(f"unknown {what} '{row_id}'; use an id returned by the server")
         return rows[0]
 
     def log_generation(self, conversation_id: str, prompt: list[dict], content: str, model: str,
                        checkpoint: str, params: dict | None = None, finish_reason: str = "",
-                       generation_id: str | None = None) -> str:
+                       generation_id: str | None = None, user: str | None = None) -> str:
         """Record one answer to `prompt` (the messages before it). Continuing a conversation past
         a turn that had several regenerations marks the one it continued with as chosen."""
-        self._require("conversations", conversation_id, "conversation")
+        self._require("conversations", conversation_id, "conversation", user)
         gid = generation_id or _new_id("gen")
         now = time.time()
         position = len(prompt)
@@ -236,9 +264,9 @@ class FeedbackStore:
             if len(kept) == 1:
                 self.choose(kept.pop())
 
-    def choose(self, generation_id: str) -> None:
+    def choose(self, generation_id: str, user: str | None = None) -> None:
         """The user picked this regeneration over the others at its turn."""
-        row = self._require("generations", generation_id, "generation")
+        row = self._require("generations", generation_id, "generation", user)
         conversation_id, position = row[1], row[2]
         self._transaction([
             ("UPDATE generations SET chosen = 0 WHERE conversation_id = ? AND position = ?",
@@ -248,11 +276,11 @@ class FeedbackStore:
              (row[4], generation_id, conversation_id, position)),
         ])
 
-    def edit(self, generation_id: str, content: str, kept: bool = True) -> str:
+    def edit(self, generation_id: str, content: str, kept: bool = True, user: str | None = None) -> str:
         """The user rewrote this answer; a kept edit replaces it in the conversation."""
         if not isinstance(content, str) or not content.strip():
             raise UserError("an edited answer must be non-empty text; send the rewritten answer as 'content'")
-        row = self._require("generations", generation_id, "generation")
+        row = self._require("generations", generation_id, "generation", user)
         eid = _new_id("edit")
         statements = [("INSERT INTO edits (id, generation_id, content, kept, created_at) VALUES (?, ?, ?, ?, ?)",
                        (eid, generation_id, content, int(kept), time.time()))]
@@ -262,11 +290,11 @@ class FeedbackStore:
         self._transaction(statements)
         return eid
 
-    def rate(self, generation_id: str, value: int, comment: str = "") -> str:
+    def rate(self, generation_id: str, value: int, comment: str = "", user: str | None = None) -> str:
         """Thumbs up (+1) or down (-1); the latest rating of a generation is the one that counts."""
         if value not in (1, -1):
             raise UserError(f"rating must be 1 (thumbs up) or -1 (thumbs down), got {value!r}")
-        self._require("generations", generation_id, "generation")
+        self._require("generations", generation_id, "generation", user)
         rid = _new_id("rate")
         self._execute("INSERT INTO ratings (id, generation_id, value, comment, created_at) VALUES (?, ?, ?, ?, ?)",
                       (rid, generation_id, value, comment[:2000], time.time()))
@@ -274,21 +302,25 @@ class FeedbackStore:
 
     # ------------------------------------------------------------ reading
 
-    def conversations(self, limit: int = 100) -> list[dict]:
-        rows = self._execute("SELECT id, title, created_at FROM conversations ORDER BY created_at DESC LIMIT ?",
-                             (limit,))
+    def conversations(self, limit: int = 100, user: str | None = None) -> list[dict]:
+        if user is None:
+            rows = self._execute("SELECT id, title, created_at FROM conversations ORDER BY created_at DESC LIMIT ?",
+                                 (limit,))
+        else:
+            rows = self._execute("SELECT id, title, created_at FROM conversations WHERE user_id = ? "
+                                 "ORDER BY created_at DESC LIMIT ?", (user, limit))
         return [{"id": r[0], "title": r[1], "created_at": r[2]} for r in rows]
 
-    def conversation(self, conversation_id: str) -> dict:
-        row = self._require("conversations", conversation_id, "conversation")
+    def conversation(self, conversation_id: str, user: str | None = None) -> dict:
+        row = self._require("conversations", conversation_id, "conversation", user)
         msgs = self._execute("SELECT position, role, content, generation_id FROM messages "
                              "WHERE conversation_id = ? ORDER BY position", (conversation_id,))
         return {"id": row[0], "title": row[1], "created_at": row[2],
                 "messages": [{"role": r[1], "content": r[2], **({"generation_id": r[3]} if r[3] else {})}
                              for r in msgs]}
 
-    def generation(self, generation_id: str) -> dict:
-        r = self._require("generations", generation_id, "generation")
+    def generation(self, generation_id: str, user: str | None = None) -> dict:
+        r = self._require("generations", generation_id, "generation", user)
         edits = self._execute("SELECT content, kept FROM edits WHERE generation_id = ? ORDER BY created_at",
                               (generation_id,))
         ratings = self._execute("SELECT value FROM ratings WHERE generation_id = ? ORDER BY created_at",
@@ -300,14 +332,15 @@ class FeedbackStore:
                 "rating": ratings[-1][0] if ratings else 0}
 
     def _generations(self) -> list[dict]:
-        rows = self._execute("SELECT id, conversation_id, position, prompt, content, model, checkpoint, chosen "
-                             "FROM generations ORDER BY created_at")
+        rows = self._execute("SELECT g.id, g.conversation_id, g.position, g.prompt, g.content, g.model, "
+                             "g.checkpoint, g.chosen, c.user_id FROM generations g JOIN conversations c "
+                             "ON c.id = g.conversation_id ORDER BY g.created_at")
         latest_rating = {r[0]: r[1] for r in self._execute(
             "SELECT generation_id, value FROM ratings ORDER BY created_at")}
         latest_kept_edit = {r[0]: r[1] for r in self._execute(
             "SELECT generation_id, content FROM edits WHERE kept = 1 ORDER BY created_at")}
         return [{"id": r[0], "conversation_id": r[1], "position": r[2], "prompt": r[3], "content": r[4],
-                 "model": r[5], "checkpoint": r[6], "chosen": bool(r[7]),
+                 "model": r[5], "checkpoint": r[6], "chosen": bool(r[7]), "user": r[8],
                  "rating": latest_rating.get(r[0], 0), "edit": latest_kept_edit.get(r[0])} for r in rows]
 
 
@@ -320,22 +353,33 @@ def _text(content) -> str:
     return str(content)
 
 
+def _owner_only(path: Path) -> None:
+    """Create (or tighten) a store file as owner-only: the tool sandbox runs as another user."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    os.chmod(path, 0o600)
+
+
 def open_store(url: str | Path) -> FeedbackStore:
     return FeedbackStore(url)
 
 
 # ---------------------------------------------------------------- preference pairs
 
-def preference_pairs(store: FeedbackStore) -> list[dict]:
-    """Every pair the stored feedback implies, deduplicated, in a stable order."""
+def preference_pairs(store: FeedbackStore, users: list[str] | None = None,
+                     max_per_user: int | None = None) -> list[dict]:
+    """Every pair the stored feedback implies, deduplicated, in a stable order. `users` keeps
+    those users' pairs only; `max_per_user` keeps at most that many (the first) per user."""
     gens = store._generations()
+    if users is not None:
+        gens = [g for g in gens if g["user"] in set(users)]
     pairs: list[dict] = []
 
     def add(prompt: str, chosen: dict, rejected: dict, source: str, chosen_text: str | None = None):
         pairs.append({"prompt": json.loads(prompt),
                       "chosen": chosen_text if chosen_text is not None else chosen["content"],
                       "rejected": rejected["content"], "source": source,
-                      "model": rejected["model"], "checkpoint": rejected["checkpoint"],
+                      "model": rejected["model"], "checkpoint": rejected["checkpoint"], "user": rejected["user"],
                       "generation_ids": [chosen["id"], rejected["id"]]})
 
     # kept edit ≻ draft
@@ -370,17 +414,26 @@ def preference_pairs(store: FeedbackStore) -> list[dict]:
         if key not in seen:
             seen.add(key)
             unique.append(p)
+    if max_per_user is not None:
+        per_user: dict[str, int] = {}
+        capped = []
+        for p in unique:
+            per_user[p["user"]] = per_user.get(p["user"], 0) + 1
+            if per_user[p["user"]] <= max_per_user:
+                capped.append(p)
+        unique = capped
     return unique
 
 
-def export_pairs(store: FeedbackStore | str | Path, out_path: str | Path) -> dict:
+def export_pairs(store: FeedbackStore | str | Path, out_path: str | Path, users: list[str] | None = None,
+                 max_per_user: int | None = None) -> dict:
     """Write preference JSONL for the reward-model and DPO stages; return counts per source."""
     if not isinstance(store, FeedbackStore):
         if not str(store).startswith(("postgresql://", "postgres://")) and not Path(store).is_file():
             raise UserError(f"feedback store {store} does not exist; serve a model first "
                             "(`llmforge serve RUN_DIR`) or pass --db PATH")
         store = open_store(store)
-    pairs = preference_pairs(store)
+    pairs = preference_pairs(store, users=users, max_per_user=max_per_user)
     with atomic_path(out_path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for p in pairs:

@@ -2,27 +2,217 @@
 params, constraints for JSON mode / JSON schema / forced tool calls) and turning what the engine
 generated back into an answer (content, tool_calls, logprobs). Errors are APIError, rendered as
 OpenAI's {"error": {"message", "type", "param", "code"}} body with an HTTP status.
+
+Request bodies are Pydantic models (strict types, bounds, unknown fields refused as OpenAI does),
+so /openapi.json describes them; what needs the served model (context length, vocabulary, n's
+cap, tool names) is checked when the model is turned into engine inputs (ChatRequest,
+CompletionRequest), off the event loop.
 """
 from __future__ import annotations
 
 import json
 import uuid
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from llmforge.errors import UserError
+from llmforge.infer.constrain import BanTokens
 
 if TYPE_CHECKING:
     from llmforge.serve.scheduler import ModelServer
+
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1   # OpenAI's seed is an int64
+
+
+# ---------------------------------------------------------------- request bodies (Pydantic)
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _Lenient(BaseModel):   # messages echoed back from a response carry fields we do not use
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Lenient):
+    name: str
+    arguments: Union[str, dict[str, Any]] = "{}"
+
+
+class ToolCall(_Lenient):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JSONSchemaSpec(_Strict):
+    name: str = "schema"
+    description: str | None = None
+    schema_: Union[dict[str, Any], str] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+
+class RetrievalOptions(_Strict):
+    k: int = Field(3, ge=1, le=20)
+
+
+class _Sampling(_Strict):
+    """Fields chat and completions share (OpenAI's names and bounds)."""
+    model: str = Field(description="the served model's id (GET /v1/models)")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1, description="0 means greedy, as OpenAI treats it")
+    top_k: int | None = Field(None, ge=0)
+    n: int | None = Field(None, ge=1, le=128)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: Union[str, list[str], None] = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: omit or send {}")
+
+
+class ChatCompletionBody(_Sampling):
+    """POST /v1/chat/completions."""
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    store: bool | None = None
+    # llmforge extensions
+    conversation_id: str | None = Field(None, max_length=64, description="log the answer in the feedback store")
+    retrieval: Union[bool, RetrievalOptions, None] = None
+    trim_history: bool | None = Field(False, description="drop the oldest turns (reported in llmforge."
+                                      "trimmed_messages) and clamp max_tokens when the history does not fit")
+
+
+class CompletionBody(_Sampling):
+    """POST /v1/completions (legacy text completion)."""
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+    suffix: str | None = Field(None, description="not supported (no fill-in-the-middle training): omit it")
+    best_of: int | None = Field(None, ge=1, le=20)
+
+
+class NewConversationBody(_Strict):
+    title: str = Field("", max_length=200)
+
+
+class RatingBody(_Strict):
+    generation_id: str = Field(max_length=64)
+    value: Literal[1, -1]
+    comment: str = Field("", max_length=2000)
+
+
+class EditBody(_Strict):
+    generation_id: str = Field(max_length=64)
+    content: str = Field(min_length=1)
+    kept: bool = True
+
+
+class ChoiceBody(_Strict):
+    generation_id: str = Field(max_length=64)
+
+
+def surrogate_path(value, path: str = "") -> str | None:
+    """Where a string holds a lone UTF-16 surrogate ("\\ud800" in JSON), which no UTF-8 text can."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = surrogate_path(v, f"{path}[{k}]" if isinstance(k, int) else (f"{path}.{k}" if path else str(k)))
+        if found:
+            return found
+    return None
+
+
+def check_text(raw: dict) -> None:
+    where = surrogate_path(raw)
+    if where:
+        raise APIError(400, f"{where} contains a lone UTF-16 surrogate (e.g. \\ud800), which is not text; "
+                            "send valid Unicode", param=where.split(".")[0].split("[")[0], code="invalid_text")
+
+
+def _unsupported(body: _Sampling) -> None:
+    for key in ("frequency_penalty", "presence_penalty"):
+        if getattr(body, key):
+            raise APIError(400, f"'{key}' is not supported by this server; omit it or send 0", param=key,
+                           code="unsupported_parameter")
+    if body.logit_bias:
+        raise APIError(400, "'logit_bias' is not supported by this server; omit it", param="logit_bias",
+                       code="unsupported_parameter")
+
+
+def _seed(seed: int | None, i: int) -> int | None:
+    return None if seed is None else (seed + i) % (2 ** 63)
 
 
 class APIError(Exception):
     """An error for the client, rendered as OpenAI's {"error": {...}} body."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -54,78 +244,102 @@ def _stop_strings(body) -> list[str]:
     return stop
 
 
-class ChatRequest:
-    """A validated /v1/chat/completions body turned into engine inputs."""
+def check_model(server: ModelServer, model: str) -> None:
+    if model != server.model_name:
+        raise APIError(404, f"the model '{model}' does not exist; this server serves '{server.model_name}'",
+                       param="model", code="model_not_found")
 
-    def __init__(self, server: ModelServer, body: dict):
+
+def _prompt_fits_bytes(server: ModelServer, texts, param: str) -> None:
+    """Refuse, before tokenising, text that cannot fit the context whatever the tokenizer does
+    (a token is at most `max_token_bytes` bytes), so a 4 MB body never reaches the tokenizer."""
+    size = sum(len(t.encode("utf-8")) for t in texts)
+    if size > server.context * server.max_token_bytes:
+        raise APIError(400, f"this model's maximum context length is {server.context} tokens; {size} bytes of "
+                            f"text cannot fit it; shorten the input", param=param, code="context_length_exceeded")
+
+
+class ChatRequest:
+    """A validated /v1/chat/completions body turned into engine inputs (runs off the event loop:
+    it tokenises). `user` owns any conversation named."""
+
+    def __init__(self, server: ModelServer, body: ChatCompletionBody | dict, user: str = "local"):
         from llmforge.infer.sampling import SamplingParams
         from llmforge.tokenizer.chat import render_prompt, validate_messages
 
-        self.server = server
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        self.model = body.get("model")
-        if not isinstance(self.model, str):
-            raise APIError(400, "'model' is required; GET /v1/models lists the served model", param="model")
-        if self.model != server.model_name:
-            raise APIError(404, f"the model '{self.model}' does not exist; this server serves "
-                                f"'{server.model_name}'", param="model", code="model_not_found")
-        messages = body.get("messages")
-        if messages is None:
-            raise APIError(400, "'messages' is required: a list of {role, content} messages", param="messages")
-        messages = [self._normalize(m) for m in messages] if isinstance(messages, list) else messages
+        self.server, self.user = server, user
+        if isinstance(body, dict):   # tests and benches may pass a plain dict
+            check_text(body)
+            body = ChatCompletionBody.model_validate(body)
+        check_model(server, body.model)
+        _unsupported(body)
+        spec = body
+        messages = [self._normalize(m.model_dump(exclude_none=True)) for m in spec.messages]
+        body = spec.model_dump(exclude_unset=True, by_alias=True)
         try:
             validate_messages(messages)
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
-        self.messages = messages
+        _prompt_fits_bytes(server, [m.get("content") or "" for m in messages],
+                           "messages" if not spec.trim_history else "messages")
         self.n = _number(body, "n", 1, 1, server.cfg.max_n, int)
-        self.stream = bool(body.get("stream", False))
-        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        self.logprobs = bool(body.get("logprobs", False))
-        self.top_logprobs = _number(body, "top_logprobs", 0, 0, 20, int)
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise APIError(400, f"'seed' must be an integer, got {seed!r}", param="seed")
-        self.conversation_id = body.get("conversation_id") or (body.get("metadata") or {}).get("conversation_id")
-        if self.conversation_id is not None and not (isinstance(self.conversation_id, str) and server.store
-                                                     and server.store.has_conversation(self.conversation_id)):
-            raise APIError(400, f"unknown conversation_id {self.conversation_id!r}; create one with "
-                                "POST /v1/feedback/conversations", param="conversation_id")
+        self.stream = bool(spec.stream)
+        self.include_usage = bool(spec.stream_options and spec.stream_options.include_usage)
+        self.logprobs = bool(spec.logprobs)
+        self.top_logprobs = spec.top_logprobs or 0
+        seed = spec.seed
+        self.conversation_id = spec.conversation_id or (spec.metadata or {}).get("conversation_id")
+        if self.conversation_id is not None and not (server.store and server.store.has_conversation(
+                self.conversation_id, user)):
+            raise APIError(404, f"unknown conversation_id {self.conversation_id!r}; create one with "
+                                "POST /v1/feedback/conversations", param="conversation_id",
+                           code="conversation_not_found")
+        self.messages = messages
+        self.trimmed_messages = 0
         self.citations = self._retrieve(body.get("retrieval"))
         self.client_tools = self._tools(body.get("tools"), body.get("tool_choice"))
-        self.prompt_messages = self._with_context(messages)
-        self.prompt = render_prompt(server.tok, self.prompt_messages)
-        while self.citations and len(self.prompt) >= server.context - 16:   # fewer sources rather than no answer
-            self.citations.pop()
-            self.prompt_messages = self._with_context(messages)
-            self.prompt = render_prompt(server.tok, self.prompt_messages)
         self.forced_prefix: list[int] = []
         constraint_factory = self._constraint_factory(body.get("response_format"))
-        if self.forced_prefix:
-            self.prompt = self.prompt + self.forced_prefix
+        requested = spec.max_completion_tokens or spec.max_tokens
+        key = "max_completion_tokens" if spec.max_completion_tokens else "max_tokens"
+
+        def render():
+            self.prompt_messages = self._with_context(self.messages)
+            self.prompt = render_prompt(server.tok, self.prompt_messages) + self.forced_prefix
+
+        render()
+        while self.citations and len(self.prompt) >= server.context - 16:   # fewer sources rather than no answer
+            self.citations.pop()
+            render()
+        if spec.trim_history:   # the web chat: drop the oldest turns until an answer has room
+            want = min(requested or server.cfg.default_max_tokens, max(16, server.context // 4))
+            while len(self.prompt) + want > server.context and self._drop_oldest_turn():
+                render()
         room = server.context - len(self.prompt)
         if room < 1:
             raise APIError(400, f"this model's maximum context length is {server.context} tokens, but the prompt "
                                 f"is {len(self.prompt)} tokens; shorten the messages", param="messages",
                            code="context_length_exceeded")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        if max_tokens is None:
-            max_tokens = min(server.cfg.default_max_tokens, room)
-        self.max_tokens = _number({key: max_tokens}, key, None, 1, server.context, int)
+        if requested is None or spec.trim_history:
+            self.max_tokens = min(requested or server.cfg.default_max_tokens, room)
+        else:
+            self.max_tokens = requested
         if self.max_tokens > room:
             raise APIError(400, f"max_tokens={self.max_tokens} plus the prompt's {len(self.prompt)} tokens exceeds "
                                 f"the context of {server.context} tokens; ask for at most {room}", param=key,
                            code="context_length_exceeded")
+        top_p = 1.0 if spec.top_p is None else spec.top_p
+        temperature = 1.0 if spec.temperature is None else spec.temperature
+        if top_p == 0:   # OpenAI treats top_p 0 as greedy
+            temperature, top_p = 0.0, 1.0
         self.params = []
         for i in range(self.n):
             self.params.append(SamplingParams(
                 max_tokens=self.max_tokens,
-                temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-                top_k=_number(body, "top_k", 0, 0, server.vocab_size, int),
-                seed=None if seed is None else seed + i,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=min(spec.top_k or 0, server.vocab_size),
+                seed=_seed(seed, i),
                 stop_token_ids=list(server.stop_ids),
                 stop=_stop_strings(body),
                 logprobs=self.logprobs,
@@ -133,6 +347,21 @@ class ChatRequest:
                 execute_tools=self.client_tools is None and server.engine.tool_runner is not None,
             ))
         self.constraints = [constraint_factory() if constraint_factory else None for _ in range(self.n)]
+
+    def _drop_oldest_turn(self) -> bool:
+        """Remove the oldest non-system turn (with the answers and tool results that follow it);
+        the last user message always stays. Returns False when nothing more can go."""
+        msgs = self.messages
+        first = next((i for i, m in enumerate(msgs) if m["role"] != "system"), None)
+        last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+        if first is None or last_user is None or first >= last_user:
+            return False
+        end = first + 1
+        while end < last_user and msgs[end]["role"] != "user":
+            end += 1
+        self.trimmed_messages += end - first
+        self.messages = msgs[:first] + msgs[end:]
+        return True
 
     @staticmethod
     def _normalize(m):
@@ -166,6 +395,8 @@ class ChatRequest:
         self.tool_choice_given = tool_choice
         self.tool_choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
         if tools is None:
+            if tool_choice == "required":
+                raise APIError(400, "tool_choice 'required' needs a non-empty 'tools' list", param="tool_choice")
             if isinstance(tool_choice, dict):
                 try:
                     check_tool(tool_choice.get("function", {}).get("name", ""))
@@ -181,7 +412,7 @@ class ChatRequest:
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
                 raise APIError(400, f"tools[{i}] must be {{type: function, function: {{name, parameters}}}}",
                                param=f"tools[{i}]")
-            params = fn.get("parameters", {"type": "object"})
+            params = fn.get("parameters") or {"type": "object"}
             if not isinstance(params, dict):
                 raise APIError(400, f"tools[{i}].function.parameters must be a JSON schema object",
                                param=f"tools[{i}]")
@@ -253,22 +484,75 @@ class ChatRequest:
         return lambda: json_constraint(tok, schema, stop_token_ids=server.stop_ids, vocab_size=server.vocab_size)
 
 
-class BanTokens:
-    """A constraint that never allows some ids (tool_choice 'none' forbids <|tool_call|>)."""
+class CompletionRequest:
+    """A validated /v1/completions body: one engine request per (prompt, choice).
+    List prompts work (choice index = prompt index * n + j, as OpenAI numbers them); token-id
+    prompts are fed as given; `echo` prepends the prompt; `best_of` samples that many and keeps
+    the n with the highest total logprob; `suffix` is refused (no fill-in-the-middle)."""
 
-    def __init__(self, vocab_size: int, banned: list[int]):
-        import torch
-        self.mask = torch.ones(vocab_size, dtype=torch.bool)
-        self.mask[banned] = False
+    def __init__(self, server: ModelServer, body: CompletionBody | dict, user: str = "local"):
+        from llmforge.infer.sampling import SamplingParams
 
-    def allowed_mask(self, vocab_size: int):
-        return self.mask[:vocab_size]
-
-    def advance(self, token_id: int) -> None:
-        pass
-
-    def is_done(self) -> bool:
-        return False
+        if isinstance(body, dict):
+            check_text(body)
+            body = CompletionBody.model_validate(body)
+        check_model(server, body.model)
+        _unsupported(body)
+        if body.suffix:
+            raise APIError(400, "'suffix' (fill-in-the-middle) is not supported by this model; omit it",
+                           param="suffix", code="unsupported_parameter")
+        self.user = user
+        prompt = body.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt or len(prompt) > 16:
+            raise APIError(400, "'prompt' must be a string, a token list, or a list of 1 to 16 of them",
+                           param="prompt")
+        _prompt_fits_bytes(server, [p for p in prompt if isinstance(p, str)], "prompt")
+        self.prompts: list[list[int]] = []
+        for p in prompt:
+            ids = ([server.tok.eot_id] + server.tok.encode(p)) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(400, "a token-id prompt must not be empty", param="prompt")
+            if any(not 0 <= t < server.vocab_size for t in ids):
+                raise APIError(400, f"token ids must be in 0..{server.vocab_size - 1}", param="prompt")
+            if len(ids) >= server.context:
+                raise APIError(400, f"this model's maximum context length is {server.context} tokens, but the "
+                                    f"prompt is {len(ids)} tokens", param="prompt", code="context_length_exceeded")
+            self.prompts.append(ids)
+        self.texts = [p if isinstance(p, str) else server.tok.decode(p) for p in prompt]
+        room = server.context - max(len(ids) for ids in self.prompts)
+        self.max_tokens = body.max_tokens if body.max_tokens is not None else min(16, room)
+        if self.max_tokens > room:
+            raise APIError(400, f"max_tokens={self.max_tokens} plus the prompt's {server.context - room} tokens "
+                                f"exceeds the context of {server.context}; ask for at most {room}",
+                           param="max_tokens", code="context_length_exceeded")
+        self.n = _number({"n": body.n}, "n", 1, 1, server.cfg.max_n, int)
+        self.best_of = body.best_of or self.n
+        if self.best_of < self.n or self.best_of > server.cfg.max_n:
+            raise APIError(400, f"'best_of' must be between n ({self.n}) and {server.cfg.max_n}", param="best_of")
+        self.stream = bool(body.stream)
+        if self.stream and self.best_of > self.n:
+            raise APIError(400, "'best_of' greater than n cannot be streamed", param="best_of")
+        self.echo = bool(body.echo)
+        self.top = body.logprobs or 0
+        if self.echo and self.top:
+            raise APIError(400, "'echo' with 'logprobs' (prompt logprobs) is not supported; use one of them",
+                           param="echo", code="unsupported_parameter")
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        top_p = 1.0 if body.top_p is None else body.top_p
+        temperature = 1.0 if body.temperature is None else body.temperature
+        if top_p == 0:
+            temperature, top_p = 0.0, 1.0
+        stop = _stop_strings({"stop": body.stop})
+        self.jobs = []   # (prompt index, engine prompt, params)
+        for k, ids in enumerate(self.prompts):
+            for j in range(self.best_of):
+                self.jobs.append((k, ids, SamplingParams(
+                    max_tokens=self.max_tokens, temperature=temperature, top_p=top_p,
+                    top_k=min(body.top_k or 0, server.vocab_size), seed=_seed(body.seed, j),
+                    stop_token_ids=[server.tok.eot_id], stop=stop, logprobs=bool(self.top) or self.best_of > self.n,
+                    top_logprobs=self.top)))
 
 
 # ---------------------------------------------------------------- turning completions into answers

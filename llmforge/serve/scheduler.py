@@ -8,6 +8,12 @@ step (continuous batching). Events go back to each request's asyncio queue, so a
 delays its own stream. An idle scheduler waits `batch_wait_ms` before its first step so requests
 that arrive together start in the same batch. Cancellations (client disconnects) are applied
 between steps, never while the engine is mid-step.
+
+Isolation: an exception in one request's row ends that request alone (the engine turns it into
+an error event); only an exception that escapes the whole step fails every request in flight.
+A row whose tool call is running is parked by the engine, so the loop keeps stepping the others
+and is woken when the tool returns. Admission is bounded: more than `max_queue` engine requests
+waiting for a slot is a 429 with Retry-After, not an unbounded backlog.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ class Scheduler:
         self.stopped = False
         self.steps_by_batch: dict[int, int] = {}   # active requests in a step -> how many such steps
         self.errors = 0
+        engine.on_wake = self._wake
         self.thread = threading.Thread(target=self._loop, name="llmforge-scheduler", daemon=True)
         self.thread.start()
 
@@ -59,6 +66,10 @@ class Scheduler:
                 self.cancelled.add(rid)
                 self.cv.notify()
 
+    def _wake(self) -> None:
+        with self.cv:
+            self.cv.notify()
+
     def active(self) -> int:
         with self.cv:
             return len(self.callbacks)
@@ -73,8 +84,8 @@ class Scheduler:
         while True:
             with self.cv:
                 idle = not self.engine.has_work()
-                while not self.stopped and not self.engine.has_work() and not self.cancelled:
-                    self.cv.wait()
+                while not self.stopped and not self.cancelled and not self.engine.runnable():
+                    self.cv.wait(timeout=0.5 if self.engine.parked else None)
                 if self.stopped:
                     return
                 cancelled, self.cancelled = self.cancelled, set()
@@ -107,18 +118,21 @@ class Scheduler:
 class ModelServer:
     """A loaded checkpoint + tokenizer + engine + scheduler + feedback store (+ retrieval index)."""
 
-    def __init__(self, model, tok, *, model_name: str, checkpoint_id: str, cfg=None, store=None, index=None):
+    def __init__(self, model, tok, *, model_name: str, checkpoint_id: str, cfg=None, store=None, index=None,
+                 folder=None):
         from llmforge.config import ServeConfig
         from llmforge.infer.engine import Engine
         from llmforge.infer.tools import run_tool
 
         self.cfg = cfg or ServeConfig()
         self.model, self.tok = model, tok
-        self.model_name, self.checkpoint_id = model_name, checkpoint_id
+        self.model_name, self.checkpoint_id = model_name, checkpoint_id   # "name@weights-digest": no paths
+        self.folder = folder   # the checkpoint folder on disk (server-side only, never in a response)
         self.context = model.cfg.max_seq_len
         self.vocab_size = model.cfg.vocab_size
         self.engine = Engine(model, tok, max_batch=self.cfg.max_batch,
-                             tool_runner=run_tool if self.cfg.builtin_tools else None)
+                             tool_runner=self._timed(run_tool) if self.cfg.builtin_tools else None,
+                             tool_workers=self.cfg.tool_workers)
         self.scheduler = Scheduler(self.engine, self.cfg.batch_wait_ms / 1000)
         self.store = store
         self.index = index
@@ -126,7 +140,31 @@ class ModelServer:
         self.special = {tok.token_id(s): s for s in ("<|bos|>", "<|eot|>", "<|system|>", "<|user|>",
                                                      "<|assistant|>", "<|tool_call|>", "<|tool_result|>", "<|end|>")}
         self.tool_call_id = tok.token_id("<|tool_call|>")
+        self.fingerprint = "fp_" + checkpoint_id.rsplit("@", 1)[-1][:12]   # names the weights, not a path
+        # the most bytes one token can stand for: text longer than context x this cannot fit
+        self.max_token_bytes = max(len(p.encode("utf-8")) for p in tok.hf.get_vocab()) or 1
         self.started = time.time()
+        self.observer = None   # serve/metrics.Metrics: latency histograms
+
+    def _timed(self, runner):
+        def run(name, arguments):
+            start = time.perf_counter()
+            try:
+                return runner(name, arguments)
+            finally:
+                if self.on_tool_call is not None:
+                    self.on_tool_call(str(name), time.perf_counter() - start)
+        self.on_tool_call = None   # metrics hook: (tool name, seconds)
+        return run
+
+    def admit(self, k: int) -> None:
+        """Refuse a request when the queue for slots is full (429 + Retry-After), before any work."""
+        waiting = len(self.engine.waiting)
+        if waiting + k > self.cfg.max_queue:
+            retry = max(1, round(waiting / max(1, self.engine.max_batch)))
+            raise APIError(429, f"the server is busy ({waiting} requests are waiting for a slot); retry in "
+                                f"{retry} s", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(retry)})
 
     def close(self) -> None:
         self.scheduler.stop()
@@ -146,14 +184,30 @@ class ModelServer:
         """Async iterator over engine events of one request; cancels it if the consumer goes away."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        rid = self.scheduler.submit(prompt, params, constraint,
-                                    lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        try:
+            rid = self.scheduler.submit(prompt, params, constraint,
+                                        lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        except ValueError as e:   # the engine refused the inputs (length, token ids)
+            raise APIError(400, str(e), param="prompt") from None
         finished = False
+        obs = self.observer
+        t0 = last = time.perf_counter()
+        first = True
         try:
             while True:
                 ev = await queue.get()
+                if obs is not None and not isinstance(ev, Exception) and ev.token is not None:
+                    now = time.perf_counter()
+                    (obs.ttft if first else obs.itl).observe(now - last)
+                    first, last = False, now
+                    if ev.finished:
+                        obs.e2e.observe(now - t0)
                 if isinstance(ev, Exception):
                     raise APIError(500, f"generation failed: {ev}", type="server_error", code="engine_error")
+                if ev.error is not None:
+                    finished = True   # the engine already dropped it
+                    raise APIError(500, f"generation failed: {ev.error}", type="server_error",
+                                   code="engine_error")
                 if ev.finished:
                     finished = True
                 yield ev
@@ -181,7 +235,7 @@ def load_served(checkpoint_or_run, cfg=None, db: str | None = None, index: str |
     run_dir = folder.parent.parent if in_run else None
     name = f"{run_dir.name}-{folder.name}" if in_run else folder.name
     # the weights' content hash: feedback rows name exactly the model that produced them
-    checkpoint_id = f"{folder.resolve()}@{_weights_digest(folder / 'model.safetensors')}"
+    checkpoint_id = f"{name}@{_weights_digest(folder / 'model.safetensors')}"   # no filesystem path
     if cfg is None:
         from llmforge.config import resolve
         cfg = resolve(run_dir=run_dir).serve if run_dir else None
@@ -196,6 +250,6 @@ def load_served(checkpoint_or_run, cfg=None, db: str | None = None, index: str |
         from llmforge.infer.rag import RagIndex
         rag = RagIndex.open(index_path, model=model, tok=tok)
     return ModelServer(model, tok, model_name=name, checkpoint_id=checkpoint_id, cfg=cfg,
-                       store=open_store(db), index=rag)
+                       store=open_store(db), index=rag, folder=folder)
 
 

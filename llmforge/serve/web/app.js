@@ -1,6 +1,10 @@
 // llmforge web chat: talks to the OpenAI-compatible API (/v1/chat/completions, streamed as
 // server-sent events) and records feedback (/v1/feedback/*): ratings, kept edits, and
 // regenerations (the variant the conversation continues with is the one the server marks chosen).
+// With an API key (sidebar; kept in this browser's localStorage) every call sends
+// `Authorization: Bearer KEY`, and the sidebar lists only that key's conversations. Long chats
+// send `trim_history: true`: the server leaves out the oldest turns that no longer fit the
+// model's context (greyed out here) and shortens max tokens to what is left.
 "use strict";
 
 const state = {
@@ -18,12 +22,42 @@ function showError(text) {
   box.hidden = !text;
 }
 
+const KEY = "llmforge-api-key";
+function headers(json) {
+  const h = json ? {"Content-Type": "application/json"} : {};
+  const key = localStorage.getItem(KEY);
+  if (key) h["Authorization"] = `Bearer ${key}`;
+  return h;
+}
+
+// What a person should read for an error the server (or the network) reported.
+function inWords(status, error) {
+  const code = error && error.code;
+  if (status === 401 || code === "invalid_api_key")
+    return "This server needs an API key. Paste your key in the sidebar and press \"Use key\".";
+  if (code === "context_length_exceeded")
+    return "This conversation no longer fits in what the model can read at once. Start a new chat (or send a shorter message).";
+  if (status === 429 || code === "queue_full") return "The server is busy right now. Wait a few seconds and try again.";
+  if (status === 413) return "That message is too long for this server.";
+  if (code === "engine_error" || status >= 500)
+    return "The model failed while answering (a server error). Try again; if it keeps happening, tell whoever runs the server.";
+  if (status === 404 && code === "conversation_not_found") return "That conversation no longer exists. Start a new chat.";
+  return (error && error.message) || `The server answered with an error (HTTP ${status}).`;
+}
+
+class APIFailure extends Error {
+  constructor(status, error) { super(inWords(status, error)); this.status = status; }
+}
+
 async function api(path, body) {
-  const res = await fetch(path, body === undefined ? {} : {
-    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
-  });
+  let res;
+  try {
+    res = await fetch(path, body === undefined ? {headers: headers(false)} : {
+      method: "POST", headers: headers(true), body: JSON.stringify(body),
+    });
+  } catch (e) { throw new Error("Cannot reach the server. Is it still running?"); }
   const data = await res.json().catch(() => ({}));
-  if (!res.ok) throw new Error((data.error && data.error.message) || `HTTP ${res.status}`);
+  if (!res.ok) throw new APIFailure(res.status, data.error);
   return data;
 }
 
@@ -39,7 +73,7 @@ async function loadConversations() {
   const list = $("conversations");
   list.innerHTML = "";
   let data;
-  try { data = await api("/v1/feedback/conversations"); } catch (e) { return; }
+  try { data = await api("/v1/feedback/conversations"); } catch (e) { showError(e.message); return; }
   for (const c of data.data) {
     const li = document.createElement("li");
     li.textContent = c.title || "(untitled)";
@@ -105,6 +139,14 @@ function renderMessage(m, i) {
   const div = document.createElement("div");
   div.className = `msg ${m.role}`;
   div.setAttribute("data-testid", `msg-${m.role}`);
+  if (m.trimmed) {
+    div.classList.add("trimmed");
+    const note = document.createElement("div");
+    note.className = "trim-note";
+    note.setAttribute("data-testid", "trimmed");
+    note.textContent = "left out: no longer fits the model's context";
+    div.appendChild(note);
+  }
   const content = document.createElement("div");
   content.className = "content";
   content.setAttribute("data-testid", "content");
@@ -230,18 +272,23 @@ async function generate(m, index) {
   const body = {
     model: state.model, messages: requestMessages(index), stream: true,
     temperature: parseFloat($("temperature").value), max_tokens: parseInt($("max-tokens").value, 10),
-    conversation_id: state.conversationId,
+    conversation_id: state.conversationId, trim_history: true,
   };
   if ($("retrieval").checked) body.retrieval = true;
   const contentEl = () => $("messages").lastElementChild.querySelector(".content");
   try {
-    const res = await fetch("/v1/chat/completions", {
-      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
-      signal: controller.signal,
-    });
+    let res;
+    try {
+      res = await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers(true), body: JSON.stringify(body), signal: controller.signal,
+      });
+    } catch (e) {
+      if (e.name === "AbortError") throw e;
+      throw new Error("Cannot reach the server. Is it still running?");
+    }
     if (!res.ok) {
       const data = await res.json().catch(() => ({}));
-      throw new Error((data.error && data.error.message) || `HTTP ${res.status}`);
+      throw new APIFailure(res.status, data.error);
     }
     const reader = res.body.getReader();
     const decoder = new TextDecoder();
@@ -259,7 +306,7 @@ async function generate(m, index) {
           const data = line.slice(5).trim();
           if (data === "[DONE]") continue;
           const chunk = JSON.parse(data);
-          if (chunk.error) throw new Error(chunk.error.message);
+          if (chunk.error) throw new APIFailure(500, chunk.error);
           for (const choice of chunk.choices || []) {
             if (choice.delta && choice.delta.content) {
               variant.content += choice.delta.content;
@@ -267,7 +314,14 @@ async function generate(m, index) {
               if (el) el.textContent = variant.content;
             }
           }
-          if (chunk.llmforge) {
+          if (chunk.llmforge && "trimmed_messages" in chunk.llmforge) {   // the first chunk
+            const k = chunk.llmforge.trimmed_messages;
+            state.messages.forEach((msg, j) => { msg.trimmed = j < k; });
+            if (k) render();
+            if (chunk.llmforge.max_tokens < body.max_tokens)
+              $("notice").textContent = `answer limited to ${chunk.llmforge.max_tokens} tokens (what is left of the context)`;
+            else $("notice").textContent = "";
+          } else if (chunk.llmforge) {
             variant.generationId = chunk.llmforge.generation_id || null;
             variant.citations = chunk.llmforge.citations || [];
           }
@@ -302,6 +356,19 @@ $("input").addEventListener("keydown", (e) => {
 });
 $("stop").onclick = stop;
 $("new-chat").onclick = newChat;
+$("api-key").value = localStorage.getItem(KEY) || "";
+$("use-key").onclick = () => {
+  const key = $("api-key").value.trim();
+  if (key) localStorage.setItem(KEY, key); else localStorage.removeItem(KEY);
+  state.conversationId = null;
+  state.messages = [];
+  showError("");
+  render();
+  start();
+};
 
-loadModel().then(loadConversations).catch((e) => showError(`cannot reach the server: ${e.message}`));
+function start() {
+  return loadModel().then(loadConversations).then(() => showError("")).catch((e) => showError(e.message));
+}
+start();
 render();

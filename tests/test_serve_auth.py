@@ -1,0 +1,109 @@
+"""API keys and tenancy: two users on one server see only their own conversations, ratings
+and edits; no key (or a wrong one) is a 401; export records and filters by user."""
+import json
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from llmforge.config import ServeConfig
+from llmforge.serve.api import create_app, load_served, run_in_thread
+from llmforge.serve.auth import parse_keys
+from llmforge.serve.feedback import export_pairs
+from llmforge.serve.tiny import make_tiny_checkpoint
+from llmforge.errors import UserError
+
+HI = [{"role": "user", "content": "hi"}]
+ALICE, BOB = "sk-alice-0123456789", "sk-bob-0123456789"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    make_tiny_checkpoint(run / "ckpt" / "sft", max_seq_len=256)
+    server = load_served(run, cfg=ServeConfig(max_batch=4, batch_wait_ms=5), db=str(run / "feedback.sqlite"))
+    url, stop = run_in_thread(create_app(server, api_keys=f"alice={ALICE},{BOB}"))
+    yield server, url
+    stop()
+    server.close()
+
+
+def as_user(url, key):
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def test_keys_parse_into_users():
+    keys = parse_keys("alice=sk-alice-0123456789, sk-bob-0123456789", ["carol=abcdefghij=="])
+    assert keys["sk-alice-0123456789"] == "alice" and keys["abcdefghij=="] == "carol"
+    assert keys["sk-bob-0123456789"].startswith("key-") and "sk-bob" not in keys["sk-bob-0123456789"]
+    with pytest.raises(UserError, match="shorter than 8"):
+        parse_keys("short")
+
+
+def test_no_key_or_a_wrong_key_is_401(served):
+    server, url = served
+    for headers in ({}, {"Authorization": "Bearer nope-nope-nope"}):
+        r = httpx.get(url + "/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(url + "/v1/chat/completions", headers=headers,
+                       json={"model": server.model_name, "messages": HI})
+        assert r.status_code == 401
+    assert httpx.get(url + "/health").status_code == 200   # liveness stays open
+    client = OpenAI(base_url=url + "/v1", api_key=ALICE, max_retries=0)
+    assert [m.id for m in client.models.list()] == [server.model_name]
+    assert httpx.get(url + "/v1/models", headers={"X-API-Key": BOB}).status_code == 200
+
+
+def test_users_cannot_see_or_touch_each_others_feedback(served, tmp_path):
+    server, url = served
+    alice, bob = as_user(url, ALICE), as_user(url, BOB)
+    conv = alice.post("/v1/feedback/conversations", json={"title": "alice's secret"}).json()["id"]
+    r = alice.post("/v1/chat/completions", json={"model": server.model_name, "messages": HI, "max_tokens": 4,
+                                                  "conversation_id": conv})
+    gen = r.json()["llmforge"]["generation_ids"][0]
+    assert alice.post("/v1/feedback/edits", json={"generation_id": gen, "content": "Hello!"}).status_code == 200
+    assert alice.post("/v1/feedback/ratings", json={"generation_id": gen, "value": 1}).status_code == 200
+
+    assert [c["id"] for c in alice.get("/v1/feedback/conversations").json()["data"]] == [conv]
+    assert bob.get("/v1/feedback/conversations").json()["data"] == []
+    for r in (bob.get(f"/v1/feedback/conversations/{conv}"), bob.get(f"/v1/feedback/generations/{gen}"),
+              bob.post("/v1/feedback/ratings", json={"generation_id": gen, "value": -1}),
+              bob.post("/v1/feedback/edits", json={"generation_id": gen, "content": "poison"}),
+              bob.post("/v1/feedback/choices", json={"generation_id": gen}),
+              bob.post("/v1/chat/completions", json={"model": server.model_name, "messages": HI, "max_tokens": 2,
+                                                     "conversation_id": conv})):
+        assert r.status_code == 404, r.text
+        assert "alice" not in r.text
+    g = alice.get(f"/v1/feedback/generations/{gen}").json()
+    assert g["rating"] == 1 and g["edits"] == [{"content": "Hello!", "kept": True}]
+
+    bob_conv = bob.post("/v1/feedback/conversations", json={"title": "bob"}).json()["id"]
+    r = bob.post("/v1/chat/completions", json={"model": server.model_name, "messages": HI, "max_tokens": 4,
+                                                "conversation_id": bob_conv})
+    bob_gen = r.json()["llmforge"]["generation_ids"][0]
+    bob.post("/v1/feedback/edits", json={"generation_id": bob_gen, "content": "Bob's better answer"})
+    out = tmp_path / "prefs.jsonl"
+    export_pairs(server.store, out)
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {p["user"] for p in pairs} == {"alice", parse_keys(BOB)[BOB]}
+    export_pairs(server.store, out, users=["alice"])
+    only = [json.loads(line) for line in out.read_text().splitlines()]
+    assert only and all(p["user"] == "alice" for p in only)
+    export_pairs(server.store, out, max_per_user=0)
+    assert out.read_text() == ""
+
+
+def test_keyed_server_accepts_any_host_but_not_cross_origin_posts(served):
+    server, url = served
+    alice = as_user(url, ALICE)
+    assert alice.get("/v1/models", headers={"Host": "llm.example.org"}).status_code == 200
+    r = alice.post("/v1/feedback/conversations", json={"title": "x"}, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403
+
+
+def test_store_file_is_owner_only(served):
+    import os
+    import stat
+    server, _ = served
+    mode = stat.S_IMODE(os.stat(server.store.url).st_mode)
+    assert mode == 0o600, oct(mode)
