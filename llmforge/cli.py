@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_args(data.add_parser("prepare", help="sources -> clean -> dedup -> mix -> tokenizer -> shards"))
     tok = sub.add_parser("tokenizer", help="BPE tokenizer").add_subparsers(dest="action", required=True)
     _stage_args(tok.add_parser("train", help="(re)train the tokenizer on the run's cleaned documents"))
+    _stage_args(tok.add_parser("report", help="fertility (tokens per char and per byte) per language"))
 
     p = sub.add_parser("pretrain", help="train the base model")
     _stage_args(p)
@@ -162,6 +163,9 @@ def run_stage(verb, args, cfg, run) -> None:
     if verb == "data":
         from llmforge.data.prepare import prepare
         prepare(cfg, run)
+    elif verb == "tokenizer" and args.action == "report":
+        from llmforge.tokenizer import report
+        report.run(run)
     elif verb == "tokenizer":
         from llmforge.data.prepare import train_tokenizer
         train_tokenizer(cfg, run)
@@ -203,7 +207,8 @@ def dispatch(args, extra) -> None:
             cfg.pretrain.minutes = args.minutes
         if verb == "rl" and args.algo:
             cfg.rl.algo = args.algo
-        if verb == "scaling" and args.action != "sweep":  # fit and plan only read the sweep
+        if (verb == "scaling" and args.action != "sweep") or (verb, getattr(args, "action", None)) == ("tokenizer", "report"):
+            # fit, plan and the tokenizer report only read the run
             run_stage(verb, args, cfg, run)
         else:
             with recorded_config(cfg, run, speedrun=verb == "speedrun"):

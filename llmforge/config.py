@@ -115,6 +115,8 @@ class DataConfig:
     shingle_chars: int = 5          # zh/ja/ko/th near-dedup: shingles of this many characters (not words)
     clean_chars: CharCleanConfig = field(default_factory=CharCleanConfig)  # rules for zh/ja/ko/th documents
     language_weights: dict[str, float] = field(default_factory=dict)  # a document's weight x this ({zh = 2.0}); missing = 1
+    engine: str = "builtin"         # step 1 (read, clean, dedup, mix) runs: builtin | datatrove (data/datatrove_pipeline.py)
+    engine_tasks: int = 2           # datatrove: parallel tasks for reading + cleaning (dedup runs as one task)
 
 
 @dataclass
@@ -123,6 +125,7 @@ class TokenizerConfig:
     sample_bytes: int = 20_000_000  # mixture sample the BPE merges are learned from
     single_digits: bool = True      # every digit its own token (as Llama); False: GPT-4 1-3 digit groups
     whole_numbers: bool = False     # with digit groups: every group "0".."999" is one token (numbers copy as one token)
+    cjk_chunk: int = -1             # Han/kana runs pre-split into pieces of <= this many chars; 0 = off (GPT-4); -1 = auto (4 if the mix has zh/ja)
 
 
 @dataclass

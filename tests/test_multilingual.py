@@ -2,6 +2,7 @@
 filters and weights, bad input, the licence filter (issue 11)."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -245,3 +246,92 @@ def test_manpages_source_reads_gzipped_pages(tmp_path):
     (tmp_path / "zz" / "man1" / "link.1.gz").write_bytes(gzip.compress(b".so man1/demo.1\n"))
     docs = list(iter_documents(SourceConfig(name="zh", kind="manpages", path=str(tmp_path / "zz"))))
     assert len(docs) == 1 and docs[0]["text"].startswith("描述\n分词器") and language(docs[0]["text"]) == "zh"
+
+
+# ------------------------------------------------------------------ datatrove path
+
+def _junk_corpus(root):
+    """Clean zh / ja / en / code documents plus planted junk and near-duplicates of each."""
+    _write(root / "zh", "a.txt", ZH + ZH_2)
+    _write(root / "zh", "c.txt", ZH_TRAD)
+    _write(root / "zh", "d.txt", JA)
+    _write(root / "zh", "e_near.txt", _edit_every_fifth_clause(ZH + ZH_2))
+    _write(root / "zh", "f_moji.txt", _mojibake(ZH_2))
+    _write(root / "zh", "g_spam.txt", ZH + "欢迎光临本店，全场商品特价优惠，欢迎选购！\n" * 10)
+    _write(root / "zh", "h_short.txt", "这是一个很短的句子。")
+    for i in range(4):
+        _write(root / "en", f"{i}.txt", EN + " ".join(f"word{j}x{i}" for j in range(5)) + ".\n")
+    _write(root / "en", "m_moji.txt", _mojibake(EN.replace("text", "text’s")))
+    _write(root / "en", "n_copy.txt", EN.upper() + " ".join(f"word{j}x0" for j in range(5)).upper() + ".\n")
+    _write(root / "code", "a.py", "import math\n\n\ndef area(r):\n    return math.pi * r ** 2  # circle\n" * 2)
+    _write(root / "code", "b.py", "def f(x):\n    '''Identity.'''\n    return x\n\n\nclass A:\n    pass\n")
+
+
+@pytest.mark.slow
+def test_datatrove_path_keeps_the_same_documents_as_the_builtin_path(tmp_path):
+    pytest.importorskip("datatrove")
+    from llmforge.data.prepare import collect_documents
+    _junk_corpus(tmp_path / "corpus")
+    c = tmp_path / "corpus"
+    sources = [SourceConfig(name="web", kind="files", path=f"{c}/zh,{c}/en", languages=["zh", "en", "ja"]),
+               SourceConfig(name="code", kind="files", path=f"{c}/code", code=True, weight=2.0)]
+    results = {}
+    for engine in ("builtin", "datatrove"):
+        cfg = _cfg(tmp_path, *sources, overrides=[f"data.engine={engine}", "data.engine_tasks=2",
+                                                   "data.val_fraction=0.2", "data.language_weights={zh = 2.0}"])
+        run = RunDir(tmp_path / engine)
+        run.create()
+        stats = collect_documents(cfg, run)
+        docs = [json.loads(line) for line in open(run.data / "docs.jsonl", encoding="utf-8")]
+        results[engine] = (docs, stats)
+    (builtin, b_stats), (datatrove, d_stats) = results["builtin"], results["datatrove"]
+    assert [d["id"] for d in datatrove] == [d["id"] for d in builtin]
+    assert datatrove == builtin
+    assert d_stats["removed"] == b_stats["removed"]
+    assert d_stats["sources"]["web"]["docs_dedup"] == b_stats["sources"]["web"]["docs_dedup"]
+    kept = {Path(d["id"]).name for d in builtin}
+    assert kept >= {"a.txt", "c.txt", "d.txt", "a.py", "b.py"}
+    assert not kept & {"e_near.txt", "f_moji.txt", "g_spam.txt", "h_short.txt", "m_moji.txt", "n_copy.txt"}
+
+
+# ------------------------------------------------------------------ tokenizer report, bilingual config
+
+def test_tokenizer_report_prints_fertility_per_language(bilingual, capsys):
+    from llmforge.cli import main
+    from llmforge.data.prepare import prepare
+    from llmforge.tokenizer import report
+    from llmforge.tokenizer.bpe import Tokenizer
+    root, zh, en = bilingual
+    cfg = _cfg(root, SourceConfig(name="web", kind="files", path=f"{root}/zh,{root}/en"))
+    run = RunDir(root / "run")
+    prepare(cfg, run)
+    tok = Tokenizer.load(run.tokenizer)
+    pattern = json.loads(tok.hf.to_str())["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+    assert "{1,4}" in pattern  # cjk_chunk auto: zh/ja documents in the mix
+    capsys.readouterr()
+    assert main(["tokenizer", "report", "--out", str(run.root)]) == 0
+    out = capsys.readouterr().out
+    assert "tok/char" in out and "bytes/tok" in out and "relative to English" in out
+    result = report.report(tok, report.sample_by_language(run.data / "docs.jsonl"))
+    zh_row = result["languages"]["zh"]["ours"]
+    assert set(result["languages"]) == {"zh", "ja", "en"}
+    assert zh_row["tokens"] == sum(len(tok.encode(t)) for t in [ZH, ZH_2, ZH_TRAD])
+    assert zh_row["bytes_per_token"] == pytest.approx(1 / zh_row["tokens_per_byte"])
+    assert not (run.root / "config.toml").exists()  # the report only reads the run: no config recorded
+
+
+def test_bilingual_sample_config_prepares_out_of_the_box(tmp_path):
+    from llmforge.config import resolve as resolve_cfg
+    from llmforge.data.prepare import prepare
+    from llmforge.data.sources import MAN_ROOT
+    if not (MAN_ROOT / "zh_CN").is_dir():
+        pytest.skip("Chinese manual pages not installed (apt-get install manpages-zh; scripts/setup.sh does it)")
+    config = Path(__file__).parent.parent / "llmforge" / "data" / "bilingual.toml"
+    cfg = resolve_cfg("micro", str(config), ["tokenizer.vocab_size=800"])
+    for src, cap in zip(cfg.data.sources, (40, 30, 60)):
+        src.max_docs = cap
+    manifest = prepare(cfg, RunDir(tmp_path / "run"))
+    langs = manifest["languages"]
+    assert {"zh", "en", "code"} <= set(langs)
+    assert langs["zh"]["docs_dedup"] >= 0.8 * 60 * 0.9   # nearly all Chinese pages kept
+    assert langs["zh"]["share_after"] > langs["zh"]["share_before"]  # language_weights zh = 2

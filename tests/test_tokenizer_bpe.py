@@ -132,3 +132,54 @@ def test_from_hf_wraps_existing_tokenizer(tok):
 def test_vocab_too_small_is_user_error():
     with pytest.raises(UserError, match="too small"):
         Tokenizer.train(CORPUS, vocab_size=100)
+
+
+# ------------------------------------------------------------------ CJK pre-split (issue 11)
+
+def _pieces(pattern: str, text: str) -> list[str]:
+    from tokenizers import Regex, pre_tokenizers
+    split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    return [piece for piece, _ in split.pre_tokenize_str(text)]
+
+
+def _english_and_code() -> list[str]:
+    import sysconfig
+    from pathlib import Path
+    from pydoc_data.topics import topics
+    root = Path(sysconfig.get_paths()["stdlib"])
+    code = [(root / name).read_text(encoding="utf-8") for name in ("json/encoder.py", "textwrap.py", "string.py")]
+    return CORPUS[:2] + CORPUS[3:4] + list(topics.values())[:30] + code + [
+        "x = {'a': 1_000, \"b\": [3.5e-3, 0xFF]}  # ÀÉÎõü ёжик Ελληνικά 한국어 텍스트 عربى\r\n\tfoo()\n"]
+
+
+@pytest.mark.parametrize("single_digits", [False, True])
+def test_cjk_split_leaves_latin_and_code_split_exactly_as_before(single_digits):
+    from llmforge.tokenizer.bpe import split_pattern
+    before, after = split_pattern(single_digits, 0), split_pattern(single_digits, 3)
+    assert before != after
+    for text in _english_and_code():
+        assert _pieces(after, text) == _pieces(before, text)
+
+
+def test_cjk_split_trains_the_same_tokenizer_on_english_and_code():
+    """The cpu preset's tokenizer (digit groups + whole-number tokens): vocabulary and merges
+    are the same with the CJK pre-split on as off, on text without Han/kana."""
+    texts = _english_and_code()
+    off = Tokenizer.train(texts, vocab_size=1400, whole_numbers=True, cjk_chunk=0)
+    on = Tokenizer.train(texts, vocab_size=1400, whole_numbers=True, cjk_chunk=3)
+    model = lambda t: json.loads(t.hf.to_str())["model"]  # noqa: E731
+    assert model(on)["vocab"] == model(off)["vocab"] and model(on)["merges"] == model(off)["merges"]
+    for text in texts:
+        assert on.encode(text) == off.encode(text)
+
+
+def test_cjk_runs_become_short_pieces_not_giant_words():
+    from llmforge.tokenizer.bpe import split_pattern
+    text = "分词器把原始文本切成语言模型可以计数的片段，abc中文def。これはテストです"
+    assert max(len(p) for p in _pieces(split_pattern(False, 0), text)) >= 14   # the GPT-4 split: one giant word
+    pieces = _pieces(split_pattern(False, 3), text)
+    cjk = [p for p in pieces if all("\u3040" <= c <= "\u30ff" or "\u4e00" <= c <= "\u9fff" for c in p)]
+    assert max(len(p) for p in cjk) == 3 and "，abc" in pieces and "def" in pieces
+    assert "".join(pieces) == text
+    tok = Tokenizer.train([text] * 20, vocab_size=400, cjk_chunk=3)
+    assert tok.decode(tok.encode(text)) == text

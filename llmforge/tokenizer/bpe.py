@@ -33,6 +33,23 @@ _SPLIT_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}"
 # Same, with every digit its own pre-token (Llama / DeepSeek style, helps arithmetic).
 _SPLIT_PATTERN_SINGLE_DIGITS = _SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
+# Chinese and Japanese have no spaces, so to the GPT-4 pattern a whole sentence of Han/kana
+# is one "word" (a pre-token of hundreds of bytes: merges then span word boundaries at random
+# and BPE training counts every sentence as its own word). With cjk_chunk = k, runs of Han and
+# kana are cut into pieces of at most k characters and never glued to a neighbouring Latin
+# word. The letter class becomes "letters except Han/kana", which is the same class on text
+# without Han/kana: Latin, Cyrillic, Hangul, code and numbers split exactly as before.
+_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}ー"
+_LETTERS = r"[^\r\n\p{L}\p{N}]?+\p{L}+"
+
+
+def split_pattern(single_digits: bool = False, cjk_chunk: int = 0) -> str:
+    """The pre-tokenizer regex: GPT-4's, optionally single digits, optionally CJK runs in pieces."""
+    pattern = _SPLIT_PATTERN_SINGLE_DIGITS if single_digits else _SPLIT_PATTERN
+    if cjk_chunk > 0:
+        pattern = pattern.replace(_LETTERS, rf"[^\r\n\p{{L}}\p{{N}}]?+[\p{{L}}&&[^{_CJK}]]+|[{_CJK}]{{1,{cjk_chunk}}}")
+    return pattern
+
 
 # every pre-token the digit-group split can make: "0".."9", "00".."99", "000".."999"
 NUMBER_GROUPS = [f"{n:0{width}d}" for width in (1, 2, 3) for n in range(10 ** width)]
@@ -88,10 +105,11 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, single_digits: bool = False,
-              whole_numbers: bool = False, show_progress: bool = False) -> "Tokenizer":
+              whole_numbers: bool = False, show_progress: bool = False, cjk_chunk: int = 0) -> "Tokenizer":
         """Learn `vocab_size - 256 - 8` merges from `texts` (an iterable of documents).
         whole_numbers (with digit groups, not single digits): every 1-3 digit group is one
-        token, so a number of up to three digits is one token wherever it occurs."""
+        token, so a number of up to three digits is one token wherever it occurs.
+        cjk_chunk > 0: Han/kana runs are pre-split into pieces of at most that many characters."""
         minimum = 256 + len(SPECIAL_TOKENS) + (len(NUMBER_GROUPS) if whole_numbers else 0)
         if vocab_size < minimum:
             raise UserError(f"tokenizer.vocab_size={vocab_size} is too small; byte-level BPE needs at "
@@ -99,7 +117,7 @@ class Tokenizer:
                             f"{' + the 1-3 digit groups' if whole_numbers else ''})")
         if whole_numbers and single_digits:
             raise UserError("tokenizer.whole_numbers needs digit groups; set tokenizer.single_digits=false")
-        pattern = _SPLIT_PATTERN_SINGLE_DIGITS if single_digits else _SPLIT_PATTERN
+        pattern = split_pattern(single_digits, cjk_chunk)
         hf = tokenizers.Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
