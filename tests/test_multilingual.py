@@ -2,6 +2,7 @@
 filters and weights, bad input, the licence filter (issue 11)."""
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,56 @@ def test_bilingual_sample_config_prepares_out_of_the_box(tmp_path):
     assert {"zh", "en", "code"} <= set(langs)
     assert langs["zh"]["docs_dedup"] >= 0.8 * 60 * 0.9   # nearly all Chinese pages kept
     assert langs["zh"]["share_after"] > langs["zh"]["share_before"]  # language_weights zh = 2
+
+
+# ------------------------------------------------------------------ licence filter
+
+MIT = """MIT License
+
+Copyright (c) 2024 Someone
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of this software
+and associated documentation files, to deal in the Software without restriction.
+The above copyright notice and this permission notice shall be included in all copies.
+"""
+GPL3 = """                    GNU GENERAL PUBLIC LICENSE
+                       Version 3, 29 June 2007
+ Everyone is permitted to copy and distribute verbatim copies of this license document.
+"""
+CODE = "import os\n\n\ndef listing(path):\n    '''Names in a folder.'''\n    return sorted(os.listdir(path))\n"
+
+
+def test_licence_filter_keeps_allowed_files_and_counts_drops_by_reason(tmp_path):
+    from llmforge.data.prepare import collect_documents
+    repo = tmp_path / "repo"
+    _write(repo / "mit", "LICENSE", MIT)
+    _write(repo / "mit", "a.py", CODE)
+    _write(repo / "mit" / "sub", "f.py", CODE + "# nested: the LICENSE above applies\n")
+    _write(repo / "gpl", "COPYING.txt", GPL3)
+    _write(repo / "gpl", "b.py", CODE + "# gpl\n")
+    _write(repo / "none", "c.py", CODE + "# no licence anywhere\n")
+    _write(repo / "spdx", "d.py", "# SPDX-License-Identifier: Apache-2.0\n" + CODE)
+    _write(repo / "spdx", "e.py", "# SPDX-License-Identifier: GPL-2.0-only OR MIT\n" + CODE + "# dual\n")
+    _write(repo / "spdx", "g.py", "// SPDX-License-Identifier: GPL-3.0-or-later\n" + CODE + "# copyleft\n")
+    _write(repo / "odd", "LICENSE.md", "You may do whatever you like with this, says the author.\n")
+    _write(repo / "odd", "h.py", CODE + "# odd\n")
+    src = SourceConfig(name="code", kind="files", path=str(repo), code=True, licenses=["permissive"])
+    dropped = Counter()
+    kept = sorted(Path(d["id"]).name for d in iter_documents(src, dropped))
+    assert kept == ["a.py", "d.py", "e.py", "f.py"]
+    assert dropped == {"license_not_allowed": 2, "license_unknown": 1, "license_unrecognized": 1, "license_file": 2}
+    # an explicit allow-list; the drops reach the data report
+    cfg = _cfg(tmp_path, SourceConfig(name="code", kind="files", path=str(repo), code=True,
+                                      licenses=["MIT", "GPL-3.0"]), overrides=["data.dedup_near=false"])
+    run = RunDir(tmp_path / "run")
+    run.create()
+    stats = collect_documents(cfg, run)
+    assert stats["removed"]["code"]["license_not_allowed"] == 1   # d.py (Apache-2.0)
+    assert stats["sources"]["code"]["docs_dedup"] == 5            # a, b, e, f, g
+
+
+def test_licence_filter_that_keeps_nothing_says_why(tmp_path):
+    _write(tmp_path / "none", "c.py", CODE)
+    src = SourceConfig(name="code", kind="files", path=str(tmp_path / "none"), code=True, licenses=["MIT"])
+    with pytest.raises(UserError, match=r"produced no documents \(licence filter: license_unknown 1\)"):
+        list(iter_documents(src))

@@ -19,6 +19,7 @@ An expression "A OR B" is allowed when either is, "A AND B" when both are; "-onl
     license_unknown       no SPDX header and no licence file found
     license_unrecognized  a licence file whose text matches none of the known licences
     license_not_allowed   a licence that is not in the allow-list
+    license_file          the LICENSE.txt / COPYING.md file itself
 """
 from __future__ import annotations
 
@@ -133,6 +134,8 @@ class LicenseFilter:
             folder = folder.parent
 
     def check(self, path: Path) -> str | None:
+        if LICENSE_FILES.match(path.name):
+            return "license_file"  # the licence text itself is not training data
         spdx = self.license_of(path)
         if spdx is None:
             return "license_unknown"

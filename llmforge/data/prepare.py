@@ -217,6 +217,13 @@ def _collect_datatrove(cfg: Config, run: RunDir, lang_weights: dict) -> dict:
         if cfg.data.val_fraction > 0 and not any(c["docs_val"] for c in per_source.values()) \
                 and smallest_train and lines > 1:
             _move_to_val(tmp, smallest_train[1], per_source)
+        for src in cfg.data.sources:
+            filtered = removed.get(src.name, {}).get("language_filtered", 0)
+            if src.languages and filtered and not per_source[src.name]["docs_dedup"] \
+                    and not sum(v for r, v in removed.get(src.name, {}).items() if r != "language_filtered"):
+                raise UserError(f"data source '{src.name}': the filter languages = {sorted(src.languages)} keeps "
+                                f"none of its {filtered} documents; fix the codes (ISO 639-1, e.g. \"zh\", \"en\") "
+                                "or remove the filter")
     dedup = Counter()
     for name, counts in per_source.items():
         counts["docs_raw"] = counts["docs_dedup"] + sum(removed.get(name, {}).values())
