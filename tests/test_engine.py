@@ -6,6 +6,8 @@ nothing, seeds reproduce, stops and lengths end requests) holds for any weights.
 """
 from __future__ import annotations
 
+import time
+
 import pydoc_data.topics
 import pytest
 import torch
@@ -229,3 +231,82 @@ def test_token_ids_outside_the_vocabulary_are_refused(model, tok):
     engine = Engine(model, tok, max_batch=1)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.add([1, tok.vocab_size + 5], greedy(2))
+
+
+class _Forced:
+    """Forces the first tokens (here: a tool call), then allows anything."""
+
+    def __init__(self, ids):
+        self.ids, self.i = list(ids), 0
+
+    def allowed_mask(self, vocab_size):
+        if self.i >= len(self.ids):
+            return torch.ones(vocab_size, dtype=torch.bool)
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[self.ids[self.i]] = True
+        return mask
+
+    def advance(self, token_id):
+        self.i += 1
+
+    def is_done(self):
+        return False
+
+
+@pytest.mark.parametrize("through_scheduler", [False, True])
+def test_a_slow_tool_call_is_parked_and_does_not_stall_other_rows(model, tok, through_scheduler):
+    """The tool blocks until the other request has finished: if tools ran inside the engine step,
+    the other request could never finish first and the tool would time out."""
+    import threading
+
+    from llmforge.serve.scheduler import Scheduler
+
+    other_done = threading.Event()
+    seen = {}
+
+    def slow_tool(name, arguments):
+        seen["other_finished_first"] = other_done.wait(timeout=60)
+        return "42"
+
+    end, call = tok.token_id("<|end|>"), tok.token_id("<|tool_call|>")
+    forced = [call] + tok.encode('{"name": "calculator", "arguments": {}}') + [end]
+    engine = Engine(model, tok, max_batch=4, tool_runner=slow_tool)
+    p_tool = SamplingParams(max_tokens=len(forced) + 6, temperature=0.0, stop_token_ids=[end], execute_tools=True)
+    p_other = greedy(20)
+    prompts = prompts_of(tok, [5, 6])
+    if not through_scheduler:
+        ids = [engine.add(prompts[0], p_tool, _Forced(forced)), engine.add(prompts[1], p_other)]
+        results = {}
+        while len(results) < 2:
+            events = engine.step()
+            for ev in events:
+                if ev.finished:
+                    results[ev.request_id] = ev.completion
+                    if ev.request_id == ids[1]:
+                        other_done.set()
+            if not events and engine.parked:
+                time.sleep(0.01)
+        tool_run = results[ids[0]]
+    else:
+        scheduler = Scheduler(engine, batch_wait_s=0)
+        finished = {}
+        done = threading.Event()
+
+        def on_event(name):
+            def cb(ev):
+                if not isinstance(ev, Exception) and ev.finished:
+                    finished[name] = ev.completion
+                    if name == "other":
+                        other_done.set()
+                    if len(finished) == 2:
+                        done.set()
+            return cb
+
+        scheduler.submit(prompts[0], p_tool, _Forced(forced), on_event("tool"))
+        scheduler.submit(prompts[1], p_other, None, on_event("other"))
+        assert done.wait(timeout=120)
+        scheduler.stop()
+        tool_run = finished["tool"]
+    assert seen["other_finished_first"]
+    assert tool_run.tool_calls_run == 1 and "42" in tok.decode(tool_run.tokens)
+    assert len(engine.free_slots) == 4 and not engine.has_work()

@@ -114,3 +114,34 @@ def test_namespace_sandbox_hides_the_host(tmp_path):
     uid, processes = out.split("\n")[0].split()
     assert uid == "65534" and int(processes) <= 3          # nobody, and only its own namespace's processes
     assert "s3cret" not in out and "PermissionError" in out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sandbox_cannot_read_hidden_folders_like_the_feedback_store(mode, tmp_path):
+    from llmforge.infer import tools
+    from llmforge.serve.feedback import open_store
+
+    store_dir = tmp_path / "run"
+    store = open_store(store_dir / "feedback.sqlite")
+    store.new_conversation("private title")
+    store.close()
+    tools.hide_paths([store_dir])
+    try:
+        code = (f"import os\ntry:\n    print(open({str(store_dir / 'feedback.sqlite')!r}, 'rb').read()[:100])\n"
+                f"except Exception as e:\n    print('refused', type(e).__name__)\n"
+                f"try:\n    print(os.listdir({str(store_dir)!r}))\nexcept Exception as e:\n    print('refused', type(e).__name__)")
+        out = run_python(code, isolation=mode)
+    finally:
+        tools._HIDDEN_PATHS.remove(str(store_dir.resolve()))
+    assert "SQLite" not in out and "feedback.sqlite" not in out, out
+    assert out.startswith("refused"), out   # namespaces: an empty folder (nothing to open); guard: refused
+
+
+@pytest.mark.skipif("namespaces" not in MODES, reason="RLIMIT_NPROC binds the sandbox's nobody user here")
+def test_sandbox_process_count_is_limited():
+    code = ("import subprocess\nprocs = []\ntry:\n    for i in range(200):\n"
+            "        procs.append(subprocess.Popen(['sleep', '5']))\nexcept OSError as e:\n"
+            "    print('stopped at', len(procs), type(e).__name__)\nfor p in procs:\n    p.kill()")
+    out = run_python(code, SandboxLimits(wall_seconds=30))
+    assert "stopped at" in out, out
+    assert int(out.split("stopped at")[1].split()[0]) <= SandboxLimits().processes

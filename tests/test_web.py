@@ -114,3 +114,50 @@ def test_stop_button_cancels_the_stream(site, page, monkeypatch):
     assert not server.engine.has_work() and server.engine.stats.generated_tokens - before < 300
     # a stopped answer is not recorded, so it cannot be rated
     assert page.locator("[data-testid=msg-assistant] [data-testid=thumbs-up][disabled]").count() == 1
+
+
+# ------------------------------------------------------------------ keys, tenancy, long chats
+
+ALICE, BOB = "sk-alice-web-0123", "sk-bob-web-0123"
+
+
+@pytest.fixture(scope="module")
+def keyed_site(tmp_path_factory):
+    """A server with two API keys and a small context (96 tokens), so a chat overflows quickly."""
+    run = tmp_path_factory.mktemp("keyed")
+    make_tiny_checkpoint(run / "ckpt" / "sft", max_seq_len=96)
+    server = load_served(run, cfg=ServeConfig(batch_wait_ms=0), db=str(run / "feedback.sqlite"))
+    url, stop = run_in_thread(create_app(server, api_keys=f"alice={ALICE},bob={BOB}"))
+    yield url, server
+    stop()
+    server.close()
+
+
+def _use_key(page, url, key):
+    page.goto(url + "/")
+    page.fill("[data-testid=api-key]", key)
+    page.click("[data-testid=use-key]")
+
+
+def test_web_chat_with_a_key_shows_only_its_own_conversations_and_trims_long_chats(keyed_site, page):
+    url, server = keyed_site
+    page.goto(url + "/")
+    page.wait_for_selector("[data-testid=error]:has-text('API key')")   # no key yet: said in words
+    _use_key(page, url, ALICE)
+    page.wait_for_selector(f"text=model: {server.model_name}")
+    page.fill("#temperature", "0")
+    for i, text in enumerate(["first question about foxes and dogs", "second question, a bit longer than that",
+                              "third question, which pushes the history out of the context"]):
+        page.fill("[data-testid=input]", text)
+        page.click("[data-testid=send]")   # max tokens stays at its default 128 > the 96-token context
+        page.wait_for_selector(f"[data-testid=msg-assistant] >> nth={i} >> [data-testid=thumbs-up]:not([disabled])")
+    assert page.inner_text("[data-testid=error]") == ""
+    assert page.locator("[data-testid=trimmed]").count() >= 1          # the oldest turns, greyed out
+    assert "limited to" in page.inner_text("[data-testid=notice]")
+    assert page.locator("[data-testid=conversations] li").count() == 1
+    # bob, in the same browser, sees none of alice's conversations
+    _use_key(page, url, BOB)
+    page.wait_for_selector(f"text=model: {server.model_name}")
+    page.wait_for_timeout(300)
+    assert page.locator("[data-testid=conversations] li").count() == 0
+    assert len(server.store.conversations(user="alice")) == 1 and server.store.conversations(user="bob") == []

@@ -19,9 +19,14 @@ Python sandbox isolation, strongest first (`sandbox_isolation()` says which is i
   "python-guard" (anything else): a preamble replaces `socket.socket` and refuses file writes
                  outside the sandbox directory through `open`/`os.open`. Best effort only:
                  code using ctypes or os.system can get around it.
-Both also apply rlimits (address space, CPU seconds, file size, open files), a wall-clock
-timeout that kills the process group, its own temporary directory as cwd/HOME/TMPDIR, and a
-cap on the bytes of output returned.
+Both also apply rlimits (address space, CPU seconds, file size, open files, process count), a
+wall-clock timeout that kills the process group, its own temporary directory as cwd/HOME/TMPDIR,
+and a cap on the bytes of output returned. `hide_paths([...])` (the server passes its feedback
+store's and checkpoint's folders) makes folders unreadable to the code: covered by an empty
+read-only tmpfs under namespaces; refused by the Python-level guard otherwise (best effort). The
+process-count limit counts the user's processes, so it binds the `nobody` of namespace mode; a
+root server in python-guard mode is exempt from it (the kernel lets root exceed RLIMIT_NPROC).
+Not done: a cgroup for total CPU and memory across processes (rlimits are per process).
 """
 from __future__ import annotations
 
@@ -141,6 +146,7 @@ class SandboxLimits:
     memory_bytes: int = 512 << 20   # RLIMIT_AS: address space of the interpreter
     file_bytes: int = 16 << 20      # RLIMIT_FSIZE: largest file it may write
     open_files: int = 64            # RLIMIT_NOFILE
+    processes: int = 32             # RLIMIT_NPROC: processes/threads the code may add (fork bombs stop here)
     output_bytes: int = 16_384      # stdout+stderr returned; the process is killed past it
 
 
@@ -156,6 +162,9 @@ def fail(why):
     sys.exit(f"sandbox: {why}")
 if mount("--make-rprivate", "/") or mount("--bind", box, box):
     fail("could not set up the mount namespace")
+for hidden in cfg["hide"]:   # the feedback store, checkpoints: an empty read-only folder instead
+    if os.path.isdir(hidden) and mount("-t", "tmpfs", "-o", "ro,size=4k,mode=755", "tmpfs", hidden):
+        fail(f"could not hide {hidden}")
 # Hide home directories behind empty tmpfs, then bind the interpreter's own folders back
 # (pyenv/venv interpreters often live under /root), staged on a private /dev/shm meanwhile.
 stage = "/dev/shm"
@@ -206,18 +215,43 @@ _socket.getaddrinfo = _no_network
 def _inside(path):
     p = _os.path.realpath(_os.fspath(path))
     return p == _BOX or p.startswith(_BOX + _os.sep)
-_open, _osopen = _b.open, _os.open
+def _hidden(path):
+    p = _os.path.realpath(_os.fspath(path))
+    return any(p == h or p.startswith(h + _os.sep) for h in _HIDE)
+_open, _osopen, _listdir, _scandir = _b.open, _os.open, _os.listdir, _os.scandir
 def _guarded_open(file, mode="r", *a, **k):
+    if not isinstance(file, int) and _hidden(file):
+        raise PermissionError(f"this path is hidden from the sandbox: {file}")
     if isinstance(file, int) or not any(c in mode for c in "wax+") or _inside(file):
         return _open(file, mode, *a, **k)
     raise PermissionError(f"writing outside the sandbox directory is disabled: {file}")
 def _guarded_osopen(path, flags, *a, **k):
+    if _hidden(path):
+        raise PermissionError(f"this path is hidden from the sandbox: {path}")
     if flags & (_os.O_WRONLY | _os.O_RDWR | _os.O_CREAT) and not _inside(path):
         raise PermissionError(f"writing outside the sandbox directory is disabled: {path}")
     return _osopen(path, flags, *a, **k)
-_b.open, _os.open = _guarded_open, _guarded_osopen
+def _guarded_listdir(path="."):
+    if _hidden(path):
+        raise PermissionError(f"this path is hidden from the sandbox: {path}")
+    return _listdir(path)
+_b.open, _os.open, _os.listdir = _guarded_open, _guarded_osopen, _guarded_listdir
 del _b, _socket
 '''
+
+
+_HIDDEN_PATHS: list[str] = []
+
+
+def hide_paths(paths) -> None:
+    """Folders the sandboxed code must not read (the server's feedback store, its checkpoints).
+    A folder holding the interpreter or the temporary directory cannot be hidden and is skipped."""
+    keep = [os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, tempfile.gettempdir())]
+    for path in paths:
+        p = os.path.realpath(path)
+        if os.path.isdir(p) and p != "/" and not any(k == p or k.startswith(p + os.sep) for k in keep) \
+                and p not in _HIDDEN_PATHS:
+            _HIDDEN_PATHS.append(p)
 
 
 @functools.cache
@@ -246,7 +280,21 @@ def _rlimits(limits: SandboxLimits) -> dict:
             "RLIMIT_CPU": (limits.cpu_seconds, limits.cpu_seconds + 1),
             "RLIMIT_FSIZE": (limits.file_bytes, limits.file_bytes),
             "RLIMIT_NOFILE": (limits.open_files, limits.open_files),
+            "RLIMIT_NPROC": (limits.processes, limits.processes),
             "RLIMIT_CORE": (0, 0)}
+
+
+def _processes_of(uid: int) -> int:
+    """Tasks (processes and threads) this uid runs now, which RLIMIT_NPROC counts."""
+    count = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    count += len(os.listdir(f"/proc/{pid}/task"))
+            except OSError:
+                pass
+    return count
 
 
 def _read_capped(proc: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, str]:
@@ -298,14 +346,18 @@ def run_python(code: str, limits: SandboxLimits | None = None, isolation: str | 
             Path(box, "main.py").write_text(code, encoding="utf-8")
             keep = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix)})
             cfg = {"dir": box, "rlimits": _rlimits(limits), "env": env, "python": sys.executable,
-                   "setpriv": shutil.which("setpriv"), "keep": keep}
+                   "setpriv": shutil.which("setpriv"), "keep": keep, "hide": list(_HIDDEN_PATHS)}
             argv = [shutil.which("unshare"), "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
                     sys.executable, "-I", "-c", _LAUNCHER, json.dumps(cfg)]
             preexec = None
         else:
-            Path(box, "main.py").write_text(_GUARD + "\n" + code, encoding="utf-8")
+            guard = f"_HIDE = {json.dumps(_HIDDEN_PATHS)}\n" + _GUARD
+            Path(box, "main.py").write_text(guard + "\n" + code, encoding="utf-8")
             argv = [sys.executable, "-I", "main.py"]
             rl = _rlimits(limits)
+            if os.geteuid() != 0:   # the limit counts all of this user's processes: allow ours plus the budget
+                mine = _processes_of(os.getuid())
+                rl["RLIMIT_NPROC"] = (mine + limits.processes, mine + limits.processes)
 
             def preexec():
                 for name, value in rl.items():

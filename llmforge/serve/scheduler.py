@@ -21,6 +21,7 @@ import asyncio
 import threading
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from llmforge.serve.protocol import APIError
 
@@ -249,6 +250,9 @@ def load_served(checkpoint_or_run, cfg=None, db: str | None = None, index: str |
     if index_path:
         from llmforge.infer.rag import RagIndex
         rag = RagIndex.open(index_path, model=model, tok=tok)
+    if cfg.builtin_tools:   # the Python tool must not read the feedback store or the weights
+        from llmforge.infer.tools import hide_paths
+        hide_paths([folder] + ([Path(db).parent] if not str(db).startswith(("postgresql:", "postgres:")) else []))
     return ModelServer(model, tok, model_name=name, checkpoint_id=checkpoint_id, cfg=cfg,
                        store=open_store(db), index=rag, folder=folder)
 
