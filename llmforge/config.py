@@ -332,7 +332,7 @@ def _cpu(c: Config) -> None:
       40% fewer tokens and steps in the same minutes."""
     c.model = ModelConfig(vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=192, max_seq_len=256)
     c.tokenizer = TokenizerConfig(vocab_size=4096, single_digits=False, whole_numbers=True)
-    c.pretrain = PretrainConfig(batch_size=16, seq_len=256, lr=1e-2, warmup_steps=50, max_steps=400,
+    c.pretrain = PretrainConfig(batch_size=16, seq_len=256, lr=1e-2, warmup_steps=50, max_steps=390,
                                 optimizer="muon", muon_lr=0.05,
                                 eval_every=150, eval_batches=20, ckpt_every=150, sample_every=0,
                                 mid_fraction=0.3, mid_chat_share=0.5, eval_tasks_per_task=10)
@@ -340,9 +340,9 @@ def _cpu(c: Config) -> None:
     c.sft = SFTConfig(batch_size=8, seq_len=256, lr=2e-3, warmup_steps=20, max_steps=5000, minutes=4.5,
                       eval_every=0, ckpt_every=0, examples_per_task=2000, eval_per_task=30, text_share=0.15,
                       copy_examples=3000)
-    c.rm = RMConfig(batch_size=16, lr=5e-4, warmup_steps=10, max_steps=300, minutes=0.6, eval_every=0,
+    c.rm = RMConfig(batch_size=16, lr=5e-4, warmup_steps=10, max_steps=300, minutes=0.5, eval_every=0,
                     ckpt_every=0, prompts_per_task=24, samples_per_prompt=4, heldout_per_task=15)
-    c.rl = RLConfig(batch_size=16, lr=1e-4, max_steps=300, minutes=0.8, eval_every=0, ckpt_every=0, log_every=2,
+    c.rl = RLConfig(batch_size=16, lr=1e-4, max_steps=300, minutes=0.7, eval_every=0, ckpt_every=0, log_every=2,
                     eval_per_task=30)
     c.rejection = dataclasses.replace(c.rejection, prompts=64, group_size=4, rounds=2, steps_per_round=40)
     c.ppo = dataclasses.replace(c.ppo, prompts_per_rollout=16, ppo_epochs=2, curve_points=2, kl_sweep="")

@@ -13,6 +13,7 @@ intervals. Results go to eval.json and metrics.jsonl (stage "eval"); report.md i
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 
@@ -53,6 +54,15 @@ def heldout_bpb(model, run: RunDir, tok) -> dict | None:
         return None
 
 
+def weights_digest(model) -> str:
+    """A fingerprint of a model's weights: two checkpoints with the same one answer identically."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def refusal_rates(samples) -> dict:
     """Llama 2's two sides of safety on the held-out safety items: how often harmful requests are
     refused, and how often benign-but-edgy ones are (false refusals)."""
@@ -79,9 +89,19 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     results: dict[str, dict] = {}
     greedy: dict[str, list] = {}
     chats: dict[str, list] = {}
+    measured: dict[str, str] = {}   # weights digest -> the checkpoint already measured with them
     for name in present:
         kinds = ("base",) if name == "base" else ("sft",) if name == "sft" else ("rl",)
         model, _ = common.load_checkpoint(run, name, kinds, tok, "")
+        twin = measured.get(digest := weights_digest(model))
+        if twin is not None and name != "sft":   # an RL stage that published its initial policy:
+            greedy[name], chats[name] = greedy[twin], chats[twin]   # greedy decoding gives the same answers
+            results[name] = {**results[twin], "tasks": {t: {k: v for k, v in r.items() if not k.startswith("pass@")}
+                                                          for t, r in results[twin]["tasks"].items()},
+                             "same_weights_as": twin}
+            print(f"eval {name}: the same weights as {twin}, measured once")
+            continue
+        measured.setdefault(digest, name)
         model.eval()
         with torch.no_grad():
             # pass@k (is there signal for RL to amplify?) only where RL starts: the SFT model
