@@ -196,3 +196,35 @@ def test_llama_cpp_runs_the_export_with_our_logits(tokenizer, tmp_path):
         with torch.no_grad():
             ours = model(torch.tensor([ids]))[0]
         assert torch.allclose(theirs, ours, atol=2e-4, rtol=0), (theirs - ours).abs().max()
+
+
+SPLIT_TEXTS = ["What is 45 + 38?", "12345678 and 3.14159, -7 and 1,000,000", "def add(a, b):\n    return a + b\n",
+               "  leading   spaces\n\n\ttabs\r\nand CRLF", "I'm sure they'll say we've done it, didn't we? OK'D",
+               "naïve café — 東京 2024年 ümlaut Ωμέγα", "x=[1,2,3]; y = {'k': \"v\"}  # comment!!\n\n\n",
+               "emoji 🙂🙂 and math ∑ x² ≤ 10", "a\u00a0b\u2003c", "    \n  \n x"]
+
+
+@pytest.mark.parametrize("preset,expected", [({"single_digits": False}, "llama-bpe"),
+                                             ({"single_digits": True}, "qwen2"),
+                                             ({"single_digits": False, "whole_numbers": True}, "llama-bpe")])
+def test_gguf_pre_tokenizer_is_the_llama_cpp_regex_that_splits_like_ours(tmp_path, preset, expected):
+    """The name written must select, in llama.cpp, a regex that splits text exactly as our
+    tokenizer does (llama.cpp cannot run our regex, only its named ones). Real llama.cpp is not
+    installed here (no prebuilt llama-cpp-python wheel on PyPI for this platform), so the regex
+    llama.cpp uses for that name is run with the `regex` package."""
+    regex = pytest.importorskip("regex")
+    from tokenizers import Regex, pre_tokenizers
+
+    from llmforge.interop.gguf_export import LLAMA_CPP_PRE_REGEX
+    from llmforge.tokenizer.bpe import Tokenizer, split_pattern
+
+    texts = ["def add(a, b):\n    return a + b\n", "The quick brown fox 123 jumps 4567."] * 30
+    tok = Tokenizer.train(texts, vocab_size=1500 if preset.get("whole_numbers") else VOCAB, **preset)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, d_model=16, max_seq_len=32)
+    save_checkpoint(tmp_path / "ckpt", Transformer(cfg), kind="sft", model_cfg=cfg, tokenizer=tok)
+    path = export_checkpoint(tmp_path / "ckpt", "gguf", tmp_path / "m.gguf", dtype="f32")
+    assert field(gguf.GGUFReader(path), "tokenizer.ggml.pre") == expected
+    ours = pre_tokenizers.Split(Regex(split_pattern(single_digits=preset["single_digits"])), behavior="isolated")
+    theirs = regex.compile(LLAMA_CPP_PRE_REGEX[expected])
+    for text in SPLIT_TEXTS:
+        assert [p for p, _ in ours.pre_tokenize_str(text)] == theirs.findall(text), text

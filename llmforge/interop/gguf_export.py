@@ -112,17 +112,39 @@ def _tokenizer_fields(tok_json: dict, vocab_size: int):
     return "gpt2", tokens, [int(t) for t in types], merges
 
 
+# llama.cpp's pre-tokenizer regexes (src/llama-vocab.cpp) for the names written below: "llama-bpe"
+# is GPT-4's split with 1-3 digit groups (Llama 3), "qwen2" the same split with single digits.
+# tests/test_gguf.py checks that each splits text exactly as the llmforge preset it stands for.
+LLAMA_CPP_PRE_REGEX = {
+    "llama-bpe": (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "qwen2": (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+
+
 def _pre_tokenizer_name(tok_json: dict, config: dict) -> str:
-    """llama.cpp picks its pre-tokenizer regex by name. llmforge's split is GPT-4's, the same
-    family as llama.cpp's "llama-bpe" (Llama 3) regex; an imported Qwen2 model gets "qwen2";
-    anything else "default" (GPT-2's split), with a warning."""
+    """llama.cpp picks its pre-tokenizer regex by name, so the name must be one whose regex splits
+    like ours. llmforge's presets: GPT-4's split with 1-3 digit groups (also with whole-number
+    tokens: their merges travel in the file) -> "llama-bpe"; the same split with single digits ->
+    "qwen2" (Qwen2's regex is exactly that); an imported Qwen2 model -> "qwen2". A split llama.cpp
+    has no name for (e.g. CJK runs cut in pieces) -> "default" with a warning."""
     if (config.get("hf") or {}).get("model_type") == "qwen2":
         return "qwen2"
-    text = json.dumps(tok_json.get("pre_tokenizer") or {})
-    if r"\\p{N}{1,3}" in text and "Split" in text:
-        return "llama-bpe"
-    warnings.warn("GGUF export: tokenizer pre-tokenizer not recognised; writing tokenizer.ggml.pre='default' "
-                  "(llama.cpp's GPT-2 split), which may tokenize some text differently")
+    pre = tok_json.get("pre_tokenizer") or {}
+    patterns = [p.get("pattern", {}).get("Regex", "") for p in pre.get("pretokenizers", [pre])
+                if isinstance(p, dict) and p.get("type") == "Split"]
+    if len(patterns) == 1 and r"\p{Han}" not in patterns[0]:
+        from llmforge.tokenizer.bpe import split_pattern
+        if patterns[0] == split_pattern(single_digits=False):
+            return "llama-bpe"
+        if patterns[0] == split_pattern(single_digits=True):
+            return "qwen2"
+    text = json.dumps(pre)
+    if r"\\p{N}{1,3}" in text and "Split" in text and r"\\p{Han}" not in text:
+        return "llama-bpe"   # a GPT-4-family split from elsewhere
+    warnings.warn("GGUF export: this tokenizer's pre-tokenizer has no llama.cpp equivalent; writing "
+                  "tokenizer.ggml.pre='default' (GPT-2's split), so llama.cpp will tokenize some text differently")
     return "default"
 
 
