@@ -321,6 +321,7 @@ def test_tokenizer_report_prints_fertility_per_language(bilingual, capsys):
     assert not (run.root / "config.toml").exists()  # the report only reads the run: no config recorded
 
 
+@pytest.mark.slow
 def test_bilingual_sample_config_prepares_out_of_the_box(tmp_path):
     from llmforge.config import resolve as resolve_cfg
     from llmforge.data.prepare import prepare

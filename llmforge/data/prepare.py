@@ -229,6 +229,8 @@ def _collect_datatrove(cfg: Config, run: RunDir, lang_weights: dict) -> dict:
         counts["docs_raw"] = counts["docs_dedup"] + sum(removed.get(name, {}).values())
         for reason in ("exact_duplicate", "near_duplicate"):
             dedup[reason] += removed.get(name, {}).get(reason, 0)
+            counts["docs_clean"] += removed.get(name, {}).get(reason, 0)
+        counts["docs_clean"] += counts["docs_dedup"]  # bytes before cleaning and removals per language: builtin only
     return {"engine": "datatrove", "sources": {k: dict(v) for k, v in per_source.items()},
             "removed": {s.name: dict(removed.get(s.name, {})) for s in cfg.data.sources}, "dedup": dict(dedup),
             "languages": {k: dict(v) for k, v in sorted(per_lang.items())}, "removed_languages": {},
