@@ -107,3 +107,16 @@ def test_store_file_is_owner_only(served):
     server, _ = served
     mode = stat.S_IMODE(os.stat(server.store.url).st_mode)
     assert mode == 0o600, oct(mode)
+
+
+def test_start_up_log_states_binding_and_sandbox_mode(served):
+    from llmforge.infer.tools import sandbox_isolation
+    from llmforge.serve.api import startup_lines
+
+    server, _ = served
+    host, lines = startup_lines(server, {}, "0.0.0.0")
+    assert host == "127.0.0.1" and any("binding to 127.0.0.1" in line for line in lines)
+    tools = next(line for line in lines if line.startswith("tools:"))
+    assert ("FALLBACK" in tools) == (sandbox_isolation() != "namespaces")
+    host, lines = startup_lines(server, parse_keys(ALICE), "0.0.0.0")
+    assert host == "0.0.0.0" and "1 API key" in lines[0] and ALICE not in " ".join(lines)

@@ -580,27 +580,37 @@ def run_in_thread(app, host: str = "127.0.0.1", port: int = 0):
     return f"http://{host}:{sock.getsockname()[1]}", stop
 
 
+def startup_lines(server: ModelServer, keys: dict, host: str) -> tuple[str, list[str]]:
+    """(the host to bind, what the start-up log says about auth, binding and the tool sandbox)."""
+    from llmforge.infer.tools import sandbox_description
+
+    lines = []
+    if keys:
+        lines.append(f"auth: {len(keys)} API key(s), users: {', '.join(sorted(set(keys.values())))}")
+    else:
+        if host not in LOOPBACK_HOSTS:
+            lines.append(f"no API keys: binding to 127.0.0.1, not {host}; pass --api-key (or set LLMFORGE_API_KEYS) "
+                         "to serve other machines")
+        host = "127.0.0.1"
+        lines.append("auth: none (no API keys): one local user, answering on 127.0.0.1 only")
+    lines.append(f"tools: {sandbox_description()}" if server.cfg.builtin_tools else "tools: built-in tools off")
+    lines.append(f"limits: bodies up to {server.cfg.max_body_bytes} bytes, {server.cfg.max_queue} queued requests, "
+                 f"{server.cfg.tool_workers} tool workers")
+    return host, lines
+
+
 def serve(checkpoint_or_run, host: str = "127.0.0.1", port: int = 8000, db: str | None = None,
           index: str | None = None, api_keys: list[str] | None = None) -> None:
     """`llmforge serve CKPT_OR_RUN`: the API and web chat until Ctrl-C."""
     import uvicorn
 
-    from llmforge.infer.tools import sandbox_description
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     server = load_served(checkpoint_or_run, db=db, index=index)
     keys = parse_keys(server.cfg.api_keys, keys_from_env(), api_keys or [])
     app = create_app(server, api_keys=keys)
-    if keys:
-        print(f"auth: {len(keys)} API key(s), users: {', '.join(sorted(set(keys.values())))}")
-    else:
-        if host not in LOOPBACK_HOSTS:
-            print(f"no API keys: binding to 127.0.0.1, not {host}; pass --api-key (or set LLMFORGE_API_KEYS) "
-                  "to serve other machines")
-        host = "127.0.0.1"
-        print("auth: none (no API keys); one local user, answering on 127.0.0.1 only")
-    if server.cfg.builtin_tools:
-        print(f"tools: {sandbox_description()}")
+    host, lines = startup_lines(server, keys, host)
+    for line in lines:
+        print(line)
     print(f"serving {server.model_name} ({server.checkpoint_id}) on http://{host}:{port}  "
           f"web chat: http://{host}:{port}/  feedback: {server.store.kind}")
     try:

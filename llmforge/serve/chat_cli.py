@@ -14,7 +14,7 @@ def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95
     from llmforge.infer.sampling import SamplingParams
     from llmforge.infer.tools import run_tool
     from llmforge.serve.scheduler import SERVE_STOPS
-    from llmforge.tokenizer.chat import final_answer, parse_completion, render_prompt
+    from llmforge.tokenizer.chat import SPECIALS, final_answer, parse_completion, render_prompt
     from llmforge.train.checkpoint import load_model, load_tokenizer
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -22,8 +22,7 @@ def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95
     tok = load_tokenizer(folder)
     engine = Engine(model, tok, max_batch=1, tool_runner=run_tool)
     stops = [tok.token_id(s) for s in SERVE_STOPS]
-    specials = {tok.token_id(s) for s in ("<|bos|>", "<|eot|>", "<|system|>", "<|user|>", "<|assistant|>",
-                                          "<|tool_call|>", "<|tool_result|>", "<|end|>")}
+    specials = {tok.token_id(s) for s in SPECIALS}
     context = model.cfg.max_seq_len
     print(f"chatting with {folder} ({config.get('kind')}, step {config.get('step', '?')}); "
           "/reset, /system TEXT, /quit", file=stdout, flush=True)

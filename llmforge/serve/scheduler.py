@@ -124,6 +124,7 @@ class ModelServer:
         from llmforge.config import ServeConfig
         from llmforge.infer.engine import Engine
         from llmforge.infer.tools import run_tool
+        from llmforge.tokenizer.chat import SPECIALS
 
         self.cfg = cfg or ServeConfig()
         self.model, self.tok = model, tok
@@ -138,8 +139,7 @@ class ModelServer:
         self.store = store
         self.index = index
         self.stop_ids = [tok.token_id(s) for s in SERVE_STOPS]
-        self.special = {tok.token_id(s): s for s in ("<|bos|>", "<|eot|>", "<|system|>", "<|user|>",
-                                                     "<|assistant|>", "<|tool_call|>", "<|tool_result|>", "<|end|>")}
+        self.special = {tok.token_id(s): s for s in SPECIALS}
         self.tool_call_id = tok.token_id("<|tool_call|>")
         self.fingerprint = "fp_" + checkpoint_id.rsplit("@", 1)[-1][:12]   # names the weights, not a path
         # the most bytes one token can stand for: text longer than context x this cannot fit
