@@ -84,6 +84,10 @@ def test_the_issue_paragraph_was_dropped_by_word_rules_and_is_kept_now():
     (ZH + "欢迎光临本店，全场商品特价优惠，欢迎选购！\n" * 10, "duplicate_lines"),
     ("".join(f"欢迎光临本店全场商品特价优惠欢迎选购第{i}号商品马上下单立即发货\n" for i in range(12)), "repeated_ngrams"),
     ("".join(f"第{i}章讲了一个很长的故事，后面还有很多你意想不到的精彩内容……\n" for i in range(10)), "ellipsis_lines"),
+    ("これは短い文です。", "too_few_chars"),
+    (_mojibake(JA), "mojibake"),
+    (JA + "今すぐ登録して限定セールをチェックしよう！お得な情報が満載です！\n" * 10, "duplicate_lines"),
+    (JA + "".join(f"プライバシーポリシー | 利用規約 | 著作権 2024 サイト{i}\n" for i in range(12)), "boilerplate"),
 ])
 def test_each_character_rule_removes_its_kind(text, reason):
     assert clean_document(text) == (None, reason)
