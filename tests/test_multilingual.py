@@ -208,6 +208,8 @@ def test_bad_language_weight_is_a_user_error(bilingual):
                            r"encoding = \"gb18030\""),
     (ZH.encode("utf-8") + ZH_2.encode("gb18030"), r"mixes encodings: valid UTF-8 up to byte \d+ \(line 5\)"),
     (b"", r"is empty; delete it or leave it out of data source 'mine'"),
+    (ZH.encode("utf-16"), r"is not UTF-8 \(bad byte at offset 0, line 1\); it looks like utf-16: set the source's "
+                          r"encoding = \"utf-16\""),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), r"is binary \(NUL byte at offset 8\), not .txt text"),
 ])
 def test_bad_files_are_one_clear_line_and_leave_nothing_behind(tmp_path, content, match):

@@ -212,6 +212,8 @@ def _read_text(path: Path, encoding: str = "utf-8") -> str:
         name = "UTF-8" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
         line = data.count(b"\n", 0, e.start) + 1
         guess = _guess_encoding(data[e.start:]) if e.start else _guess_encoding(data)
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            guess = "utf-16"  # a UTF-16 byte-order mark
         if max(data[:e.start], default=0) >= 0x80:  # non-ASCII text decoded before the bad byte: two encodings
             what = (f"mixes encodings: valid {name} up to byte {e.start} (line {line}), then "
                     f"{guess or 'something else'}; convert that part, or split the file and set each part's encoding")
