@@ -3,6 +3,7 @@ bodies, sent while honest streams run; count what got hurt.
 
     python bench/serve_abuse.py                                   # tiny random model, 16 streams, 200 bodies
     python bench/serve_abuse.py --model runs/cpu --streams 16 --malformed 200 --seed 0
+    python bench/serve_abuse.py --slow-tool 8       # also: 4 streams next to one 8 s tool call (in-process)
 
 The server runs in its own process (uvicorn on 127.0.0.1). Honest clients loop streaming chat
 requests (greedy, 48 tokens) until the abuse is over; an honest stream is *harmed* when it gets
@@ -11,6 +12,10 @@ request must come back as a 4xx with OpenAI's {"error": {message, type, param, c
 Printed: honest streams run / harmed, abusive requests by status, non-JSON (or wrongly shaped)
 error bodies, 5xx responses, and the server's RSS before and after. Nothing is asserted; the
 targets (issue 10) are 0 harmed, 0 non-JSON, 0 5xx.
+
+--slow-tool S: in this process, the server's scheduler and engine run one request forced to call
+a tool that sleeps S seconds, then 4 ordinary streams of 200 tokens; printed: their first-token
+time and largest inter-token gap (the target: other streams delayed < 0.5 s by an 8 s tool).
 """
 from __future__ import annotations
 
@@ -96,6 +101,69 @@ def malformed(model: str, rng: random.Random) -> tuple[str, bytes, dict]:
     return path, raw, {"Content-Type": "application/json"}
 
 
+class _Forced:
+    """Forces the first tokens of a request (a tool call), then allows anything."""
+
+    def __init__(self, ids):
+        self.ids, self.i = list(ids), 0
+
+    def allowed_mask(self, vocab_size):
+        import torch
+        if self.i >= len(self.ids):
+            return torch.ones(vocab_size, dtype=torch.bool)
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[self.ids[self.i]] = True
+        return mask
+
+    def advance(self, token_id):
+        self.i += 1
+
+    def is_done(self):
+        return False
+
+
+def slow_tool_phase(model_path: str, seconds: float) -> None:
+    import threading
+
+    from llmforge.infer.engine import Engine
+    from llmforge.infer.sampling import SamplingParams
+    from llmforge.serve.scheduler import Scheduler
+    from llmforge.train.checkpoint import load_model, load_tokenizer
+
+    model, _, folder = load_model(model_path)
+    tok = load_tokenizer(folder)
+    engine = Engine(model, tok, max_batch=8, tool_runner=lambda name, args: time.sleep(seconds) or "42")
+    scheduler = Scheduler(engine, batch_wait_s=0)
+    end, call = tok.token_id("<|end|>"), tok.token_id("<|tool_call|>")
+    forced = [call] + tok.encode('{"name": "calculator", "arguments": {}}') + [end]
+    prompt = [tok.eot_id] + tok.encode("The quick brown fox")
+    times: dict[int, list[float]] = {i: [] for i in range(4)}
+    left = threading.Semaphore(0)
+
+    def on_event(i):
+        def cb(ev):
+            if i >= 0 and not isinstance(ev, Exception):
+                times[i].append(time.perf_counter())
+            if isinstance(ev, Exception) or ev.finished:
+                left.release()
+        return cb
+
+    t0 = time.perf_counter()
+    scheduler.submit(prompt, SamplingParams(max_tokens=len(forced) + 4, temperature=0, stop_token_ids=[end],
+                                            execute_tools=True), _Forced(forced), on_event(-1))
+    time.sleep(0.05)   # the tool call is running
+    for i in range(4):
+        scheduler.submit(prompt, SamplingParams(max_tokens=200, temperature=0), None, on_event(i))
+    for _ in range(5):
+        left.acquire(timeout=seconds + 120)
+    scheduler.stop()
+    first = max(t[0] for t in times.values()) - t0 - 0.05
+    gap = max(max((b - a for a, b in zip(t, t[1:])), default=0.0) for t in times.values())
+    print(f"slow tool ({seconds:g} s) next to 4 streams x 200 tokens: their first token after {first:.3f} s, "
+          f"largest inter-token gap {gap:.3f} s, all 4 done {max(t[-1] for t in times.values()) - t0:.2f} s "
+          f"after the call started")
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -177,6 +245,7 @@ def main() -> None:
     ap.add_argument("--malformed", type=int, default=200)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slow-tool", type=float, default=0.0, help="also time streams next to a tool call this slow")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="serve-abuse-"))
     model_path = args.model
@@ -212,6 +281,8 @@ def main() -> None:
           (f" (first: {a['bad_body']!r})" if a["non_json"] else ""))
     print(f"5xx responses: {a['5xx']}; malformed bodies accepted as valid: {a['accepted']}")
     print(f"server RSS: {rss_before:.0f} MB before, {rss_after:.0f} MB after")
+    if args.slow_tool:
+        slow_tool_phase(model_path, args.slow_tool)
 
 
 if __name__ == "__main__":
