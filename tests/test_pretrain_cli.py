@@ -157,7 +157,7 @@ def _assert_no_data_written(out: Path) -> None:
 
 @pytest.mark.parametrize("make,needle", [
     (lambda d: d / "nowhere" / "*.txt", "matches no files"),
-    (lambda d: (d / "empty.txt").write_text(" \n\n") and d / "empty.txt", "produced no documents"),
+    (lambda d: (d / "empty.txt").write_text(" \n\n") and d / "empty.txt", "is empty"),
     (lambda d: (d / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100) and d / "latin1.txt",
      "is not UTF-8"),
 ])
