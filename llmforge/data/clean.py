@@ -21,7 +21,7 @@ import re
 
 from llmforge.config import CleanConfig
 from llmforge.data.langid import script_family
-from llmforge.data.script_rules import CharCleanConfig, clean_chars, mojibake_per_kchar
+from llmforge.data.script_rules import CharCleanConfig, clean_chars, duplicate_line_fraction, mojibake_per_kchar
 
 # Lines that are website chrome rather than content (C4 drops lines mentioning JavaScript
 # and cookie/legal notices). Narrow phrases, so documentation *about* JavaScript survives.
@@ -53,20 +53,6 @@ def clean_document(text: str, code: bool = False, rules: CleanConfig | None = No
     if mojibake_per_kchar(text) > char_rules.max_mojibake_per_kchar:
         return None, "mojibake"
     return _clean_prose(text, rules)
-
-
-def _duplicate_line_fraction(lines: list[str]) -> float:
-    """Share of non-blank lines that repeat an earlier line (Gopher's repetition rule)."""
-    seen, dup, total = set(), 0, 0
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        total += 1
-        if line in seen:
-            dup += 1
-        seen.add(line)
-    return dup / total if total else 0.0
 
 
 def _clean_prose(text: str, r: CleanConfig) -> tuple[str | None, str]:
@@ -101,7 +87,7 @@ def _clean_prose(text: str, r: CleanConfig) -> tuple[str | None, str]:
             return None, "ellipsis_lines"
         if sum(bool(_BULLET.match(line)) for line in content) / len(content) > r.max_bullet_line_fraction:
             return None, "bullet_lines"
-    if _duplicate_line_fraction(lines) > r.max_duplicate_line_fraction:
+    if duplicate_line_fraction(lines) > r.max_duplicate_line_fraction:
         return None, "duplicate_lines"
     return text, "kept"
 
@@ -115,6 +101,6 @@ def _clean_code(text: str, r: CleanConfig) -> tuple[str | None, str]:
         return None, "long_lines"
     if len(_NOT_ALNUM.sub("", text)) / len(text) < r.code_min_alnum_fraction:
         return None, "alnum_ratio"
-    if _duplicate_line_fraction(lines) > r.code_max_duplicate_line_fraction:
+    if duplicate_line_fraction(lines) > r.code_max_duplicate_line_fraction:
         return None, "duplicate_lines"
     return text, "kept"

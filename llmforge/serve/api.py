@@ -67,6 +67,12 @@ access_log = logging.getLogger("llmforge.serve.access")
 router = APIRouter()
 
 
+def stream_error(ev: Exception, index: int) -> str:
+    """The SSE data of a stream's choice whose engine row failed: an OpenAI error body + its index."""
+    err = ev if isinstance(ev, APIError) else APIError(500, str(ev), type="server_error", code="engine_error")
+    return json.dumps({**err.body(), "index": index})
+
+
 def _server(request: Request) -> ModelServer:
     return request.app.state.server
 
@@ -472,9 +478,7 @@ async def _stream_chat(server: ModelServer, req: ChatRequest, cid: str, created:
             i, ev = await queue.get()
             a = answers[i]
             if isinstance(ev, Exception):
-                err = ev if isinstance(ev, APIError) else APIError(500, str(ev), type="server_error",
-                                                                   code="engine_error")
-                yield json.dumps({**err.body(), "index": i})
+                yield stream_error(ev, i)
                 done += 1
                 continue
             text = a.delta(ev.completion, final=ev.finished)
@@ -525,9 +529,7 @@ async def _stream_text(server: ModelServer, req: CompletionRequest, cid: str, cr
         while done < len(req.jobs):
             i, ev = await queue.get()
             if isinstance(ev, Exception):
-                err = ev if isinstance(ev, APIError) else APIError(500, str(ev), type="server_error",
-                                                                   code="engine_error")
-                yield json.dumps({**err.body(), "index": i})
+                yield stream_error(ev, i)
                 done += 1
                 continue
             text = ev.completion.text if ev.finished else ev.completion.text.rstrip("\ufffd")
