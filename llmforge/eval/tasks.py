@@ -110,8 +110,8 @@ def evaluate(model, tok, task_names: list[str], per_task: int, *, pass_k: int = 
         rewards = [row[0].reward for row in greedy if row[0].item.task == name]
         results[name] = {"accuracy": sum(r >= 1.0 for r in rewards) / max(len(rewards), 1), "n": len(rewards)}
     if pass_k > 0:
-        sampled = sample(model, tok, first_per_task(items, pass_k_per_task), n=pass_k, temperature=1.0, max_tokens=max_tokens, shots=shots,
-                         seed=seed + 1)
+        sampled = sample(model, tok, first_per_task(items, pass_k_per_task), n=pass_k, temperature=1.0,
+                         max_tokens=max_tokens, shots=shots, seed=seed + 1)
         for name in task_names:
             rows = [row for row in sampled if row[0].item.task == name]
             hits = [any(s.reward >= 1.0 for s in row) for row in rows]

@@ -149,7 +149,8 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
 
         ckpt = Checkpointing(train_dir, "rl_train", policy.cfg, tok, {"algo": ALGO, "round": round_})
         steps = min(jc.steps_per_round, steps_per_rollout(len(buf), rc.batch_size, rc.grad_accum, jc.epochs))
-        summary = train(policy, dataclasses.replace(tc, max_steps=steps), run, stage=STAGE, ctx=ctx, get_batch=get_batch, loss_fn=loss_fn, ckpt=ckpt,
+        summary = train(policy, dataclasses.replace(tc, max_steps=steps), run, stage=STAGE, ctx=ctx,
+                        get_batch=get_batch, loss_fn=loss_fn, ckpt=ckpt,
                         eval_fn=eval_fn if last else None, resume=resume_round, show_progress=show_progress)
         resume_round = False
     shutil.rmtree(rollout_dir, ignore_errors=True)
