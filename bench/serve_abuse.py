@@ -101,30 +101,10 @@ def malformed(model: str, rng: random.Random) -> tuple[str, bytes, dict]:
     return path, raw, {"Content-Type": "application/json"}
 
 
-class _Forced:
-    """Forces the first tokens of a request (a tool call), then allows anything."""
-
-    def __init__(self, ids):
-        self.ids, self.i = list(ids), 0
-
-    def allowed_mask(self, vocab_size):
-        import torch
-        if self.i >= len(self.ids):
-            return torch.ones(vocab_size, dtype=torch.bool)
-        mask = torch.zeros(vocab_size, dtype=torch.bool)
-        mask[self.ids[self.i]] = True
-        return mask
-
-    def advance(self, token_id):
-        self.i += 1
-
-    def is_done(self):
-        return False
-
-
 def slow_tool_phase(model_path: str, seconds: float) -> None:
     import threading
 
+    from llmforge.infer.constrain import ForcedPrefix
     from llmforge.infer.engine import Engine
     from llmforge.infer.sampling import SamplingParams
     from llmforge.serve.scheduler import Scheduler
@@ -150,7 +130,7 @@ def slow_tool_phase(model_path: str, seconds: float) -> None:
 
     t0 = time.perf_counter()
     scheduler.submit(prompt, SamplingParams(max_tokens=len(forced) + 4, temperature=0, stop_token_ids=[end],
-                                            execute_tools=True), _Forced(forced), on_event(-1))
+                                            execute_tools=True), ForcedPrefix(forced), on_event(-1))
     time.sleep(0.05)   # the tool call is running
     for i in range(4):
         scheduler.submit(prompt, SamplingParams(max_tokens=200, temperature=0), None, on_event(i))

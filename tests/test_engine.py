@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llmforge.config import ModelConfig
+from llmforge.infer.constrain import ForcedPrefix
 from llmforge.infer.engine import Engine
 from llmforge.infer.sampling import SamplingParams, filter_logits
 from llmforge.model.transformer import Transformer
@@ -233,26 +234,6 @@ def test_token_ids_outside_the_vocabulary_are_refused(model, tok):
         engine.add([1, tok.vocab_size + 5], greedy(2))
 
 
-class _Forced:
-    """Forces the first tokens (here: a tool call), then allows anything."""
-
-    def __init__(self, ids):
-        self.ids, self.i = list(ids), 0
-
-    def allowed_mask(self, vocab_size):
-        if self.i >= len(self.ids):
-            return torch.ones(vocab_size, dtype=torch.bool)
-        mask = torch.zeros(vocab_size, dtype=torch.bool)
-        mask[self.ids[self.i]] = True
-        return mask
-
-    def advance(self, token_id):
-        self.i += 1
-
-    def is_done(self):
-        return False
-
-
 @pytest.mark.parametrize("through_scheduler", [False, True])
 def test_a_slow_tool_call_is_parked_and_does_not_stall_other_rows(model, tok, through_scheduler):
     """The tool blocks until the other request has finished: if tools ran inside the engine step,
@@ -275,7 +256,7 @@ def test_a_slow_tool_call_is_parked_and_does_not_stall_other_rows(model, tok, th
     p_other = greedy(20)
     prompts = prompts_of(tok, [5, 6])
     if not through_scheduler:
-        ids = [engine.add(prompts[0], p_tool, _Forced(forced)), engine.add(prompts[1], p_other)]
+        ids = [engine.add(prompts[0], p_tool, ForcedPrefix(forced)), engine.add(prompts[1], p_other)]
         results = {}
         while len(results) < 2:
             events = engine.step()
@@ -302,7 +283,7 @@ def test_a_slow_tool_call_is_parked_and_does_not_stall_other_rows(model, tok, th
                         done.set()
             return cb
 
-        scheduler.submit(prompts[0], p_tool, _Forced(forced), on_event("tool"))
+        scheduler.submit(prompts[0], p_tool, ForcedPrefix(forced), on_event("tool"))
         scheduler.submit(prompts[1], p_other, None, on_event("other"))
         assert done.wait(timeout=120)
         scheduler.stop()

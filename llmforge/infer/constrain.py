@@ -152,3 +152,25 @@ class BanTokens:
 
     def is_done(self) -> bool:
         return False
+
+
+class ForcedPrefix:
+    """A constraint that forces the first tokens of an answer, then allows anything (for
+    example a tool call the caller wants made)."""
+
+    def __init__(self, ids: list[int]):
+        self.ids, self.i = list(ids), 0
+
+    def allowed_mask(self, vocab_size: int):
+        import torch
+        if self.i >= len(self.ids):
+            return torch.ones(vocab_size, dtype=torch.bool)
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[self.ids[self.i]] = True
+        return mask
+
+    def advance(self, token_id: int) -> None:
+        self.i += 1
+
+    def is_done(self) -> bool:
+        return False
