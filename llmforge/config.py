@@ -264,6 +264,8 @@ class ServeConfig:
     max_queue: int = 64             # engine requests waiting for a slot before new ones get 429 + Retry-After
     tool_workers: int = 4           # built-in tool calls run in this many worker threads, off the batch
     api_keys: str = ""              # comma-separated keys (or NAME=KEY), each a user; also LLMFORGE_API_KEYS
+    rate_limit_rpm: float = 0.0     # generation requests per minute per user (token bucket); 0 = no limit
+    rate_limit_burst: int = 0       # requests a user may send at once before the rate applies; 0 = 10 s of rpm
 
 
 @dataclass

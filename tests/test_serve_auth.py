@@ -8,7 +8,7 @@ from openai import OpenAI
 
 from llmforge.config import ServeConfig
 from llmforge.serve.api import create_app, load_served, run_in_thread
-from llmforge.serve.auth import parse_keys
+from llmforge.serve.auth import RateLimiter, parse_keys
 from llmforge.serve.feedback import export_pairs
 from llmforge.serve.tiny import make_tiny_checkpoint
 from llmforge.errors import UserError
@@ -120,3 +120,42 @@ def test_start_up_log_states_binding_and_sandbox_mode(served):
     assert ("FALLBACK" in tools) == (sandbox_isolation() != "namespaces")
     host, lines = startup_lines(server, parse_keys(ALICE), "0.0.0.0")
     assert host == "0.0.0.0" and "1 API key" in lines[0] and ALICE not in " ".join(lines)
+
+
+def test_rate_limit_is_a_token_bucket_per_user():
+    now = [0.0]
+    limiter = RateLimiter(rpm=60, burst=2, clock=lambda: now[0])   # 1 request/s, 2 at once
+    limiter.take("alice")
+    limiter.take("alice")
+    with pytest.raises(Exception) as e:
+        limiter.take("alice")
+    assert e.value.status == 429 and e.value.code == "rate_limit_exceeded" and e.value.headers["Retry-After"] == "1"
+    limiter.take("bob")            # another user has a bucket of their own
+    now[0] = 1.0                   # one second refills one request, no more
+    limiter.take("alice")
+    with pytest.raises(Exception):
+        limiter.take("alice")
+    with pytest.raises(Exception, match="more than its burst"):
+        limiter.take("carol", cost=3)
+    RateLimiter(rpm=0).take("anyone", cost=10**6)   # 0 = no limit
+    with pytest.raises(UserError, match="rate_limit_rpm"):
+        RateLimiter(rpm=-1)
+
+
+def test_a_user_over_the_rate_limit_gets_an_openai_429_and_others_do_not(served, monkeypatch):
+    server, url = served
+    monkeypatch.setattr(server, "limiter", RateLimiter(rpm=1, burst=2))
+    alice, bob = as_user(url, ALICE), as_user(url, BOB)
+    body = {"model": server.model_name, "messages": HI, "max_tokens": 1}
+    assert alice.post("/v1/chat/completions", json={**body, "n": 2}).status_code == 200   # n choices cost n
+    r = alice.post("/v1/completions", json={"model": server.model_name, "prompt": "a", "max_tokens": 1})
+    assert r.status_code == 429, r.text
+    err = r.json()["error"]
+    assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded" and "alice" in err["message"]
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    client = OpenAI(base_url=url + "/v1", api_key=ALICE, max_retries=0)
+    import openai
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model=server.model_name, messages=HI, max_tokens=1)
+    assert bob.post("/v1/chat/completions", json=body).status_code == 200
+    assert alice.get("/v1/models").status_code == 200   # only generation is limited

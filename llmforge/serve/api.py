@@ -16,7 +16,7 @@ to, and the web chat at /. Request bodies are the Pydantic models of serve/proto
 
 At the edge (here): every error is OpenAI's {"error": {message, type, param, code}} JSON with
 its status (400 bad input, 401 key, 403 cross-origin, 404 unknown id, 413 body too large,
-415 not JSON, 429 queue full + Retry-After, 500 with the request id that the log names);
+415 not JSON, 429 queue full or rate limit + Retry-After, 500 with the request id that the log names);
 bodies over `max_body_bytes` are refused before they are read; parsing a request into engine
 inputs (tokenisation) and feedback-store I/O run in worker threads, never on the event loop.
 Each response carries `x-request-id`; one access-log line per request (logger
@@ -117,6 +117,7 @@ async def model_info(model_id: str, request: Request, user: str = Depends(curren
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionBody, request: Request, user: str = Depends(current_user)):
     server = _server(request)
+    server.limiter.take(user, body.n or 1)   # before any work: a user over their rate limit costs nothing
     check_text(body.model_dump(by_alias=True))
     req = await run_in_threadpool(ChatRequest, server, body, user)   # tokenises: off the event loop
     server.admit(req.n)
@@ -156,6 +157,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, user: str
 @router.post("/v1/completions")
 async def completions(body: CompletionBody, request: Request, user: str = Depends(current_user)):
     server = _server(request)
+    server.limiter.take(user, body.n or 1)
     check_text(body.model_dump())
     req = await run_in_threadpool(CompletionRequest, server, body, user)
     server.admit(len(req.jobs))
@@ -596,8 +598,10 @@ def startup_lines(server: ModelServer, keys: dict, host: str) -> tuple[str, list
         host = "127.0.0.1"
         lines.append("auth: none (no API keys): one local user, answering on 127.0.0.1 only")
     lines.append(f"tools: {sandbox_description()}" if server.cfg.builtin_tools else "tools: built-in tools off")
+    rate = (f"{server.cfg.rate_limit_rpm:g} requests/min per user (burst {server.limiter.capacity:g})"
+            if server.cfg.rate_limit_rpm else "no rate limit")
     lines.append(f"limits: bodies up to {server.cfg.max_body_bytes} bytes, {server.cfg.max_queue} queued requests, "
-                 f"{server.cfg.tool_workers} tool workers")
+                 f"{server.cfg.tool_workers} tool workers, {rate}")
     return host, lines
 
 

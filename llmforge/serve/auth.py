@@ -10,13 +10,21 @@ Each key is a user: `NAME=KEY` names the user NAME; a bare KEY becomes the user
 Without keys every request is the single user "local", and the server only answers on the
 loopback interface with a loopback Host header (so a web page elsewhere cannot reach it, not
 even through DNS rebinding).
+
+Rate limits (`serve.rate_limit_rpm`, `serve.rate_limit_burst`): each user has a token bucket
+that holds up to `burst` requests and refills at `rpm` per minute; a generation request (chat or
+completions; n choices cost n) that finds too few tokens is a 429 `rate_limit_exceeded` whose
+Retry-After says when there will be enough.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import re
+import threading
+import time
 
 from fastapi import Request
 
@@ -74,3 +82,37 @@ def current_user(request: Request) -> str:
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     request.state.user = user
     return user
+
+
+class RateLimiter:
+    """A token bucket per user: `burst` requests at once, refilled at `rpm` per minute (0 = no limit)."""
+
+    def __init__(self, rpm: float, burst: int = 0, clock=time.monotonic):
+        if rpm < 0 or burst < 0:
+            raise UserError(f"serve.rate_limit_rpm ({rpm}) and serve.rate_limit_burst ({burst}) must be >= 0")
+        self.rate = rpm / 60.0                        # tokens per second
+        self.capacity = float(burst or max(1, math.ceil(rpm / 6)))   # default burst: 10 s worth, at least 1
+        self.clock = clock
+        self.buckets: dict[str, tuple[float, float]] = {}   # user -> (tokens, time they were counted)
+        self.lock = threading.Lock()
+
+    def take(self, user: str, cost: int = 1) -> None:
+        """Spend `cost` of the user's tokens, or raise a 429 that says when to retry."""
+        if not self.rate:
+            return
+        with self.lock:
+            now = self.clock()
+            tokens, then = self.buckets.get(user, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - then) * self.rate)
+            if cost > self.capacity:
+                self.buckets[user] = (tokens, now)
+                raise APIError(429, f"this request costs {cost} requests of your rate limit, more than its burst of "
+                                    f"{self.capacity:g}; ask for fewer choices (n)", type="rate_limit_error",
+                               code="rate_limit_exceeded", headers={"Retry-After": "60"})
+            if tokens < cost:
+                self.buckets[user] = (tokens, now)
+                retry = max(1, math.ceil((cost - tokens) / self.rate))
+                raise APIError(429, f"rate limit of {self.rate * 60:g} requests per minute reached for user "
+                                    f"'{user}'; retry in {retry} s", type="rate_limit_error",
+                               code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+            self.buckets[user] = (tokens - cost, now)

@@ -13,7 +13,8 @@ Isolation: an exception in one request's row ends that request alone (the engine
 an error event); only an exception that escapes the whole step fails every request in flight.
 A row whose tool call is running is parked by the engine, so the loop keeps stepping the others
 and is woken when the tool returns. Admission is bounded: more than `max_queue` engine requests
-waiting for a slot is a 429 with Retry-After, not an unbounded backlog.
+waiting for a slot is a 429 with Retry-After, not an unbounded backlog; so is a user over their
+rate limit (serve/auth.RateLimiter), checked before any tokenising.
 """
 from __future__ import annotations
 
@@ -136,6 +137,8 @@ class ModelServer:
                              tool_runner=self._timed(run_tool) if self.cfg.builtin_tools else None,
                              tool_workers=self.cfg.tool_workers)
         self.scheduler = Scheduler(self.engine, self.cfg.batch_wait_ms / 1000)
+        from llmforge.serve.auth import RateLimiter
+        self.limiter = RateLimiter(self.cfg.rate_limit_rpm, self.cfg.rate_limit_burst)
         self.store = store
         self.index = index
         self.stop_ids = [tok.token_id(s) for s in SERVE_STOPS]
