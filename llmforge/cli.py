@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = fb.add_parser("export", help="write preference pairs from the feedback store")
     p.add_argument("--db", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--user", action="append", default=None, metavar="NAME",
+                   help="keep only this user's pairs (repeatable; names as in `llmforge serve --api-key NAME=KEY`)")
+    p.add_argument("--max-per-user", type=int, default=None, metavar="N",
+                   help="keep at most N pairs per user, so one user cannot flood the next training set")
     return ap
 
 
@@ -232,7 +236,7 @@ def dispatch(args, extra) -> None:
         index_add(args.paths, args.db, model=args.model)
     elif verb == "feedback":
         from llmforge.serve.feedback import export_cli
-        export_cli(args.db, args.out)
+        export_cli(args.db, args.out, users=args.user, max_per_user=args.max_per_user)
 
 
 def generate(args) -> None:

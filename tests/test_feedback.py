@@ -166,3 +166,28 @@ def test_postgres_store_exports_the_same_pairs(tmp_path):
     assert store.conversation(ids["c1"])["messages"][1]["content"] == "4"
     store.close()
     assert open_store(POSTGRES_URL).schema_version() == MIGRATIONS[-1][0]   # reopening does not re-migrate
+
+
+def test_cli_export_filters_and_caps_by_user(tmp_path, capsys):
+    from llmforge.cli import main
+
+    db = tmp_path / "fb.sqlite"
+    store = open_store(db)
+    for name, drafts in (("alice", 3), ("bob", 1)):
+        c = store.new_conversation(user=name)
+        for k in range(drafts):
+            g = store.log_generation(c, [user(f"q{k}")], "draft", MODEL, CKPT, user=name)
+            store.edit(g, f"{name}'s fix {k}", user=name)
+    store.close()
+    out = tmp_path / "prefs.jsonl"
+
+    def exported(*flags):
+        assert main(["feedback", "export", "--db", str(db), "--out", str(out), *flags]) == 0
+        return [json.loads(line)["user"] for line in out.read_text().splitlines()]
+
+    assert sorted(exported()) == ["alice"] * 3 + ["bob"]
+    assert exported("--user", "bob") == ["bob"]
+    assert sorted(exported("--user", "bob", "--user", "alice", "--max-per-user", "1")) == ["alice", "bob"]
+    assert "wrote 2 preference pairs" in capsys.readouterr().out
+    assert main(["feedback", "export", "--db", str(db), "--out", str(out), "--max-per-user", "-1"]) == 2
+    assert "--max-per-user must be 0 or more" in capsys.readouterr().err

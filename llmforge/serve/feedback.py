@@ -444,8 +444,12 @@ def export_pairs(store: FeedbackStore | str | Path, out_path: str | Path, users:
     return counts
 
 
-def export_cli(db: str | Path, out_path: str | Path) -> None:
-    """`llmforge feedback export --db DB --out prefs.jsonl`: write pairs, print a one-line summary."""
-    counts = export_pairs(db, out_path)
+def export_cli(db: str | Path, out_path: str | Path, users: list[str] | None = None,
+               max_per_user: int | None = None) -> None:
+    """`llmforge feedback export --db DB --out prefs.jsonl [--user NAME ...] [--max-per-user N]`:
+    write pairs, print a one-line summary."""
+    if max_per_user is not None and max_per_user < 0:
+        raise UserError(f"--max-per-user must be 0 or more, not {max_per_user}")
+    counts = export_pairs(db, out_path, users=users, max_per_user=max_per_user)
     detail = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "pairs") or "no feedback yet"
     print(f"wrote {counts['pairs']} preference pairs to {out_path} ({detail})")
