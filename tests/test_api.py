@@ -232,23 +232,55 @@ def test_feedback_round_trip_through_the_api(served, tmp_path):
     assert any(p["source"] == "edit" and p["chosen"] == "Hello there!" and p["prompt"] == HI for p in pairs)
 
 
+def _forced_tool_reply(server, tool_runner):
+    """An engine request whose reply is forced to: words, a calculator call, then (after the
+    engine ran it and fed the result) more words."""
+    from llmforge.infer.constrain import ForcedPrefix
+    from llmforge.infer.engine import Engine
+    from llmforge.infer.sampling import SamplingParams
+    from llmforge.tokenizer.chat import render_prompt
+
+    tok, sp = server.tok, server.tok.token_id
+    call = '{"name":"calculator","arguments":{"expression":"2+2"}}'
+    forced = (tok.encode("Let me compute. ") + [sp("<|tool_call|>")] + tok.encode(call) + [sp("<|end|>")] +
+              tok.encode("It is 4.") + [sp("<|end|>")])
+    engine = Engine(server.model, tok, max_batch=1, tool_runner=tool_runner)
+    params = SamplingParams(max_tokens=len(forced) + 8, temperature=0, stop_token_ids=list(server.stop_ids),
+                            execute_tools=True, chat=True)
+    return engine, engine.add(render_prompt(tok, HI), params, ForcedPrefix(forced))
+
+
 def test_builtin_tool_run_is_shown_as_content_and_tool_runs(served):
-    """What the engine writes when it runs a built-in tool mid-answer, as the client sees it."""
-    from llmforge.infer.engine import Completion
+    """The engine's streaming deltas of a reply with a tool run add up to its content, which the
+    client sees with the run beside it."""
     from llmforge.serve.api import Answer
 
     server, _, _ = served
-    tok = server.tok
-    sp = tok.token_id
-    call = '{"name":"calculator","arguments":{"expression":"2+2"}}'
-    tokens = (tok.encode("Let me compute. ") + [sp("<|tool_call|>")] + tok.encode(call) + [sp("<|end|>")] +
-              [sp("<|tool_result|>")] + tok.encode("4") + [sp("<|end|>"), sp("<|assistant|>")] +
-              tok.encode("It is 4.") + [sp("<|end|>")])
-    comp = Completion(prompt_len=5, tokens=tokens, generated=[True] * len(tokens), logprobs=[0.0] * len(tokens),
-                      text=tok.decode(tokens[:-1]), finish_reason="stop")
+    engine, rid = _forced_tool_reply(server, lambda name, args: "4")
+    deltas, comp = [], None
+    while comp is None:
+        for ev in engine.step():
+            deltas.append(ev.text_delta)
+            comp = ev.completion if ev.finished else None
+    assert comp.tool_calls_run == 1 and comp.finish_reason == "stop"
+    assert "".join(deltas) == comp.text == "Let me compute. It is 4."
+    assert all("<|" not in d and "calculator" not in d for d in deltas)
     content, calls, runs = Answer(server, None, 0).view(comp)
     assert content == "Let me compute. It is 4."
     assert calls == [] and runs == [{"name": "calculator", "arguments": '{"expression": "2+2"}', "result": "4"}]
+
+
+def test_terminal_chat_shows_tool_runs_between_the_words(served):
+    import io
+
+    from llmforge.serve.chat_cli import stream_reply
+
+    server, _, _ = served
+    engine, rid = _forced_tool_reply(server, lambda name, args: "4")
+    out = io.StringIO()
+    comp = stream_reply(engine, rid, out)
+    assert out.getvalue() == 'Let me compute. \n[calculator({"expression": "2+2"}) -> 4]\nIt is 4.'
+    assert comp.text == "Let me compute. It is 4."
 
 
 def test_terminal_chat_streams_and_keeps_history(served, tmp_path):
@@ -272,20 +304,3 @@ def test_a_client_that_stops_reading_does_not_block_others(served):
         r = client.chat.completions.create(model=server.model_name, messages=HI, max_tokens=8)
         assert r.choices[0].finish_reason in ("stop", "length")
         assert time.perf_counter() - start < 20
-
-
-def test_terminal_chat_shows_tool_runs_and_only_grows(served):
-    from llmforge.serve.chat_cli import _visible
-
-    server, _, _ = served
-    tok, sp = server.tok, server.tok.token_id
-    call = '{"name":"calculator","arguments":{"expression":"2+2"}}'
-    tokens = (tok.encode("Let me compute.") + [sp("<|tool_call|>")] + tok.encode(call) + [sp("<|end|>")] +
-              [sp("<|tool_result|>")] + tok.encode("4") + [sp("<|end|>"), sp("<|assistant|>")] +
-              tok.encode("It is 4.") + [sp("<|end|>")])
-    shown = ""
-    for i in range(1, len(tokens) + 1):
-        now = _visible(tok, tokens[:i], set(server.special))
-        assert now.startswith(shown), (shown, now)
-        shown = now
-    assert shown == 'Let me compute.\n[calculator({"expression": "2+2"}) -> 4]\nIt is 4.'

@@ -165,6 +165,22 @@ def test_stop_string_cuts_text_before_it(model, tok):
     assert out.text == full[:full.find(stop)]
 
 
+def test_stream_deltas_add_up_to_the_text_and_never_show_a_stop_strings_start(model, tok):
+    prompt = prompts_of(tok, [5])[0]
+    pieces = ["alpha", " be", "ta", " gam", "ma"]        # forced tokens; " beta gam" is the stop string
+    forced = [i for p in pieces for i in tok.encode(p)]
+    engine = Engine(model, tok, max_batch=1)
+    rid = engine.add(prompt, greedy(len(forced) + 4, stop=[" beta gam"]), ForcedPrefix(forced))
+    deltas, done = [], None
+    while done is None:
+        for ev in engine.step():
+            assert ev.request_id == rid
+            deltas.append(ev.text_delta)
+            done = ev.completion if ev.finished else None
+    assert done.finish_reason == "stop" and done.text == "alpha"
+    assert "".join(deltas) == "alpha"        # " be" and " beta" were held back, never sent then taken back
+
+
 def test_max_tokens_and_context_end_give_length(model, tok):
     engine = Engine(model, tok, max_batch=2)
     short, near_end = prompts_of(tok, [4, MAX_LEN - 3])

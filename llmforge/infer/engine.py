@@ -11,6 +11,12 @@ that arrives while others are decoding simply joins at the next step (continuous
 For a server: `add(prompt_ids, params)` -> request id, then call `step()` repeatedly; it
 returns the events (request id, new token, finished?) of that step.
 
+The streaming delta (`Event.text_delta`) is computed here and nowhere else: the new part of
+`Completion.text`, holding back a trailing partial UTF-8 character and any tail that could
+still become a stop string, so the deltas of a request always add up to its final text. With
+`SamplingParams.chat` the text is what a reader of the assistant's reply sees: special tokens
+and tool call / tool result spans are not part of it (tokenizer/chat.parse_completion decides).
+
 Isolation: an exception while sampling one row (a bad constraint, a non-finite distribution)
 ends that request alone with an error event (`Event.error`, finish_reason "error"); a forward
 pass that fails for a batch is retried row by row so only the rows that fail alone end.
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 
 from llmforge.infer.sampling import SamplingParams, sample_token
 from llmforge.model.kv_cache import KVCache
+from llmforge.tokenizer.chat import SPECIALS, parse_completion
 
 
 @dataclass
@@ -70,6 +77,8 @@ class _Request:
     emitted_text: str = ""
     decoded_text: str = ""                                # text of out.tokens[:decoded_upto]
     decoded_upto: int = 0                                 # always on a whole-character boundary
+    lead: list[int] = field(default_factory=list)         # chat: the reply's start written by the caller
+    structured: bool = False                              # chat: a special token appeared (parse the reply)
     tool_future: object = None                            # a running tool call (the row is parked)
 
 
@@ -111,6 +120,7 @@ class Engine:
         self.end_id = self._special("<|end|>")
         self.tool_call_id = self._special("<|tool_call|>")
         self.assistant_id = self._special("<|assistant|>")
+        self.special_ids = {i for i in map(self._special, SPECIALS) if i is not None}
 
     def _special(self, name: str) -> int | None:
         try:
@@ -135,6 +145,9 @@ class Engine:
             rid = next(self.ids)
             req = _Request(rid, -1, list(prompt), params, gen, constraint, pending=list(prompt),
                            out=Completion(prompt_len=len(prompt)))
+            if params.chat and self.assistant_id in prompt:   # e.g. a forced <|tool_call|> after <|assistant|>
+                req.lead = prompt[len(prompt) - prompt[::-1].index(self.assistant_id):]
+                req.structured = bool(req.lead)
             self.waiting.append(req)
             self.stats.requests += 1
         return rid
@@ -273,17 +286,27 @@ class Engine:
                 finish = "stop"
         elif req.constraint is not None and req.constraint.is_done():
             finish = "stop"
-        text = self._visible_text(req)
-        if finish is None and p.stop:
-            cut = min((text.find(s) for s in p.stop if s in text), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
         if finish is None and not parked and (len(out.tokens) >= p.max_tokens
                                               or req.position + len(req.pending) >= self.max_len):
             finish = "length"
+        return self._event(req, token, finish)
+
+    def _event(self, req: _Request, token: int | None, finish: str | None) -> Event:
+        """The request's text after its newest tokens (cut at a stop string) and THE streaming delta."""
+        out, p = req.out, req.params
+        text = self._visible_text(req)
+        cut = min((text.find(s) for s in p.stop if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+            if req.tool_future is None:   # a parked row ends when its tool returns, not before
+                finish = "stop"
         out.text = text
-        # hold back a trailing partial UTF-8 character until its remaining bytes arrive
-        settled = text if finish is not None else text.rstrip("\ufffd")
+        if finish is None:   # hold back what may still change: half a character, the start of a stop string
+            held = p.stop + SPECIALS if p.chat else p.stop
+            settled = text.rstrip("\ufffd")
+            settled = settled[:len(settled) - _partial_suffix(settled, held)]
+        else:
+            settled = text
         delta = settled[len(req.emitted_text):] if settled.startswith(req.emitted_text) else ""
         req.emitted_text = settled
         if finish is not None:
@@ -295,14 +318,24 @@ class Engine:
 
     def _visible_text(self, req: _Request) -> str:
         """Completion text without a final stop token. Decodes only the tokens since the last
-        whole-character boundary, so a step costs O(1) decoding, not O(length)."""
+        whole-character boundary, so a step costs O(1) decoding, not O(length). A chat reply
+        that has special tokens in it (tool spans) is parsed whole instead."""
         toks = req.out.tokens
         end = len(toks) - (1 if toks and toks[-1] in req.params.stop_token_ids else 0)
+        if req.params.chat:
+            req.structured = req.structured or any(t in self.special_ids for t in toks[req.decoded_upto:end])
+            if req.structured:
+                msgs = parse_completion(self.tok, req.lead + toks[:end])
+                return "".join(m.get("content") or "" for m in msgs if m["role"] == "assistant")
         tail = self.tok.decode(toks[req.decoded_upto:end])
         if tail and not tail.endswith("\ufffd"):  # no partial UTF-8 character left: commit it
             req.decoded_text += tail
             req.decoded_upto, tail = end, ""
-        return req.decoded_text + tail
+        text = req.decoded_text + tail
+        if req.params.chat:   # the model spelled a special token's name out of ordinary tokens
+            for name in SPECIALS:
+                text = text.replace(name, "")
+        return text
 
     # ------------------------------------------------------------ tools
     def _in_tool_call(self, out: Completion) -> bool:
@@ -355,11 +388,7 @@ class Engine:
         if req.position + len(req.pending) < self.max_len:
             return None
         req.pending = []   # the result does not fit what is left of the context
-        out.finish_reason = "length"
-        with self.lock:
-            self.active.pop(req.id, None)
-            self.free_slots.append(req.slot)
-        return Event(req.id, None, "", True, out)
+        return self._event(req, None, "length")
 
     # ------------------------------------------------------------ batch API
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -378,3 +407,14 @@ class Engine:
                 concurrent.futures.wait([r.tool_future for r in list(self.parked.values())], timeout=1.0,
                                         return_when=concurrent.futures.FIRST_COMPLETED)
         return [results[i] for i in ids]
+
+
+def _partial_suffix(text: str, strings: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper start of one of `strings`."""
+    best = 0
+    for s in strings:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

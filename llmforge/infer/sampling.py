@@ -18,6 +18,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     execute_tools: bool = False   # run <|tool_call|> spans in the engine and feed back the result
+    chat: bool = False            # the text is an assistant reply's content: no special tokens, no tool spans
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

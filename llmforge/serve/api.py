@@ -483,7 +483,7 @@ async def _stream_chat(server: ModelServer, req: ChatRequest, cid: str, created:
                 yield stream_error(ev, i)
                 done += 1
                 continue
-            text = a.delta(ev.completion, final=ev.finished)
+            text = ev.text_delta   # the engine's streaming delta of the reply's content
             lp = {"content": a.logprobs(ev.completion)} if req.logprobs else None
             if text or (lp and lp["content"]):
                 yield chunk(i, {"content": text}, logprobs=lp)
@@ -519,7 +519,6 @@ async def _stream_text(server: ModelServer, req: CompletionRequest, cid: str, cr
             await queue.put((i, e))
 
     tasks = [asyncio.create_task(pump(i, ids, p)) for i, (_, ids, p) in enumerate(req.jobs)]
-    sent = [""] * len(req.jobs)
     usage_out = 0
     try:
         if req.echo:
@@ -534,9 +533,7 @@ async def _stream_text(server: ModelServer, req: CompletionRequest, cid: str, cr
                 yield stream_error(ev, i)
                 done += 1
                 continue
-            text = ev.completion.text if ev.finished else ev.completion.text.rstrip("\ufffd")
-            delta = text[len(sent[i]):] if text.startswith(sent[i]) else ""
-            sent[i] = text if text.startswith(sent[i]) else sent[i]
+            delta = ev.text_delta
             done += ev.finished
             if ev.finished:
                 usage_out += len(ev.completion.tokens)

@@ -6,6 +6,7 @@ Commands typed at the prompt: /reset (new conversation), /system TEXT (set a sys
 from __future__ import annotations
 
 import sys
+import time
 
 
 def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95, max_tokens: int = 256,
@@ -14,7 +15,7 @@ def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95
     from llmforge.infer.sampling import SamplingParams
     from llmforge.infer.tools import run_tool
     from llmforge.serve.scheduler import SERVE_STOPS
-    from llmforge.tokenizer.chat import SPECIALS, final_answer, parse_completion, render_prompt
+    from llmforge.tokenizer.chat import final_answer, parse_completion, render_prompt
     from llmforge.train.checkpoint import load_model, load_tokenizer
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -22,7 +23,6 @@ def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95
     tok = load_tokenizer(folder)
     engine = Engine(model, tok, max_batch=1, tool_runner=run_tool)
     stops = [tok.token_id(s) for s in SERVE_STOPS]
-    specials = {tok.token_id(s) for s in SPECIALS}
     context = model.cfg.max_seq_len
     print(f"chatting with {folder} ({config.get('kind')}, step {config.get('step', '?')}); "
           "/reset, /system TEXT, /quit", file=stdout, flush=True)
@@ -56,23 +56,11 @@ def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95
             messages.pop()
             continue
         params = SamplingParams(max_tokens=min(max_tokens, context - len(prompt)), temperature=temperature,
-                                top_p=top_p, stop_token_ids=stops, execute_tools=True)
+                                top_p=top_p, stop_token_ids=stops, execute_tools=True, chat=True)
         rid = engine.add(prompt, params)
         print("assistant> ", end="", file=stdout, flush=True)
-        shown, completion = 0, None
         try:
-            while completion is None:
-                for ev in engine.step():
-                    if ev.request_id != rid:
-                        continue
-                    visible = _visible(tok, ev.completion.tokens, specials)
-                    if not ev.finished:
-                        visible = visible.rstrip("\ufffd")   # half of a multi-byte character
-                    if len(visible) > shown:
-                        print(visible[shown:], end="", file=stdout, flush=True)
-                        shown = len(visible)
-                    if ev.finished:
-                        completion = ev.completion
+            completion = stream_reply(engine, rid, stdout)
         except KeyboardInterrupt:   # Ctrl-C stops this answer, not the chat
             engine.cancel(rid)
             print(" [stopped]", file=stdout, flush=True)
@@ -83,22 +71,24 @@ def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95
         messages.append({"role": "assistant", "content": answer})
 
 
-def _visible(tok, tokens: list[int], specials: set[int]) -> str:
-    """The answer as a reader should see it: words, and each tool run as [name(args) -> result].
-    A call or result still being written is held back, so what is shown only ever grows."""
-    from llmforge.tokenizer.chat import parse_completion
+def stream_reply(engine, rid: int, stdout):
+    """Step the engine until request `rid` ends, printing the engine's streaming deltas of the
+    reply and each tool run as `[name(args) -> result]`; returns the Completion."""
+    from llmforge.serve.protocol import tool_calls_and_runs
 
-    tool_call, tool_result = tok.token_id("<|tool_call|>"), tok.token_id("<|tool_result|>")
-    last_special = next((t for t in reversed(tokens) if t in specials), None)
-    if last_special in (tool_call, tool_result):   # a call or result still open: show up to its start
-        tokens = tokens[:len(tokens) - 1 - tokens[::-1].index(last_special)]
-    if tool_call not in tokens:
-        return tok.decode([t for t in tokens if t not in specials])
-    parts = []
-    for m in parse_completion(tok, tokens):
-        if m["role"] == "assistant":
-            parts.append(m.get("content") or "")
-            parts += [f"\n[{c['function']['name']}({c['function']['arguments']})" for c in m.get("tool_calls") or []]
-        elif m["role"] == "tool":
-            parts.append(f" -> {m['content']}]\n")
-    return "".join(parts)
+    runs_shown = 0
+    while True:
+        events = engine.step()
+        if not events and engine.parked:   # only the tool is running
+            time.sleep(0.005)
+        for ev in events:
+            if ev.request_id != rid:
+                continue
+            if ev.completion.tool_calls_run > runs_shown:   # a tool ran since the last event
+                _, runs = tool_calls_and_runs(engine.tok, ev.completion.tokens)
+                for run in runs[runs_shown:]:
+                    print(f"\n[{run['name']}({run['arguments']}) -> {run['result']}]\n", end="", file=stdout)
+                runs_shown = len(runs)
+            print(ev.text_delta, end="", file=stdout, flush=True)
+            if ev.finished:
+                return ev.completion

@@ -345,6 +345,7 @@ class ChatRequest:
                 logprobs=self.logprobs,
                 top_logprobs=self.top_logprobs if self.logprobs else 0,
                 execute_tools=self.client_tools is None and server.engine.tool_runner is not None,
+                chat=True,
             ))
         self.constraints = [constraint_factory() if constraint_factory else None for _ in range(self.n)]
 
@@ -584,47 +585,20 @@ def _token_bytes(tok, token_id: int) -> list[int]:
 
 
 class Answer:
-    """What the client sees of one choice as it grows: content, tool calls, logprobs."""
+    """What the client sees of one choice as it grows: content (the engine's text and its
+    streaming deltas), tool calls, logprobs."""
 
     def __init__(self, server: ModelServer, req: ChatRequest | None, index: int):
         self.server, self.req, self.index = server, req, index
-        self.sent = ""           # content streamed so far
         self.sent_logprobs = 0   # tokens whose logprobs were streamed
 
     def view(self, completion) -> tuple[str, list[dict], list[dict]]:
         """(content, tool_calls, tool_runs) of everything generated so far."""
-        from llmforge.tokenizer.chat import parse_completion
-
         tokens = list(completion.tokens)
         if self.req is not None and self.req.forced_prefix:
             tokens = self.req.forced_prefix + tokens
-        if self.server.tool_call_id not in tokens:
-            text = completion.text   # already cut at a stop string by the engine
-            for name in self.server.special.values():   # a stray special token is not content
-                text = text.replace(name, "")
-            return text, [], []
-        msgs = parse_completion(self.server.tok, tokens)
-        content = "".join(m.get("content") or "" for m in msgs if m["role"] == "assistant")
-        runs, calls = [], []
-        for i, m in enumerate(msgs):
-            for call in m.get("tool_calls") or []:
-                result = msgs[i + 1]["content"] if i + 1 < len(msgs) and msgs[i + 1]["role"] == "tool" else None
-                if result is None and call["function"]["name"]:   # a call cut off mid-JSON has no name
-                    calls.append({"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
-                                  "function": call["function"]})
-                elif result is not None:
-                    runs.append({"name": call["function"]["name"], "arguments": call["function"]["arguments"],
-                                 "result": result})
-        return content, calls, runs
-
-    def delta(self, completion, final: bool) -> str:
-        content = self.view(completion)[0]
-        if not final:
-            content = content.rstrip("\ufffd")   # hold back half of a multi-byte character
-        if not content.startswith(self.sent):
-            return ""
-        out, self.sent = content[len(self.sent):], content
-        return out
+        calls, runs = tool_calls_and_runs(self.server.tok, tokens)
+        return completion.text, calls, runs   # the text: a chat reply's content, cut at a stop string
 
     def logprobs(self, completion, upto: int | None = None) -> list[dict]:
         tok = self.server.tok
@@ -643,6 +617,26 @@ class Answer:
             out.append(item)
         self.sent_logprobs = end
         return out
+
+
+def tool_calls_and_runs(tok, tokens: list[int]) -> tuple[list[dict], list[dict]]:
+    """The calls a reply asks the client to make (no result yet) and the runs the server made
+    ({name, arguments, result}), from its tokens."""
+    from llmforge.tokenizer.chat import parse_completion
+
+    if tok.token_id("<|tool_call|>") not in tokens:
+        return [], []
+    msgs = parse_completion(tok, tokens)
+    calls, runs = [], []
+    for i, m in enumerate(msgs):
+        for call in m.get("tool_calls") or []:
+            result = msgs[i + 1]["content"] if i + 1 < len(msgs) and msgs[i + 1]["role"] == "tool" else None
+            if result is None and call["function"]["name"]:   # a call cut off mid-JSON has no name
+                calls.append({"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function", "function": call["function"]})
+            elif result is not None:
+                runs.append({"name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                             "result": result})
+    return calls, runs
 
 
 def _finish_reason(completion, calls) -> str:
