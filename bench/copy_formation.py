@@ -18,16 +18,23 @@ import time
 
 import torch
 
-from llmforge.config import ModelConfig
+from llmforge.config import ModelConfig, TrainConfig
 from llmforge.model.transformer import Transformer
+from llmforge.train.optim import build_optimizer
+
+
+def random_repeats(g: torch.Generator, n_rows: int, length: int, vocab: int) -> dict:
+    """n_rows rows of `length` random tokens, each followed by itself, as inputs and targets."""
+    run = torch.randint(0, vocab, (n_rows, length), generator=g)
+    seq = torch.cat([run, run], dim=1)
+    return {"input_ids": seq[:, :-1], "targets": seq[:, 1:]}
 
 
 def copy_accuracy(model, vocab: int, length: int, g: torch.Generator) -> float:
-    run = torch.randint(0, vocab, (64, length), generator=g)
-    seq = torch.cat([run, run], dim=1)
+    batch = random_repeats(g, 64, length, vocab)
     with torch.no_grad():
-        logits = model(seq[:, :-1])
-    return (logits.argmax(-1)[:, length:] == seq[:, length + 1:]).float().mean().item()
+        logits = model(batch["input_ids"])
+    return (logits.argmax(-1)[:, length:] == batch["targets"][:, length:]).float().mean().item()  # skip the unguessable first
 
 
 def main() -> None:
@@ -39,7 +46,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--length", type=int, default=32, help="random tokens per run (then repeated once)")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW lr (with --optimizer muon: of the non-hidden weights)")
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="as pretrain.optimizer")
+    ap.add_argument("--muon-lr", type=float, default=0.05, help="Muon lr of the blocks' matrices")
     ap.add_argument("--every", type=int, default=25, help="print every this many steps")
     args = ap.parse_args()
     for vocab in args.vocab:
@@ -47,7 +56,8 @@ def main() -> None:
         cfg = ModelConfig(vocab_size=vocab, n_layer=args.layers, n_head=args.heads, n_kv_head=max(1, args.heads // 2),
                           d_model=args.width, max_seq_len=2 * args.length)
         model = Transformer(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+        opt = build_optimizer(model, TrainConfig(lr=args.lr, optimizer=args.optimizer, muon_lr=args.muon_lr),
+                              "cpu")
         g, probe_g = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
         started = time.perf_counter()
         for step in range(args.steps + 1):
@@ -55,9 +65,8 @@ def main() -> None:
                 acc = copy_accuracy(model, vocab, args.length, probe_g)
                 print(f"vocab {vocab:5d}  step {step:4d}  copy acc {acc:6.1%}  {time.perf_counter() - started:5.0f}s",
                       flush=True)
-            run = torch.randint(0, vocab, (args.batch, args.length), generator=g)
-            seq = torch.cat([run, run], dim=1)
-            _, loss = model(seq[:, :-1], targets=seq[:, 1:])
+            batch = random_repeats(g, args.batch, args.length, vocab)
+            _, loss = model(batch["input_ids"], targets=batch["targets"])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
