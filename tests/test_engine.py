@@ -90,6 +90,26 @@ def test_more_requests_than_slots_queue_and_all_finish(model, tok):
         assert o.tokens == recompute_greedy(model, p, n)
 
 
+def test_prefix_cache_reuses_a_shared_prefix_and_changes_no_output(model, tok):
+    system = prompts_of(tok, [40])[0]            # a shared "system prompt": 2 blocks of 16 + 8 tokens
+    tails = [tok.encode(t) for t in (" one", " and two", " three four five", " six")]
+    prompts = [system + t for t in tails] + [system[:20] + tails[0], system]
+    seeds = [dict(temperature=0.9, seed=k) for k in range(len(prompts))]
+    plain = Engine(model, tok, max_batch=2)
+    cached = Engine(model, tok, max_batch=2, prefix_cache_tokens=64)
+    for engine in (plain, cached):   # one at a time, so every prompt after the first can hit
+        engine.outs = [engine.generate([p], SamplingParams(max_tokens=12, **kw))[0] for p, kw in zip(prompts, seeds)]
+    assert [o.tokens for o in cached.outs] == [o.tokens for o in plain.outs]
+    assert [x for o in cached.outs for x in o.logprobs] == pytest.approx([x for o in plain.outs for x in o.logprobs],
+                                                                         abs=1e-4)
+    # prompts 2-4 and the bare system prompt reuse both 16-token blocks, the 20-token prefix reuses one
+    assert cached.stats.prefix_hit_tokens == 32 * 3 + 16 + 32
+    assert cached.stats.prefill_tokens == plain.stats.prefill_tokens - cached.stats.prefix_hit_tokens
+    assert cached.prefix_cache.tokens <= 64   # bounded: least recently used blocks were dropped
+    for p in prompts[:2]:
+        assert cached.generate([p], greedy(8))[0].tokens == recompute_greedy(model, p, 8)
+
+
 def test_seeds_reproduce_and_differ(model, tok):
     prompt = prompts_of(tok, [6])[0]
 

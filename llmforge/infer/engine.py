@@ -24,6 +24,8 @@ Tool calls run off the batch: when a row closes a `<|tool_call|>` span its call 
 worker pool and the row is *parked* (it keeps its KV-cache slot but leaves the decode batch);
 the other rows keep decoding, and the result is fed at the first step after it arrives.
 `on_wake` (set by a scheduler) is called from the worker when a parked row becomes runnable.
+With `prefix_cache_tokens` > 0 a prompt that starts like a recent one gets those leading blocks'
+keys/values copied into its slot and prefills only the rest (infer/prefix_cache.py).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from llmforge.infer.prefix_cache import PrefixCache
 from llmforge.infer.sampling import SamplingParams, sample_token
 from llmforge.model.kv_cache import KVCache
 from llmforge.tokenizer.chat import SPECIALS, parse_completion
@@ -93,11 +96,12 @@ class EngineStats:
     requests: int = 0
     tool_calls: int = 0
     request_errors: int = 0        # requests ended alone by an exception in their own row
+    prefix_hit_tokens: int = 0     # prompt tokens copied from the prefix cache instead of computed
 
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_len: int | None = None, tool_runner=None,
-                 tool_workers: int = 4):
+                 tool_workers: int = 4, prefix_cache_tokens: int = 0):
         self.model = model.eval()
         self.tok = tokenizer
         self.max_batch = max_batch
@@ -113,6 +117,8 @@ class Engine:
         self.lock = threading.Lock()
         self.cancelled: set[int] = set()
         self.stats = EngineStats()
+        # keys/values of recent prompts' leading blocks, reused by prompts that start the same way
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.tool_runner = tool_runner
         self.tool_workers = tool_workers
         self._tool_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -182,10 +188,17 @@ class Engine:
             for req in resumed:
                 del self.parked[req.id]
                 self.active[req.id] = req
+            admitted = []
             while self.waiting and self.free_slots:
                 req = self.waiting.pop(0)
                 req.slot = self.free_slots.pop()
                 self.active[req.id] = req
+                admitted.append(req)
+        if self.prefix_cache is not None:   # a cached prefix is copied in, not computed
+            for req in admitted:
+                req.position = self.prefix_cache.restore(req.prompt, self.cache, req.slot)
+                req.pending = req.prompt[req.position:]
+                self.stats.prefix_hit_tokens += req.position
         for req in resumed:
             ev = self._resume(req)
             if ev is not None:
@@ -209,6 +222,8 @@ class Engine:
         for req in rows:
             if req.id not in logits:   # its forward failed: already ended with an error event
                 continue
+            if self.prefix_cache is not None and not req.out.tokens and len(req.pending) > 1:
+                self.prefix_cache.store(req.prompt, self.cache, req.slot)   # its prompt is in the cache now
             req.position += len(req.pending)
             req.pending = []
             try:

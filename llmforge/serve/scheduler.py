@@ -135,7 +135,7 @@ class ModelServer:
         self.vocab_size = model.cfg.vocab_size
         self.engine = Engine(model, tok, max_batch=self.cfg.max_batch,
                              tool_runner=self._timed(run_tool) if self.cfg.builtin_tools else None,
-                             tool_workers=self.cfg.tool_workers)
+                             tool_workers=self.cfg.tool_workers, prefix_cache_tokens=self.cfg.prefix_cache_tokens)
         self.scheduler = Scheduler(self.engine, self.cfg.batch_wait_ms / 1000)
         from llmforge.serve.auth import RateLimiter
         self.limiter = RateLimiter(self.cfg.rate_limit_rpm, self.cfg.rate_limit_burst)
