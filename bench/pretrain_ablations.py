@@ -37,6 +37,7 @@ VARIANTS = {  # overrides on top of the `cpu` preset (Muon at 0.05 for the block
     "ctx1024": ["model.max_seq_len=1024", "pretrain.seq_len=1024", "pretrain.batch_size=4"],
     "wsd": ["pretrain.schedule=wsd"],
     "untied": ["model.tie_embeddings=false"],
+    "zero-init": ["model.zero_init_residual=true"],                       # blocks start as the identity
 }
 
 

@@ -79,3 +79,16 @@ def test_impossible_model_configs_are_rejected(tiny_model_cfg, change, needle):
 def test_sequence_longer_than_context_is_rejected(tiny_model_cfg):
     with pytest.raises(ValueError, match="max_seq_len"):
         Transformer(tiny_model_cfg)(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity(tiny_model_cfg):
+    """With zero output projections the logits at init depend on the current token alone."""
+    torch.manual_seed(3)
+    model = Transformer(dataclasses.replace(tiny_model_cfg, zero_init_residual=True)).eval()
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        direct = model.lm_head(model.norm(model.embed(x)))
+        assert torch.allclose(model(x), direct, atol=1e-5)
+    default = Transformer(tiny_model_cfg).eval()
+    with torch.no_grad():
+        assert not torch.allclose(default(x), default.lm_head(default.norm(default.embed(x))), atol=1e-3)

@@ -118,7 +118,8 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2-style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)."""
+        """GPT-2-style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)
+        (or zero with cfg.zero_init_residual, as modded-nanogpt does: every block starts as the identity)."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -126,7 +127,10 @@ class Transformer(nn.Module):
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+                if self.cfg.zero_init_residual:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
 

@@ -52,13 +52,15 @@ class GRPOConfig:
     dynamic_sampling: bool = True   # keep only groups whose rewards differ (DAPO); False: every group drawn
     max_draws: int = 4              # dynamic sampling: at most this many draws of prompts_per_rollout prompts
     select_best: bool = True        # publish the evaluation with the best held-out accuracy, not the last step
+    minutes: float = -1.0           # wall-clock budget of GRPO's training; < 0: rl.minutes (shared by the algorithms)
 
 
 CONFIG = GRPOConfig
 
 
 def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = False, **_) -> dict:
-    rc, gc = cfg.rl, cfg.grpo
+    gc = cfg.grpo
+    rc = dataclasses.replace(cfg.rl, minutes=gc.minutes) if gc.minutes >= 0 else cfg.rl
     ctx = common.single_process()
     tok, policy, ref = common.policy_and_reference(run, rc)
     train_dir = run.ckpt(f"{STAGE}_train")
