@@ -181,7 +181,12 @@ def test_an_unexpected_exception_is_a_json_500_with_a_request_id(served, monkeyp
 def test_http_errors_are_openai_shaped(served):
     server, url = served
     assert_openai_error(httpx.get(url + "/v1/nothing-here"), 404)
-    assert_openai_error(httpx.get(url + "/v1/chat/completions"), 405)
+    r = httpx.get(url + "/v1/chat/completions")
+    assert_openai_error(r, 405)
+    assert r.headers["Allow"] == "POST"                      # RFC 9110: a 405 names the methods that work
+    r = httpx.put(url + "/v1/models", json={})
+    assert_openai_error(r, 405)
+    assert r.headers["Allow"] == "GET"
     assert_openai_error(httpx.get(url + "/v1/models/gpt-9"), 404, "model")
     assert_openai_error(httpx.get(url + "/v1/feedback/conversations/conv-nope"), 404)
     assert_openai_error(httpx.post(url + "/v1/chat/completions", content=b"{}", headers={"Content-Type": "text/plain"}),
@@ -239,5 +244,8 @@ def test_openapi_declares_the_request_bodies(served):
                  "/v1/feedback/conversations"):
         body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body, path
+    for status in ("400", "401", "404", "413", "415", "429", "500"):   # every error status is documented
+        assert doc["paths"]["/v1/chat/completions"]["post"]["responses"][status]["content"], status
+    assert "error" in doc["components"]["schemas"]["ErrorBody"]["properties"]
     props = doc["components"]["schemas"]["ChatCompletionBody"]["properties"]
     assert {"messages", "temperature", "top_p", "seed", "tools", "stream_options"} <= set(props)

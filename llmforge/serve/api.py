@@ -55,8 +55,8 @@ from llmforge.errors import UserError
 from llmforge.serve.auth import LOOPBACK_HOSTS, current_user, keys_from_env, parse_keys
 from llmforge.serve.feedback import NotFoundError
 from llmforge.serve.protocol import (APIError, Answer, ChatCompletionBody, ChatRequest, ChoiceBody, CompletionBody,
-                                     CompletionRequest, EditBody, NewConversationBody, RatingBody, _finish_reason,
-                                     check_text)
+                                     CompletionRequest, EditBody, ERROR_RESPONSES, NewConversationBody, RatingBody,
+                                     _finish_reason, check_text)
 from llmforge.serve.scheduler import SERVE_STOPS, ModelServer, Scheduler, load_served
 
 __all__ = ["APIError", "Answer", "ChatRequest", "ModelServer", "Scheduler", "SERVE_STOPS", "create_app",
@@ -64,7 +64,7 @@ __all__ = ["APIError", "Answer", "ChatRequest", "ModelServer", "Scheduler", "SER
 
 log = logging.getLogger("llmforge.serve")
 access_log = logging.getLogger("llmforge.serve.access")
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 def stream_error(ev: Exception, index: int) -> str:
@@ -372,7 +372,12 @@ def create_app(server: ModelServer, api_keys: str | list[str] | dict | None = No
         app.state.metrics = Metrics(server)
         app.add_route("/metrics", app.state.metrics.endpoint, methods=["GET"], include_in_schema=False)
 
-    api_paths = {r.path for r in router.routes}
+    def allowed(path: str) -> set[str]:   # the methods the API routes declare for this path
+        methods = set()
+        for r in router.routes:
+            if r.path_regex.match(path):
+                methods |= set(r.methods)
+        return methods
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -392,8 +397,10 @@ def create_app(server: ModelServer, api_keys: str | list[str] | dict | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
-        if e.status_code == 404 and request.url.path in api_paths:   # the static mount answered a wrong method
-            e = StarletteHTTPException(405)
+        methods = allowed(request.url.path)
+        if e.status_code in (404, 405) and methods and request.method not in methods:
+            # a wrong method on an API path (the static mount would answer for GET/HEAD): 405 naming the right ones
+            e = StarletteHTTPException(405, headers={"Allow": ", ".join(sorted(methods))})
         message = {404: f"no route {request.method} {request.url.path}; see /docs",
                    405: f"{request.method} is not allowed on {request.url.path}",
                    413: f"the request body is larger than {server.cfg.max_body_bytes} bytes",

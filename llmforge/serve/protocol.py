@@ -218,6 +218,25 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """What every error response carries (OpenAI's shape); declared in the OpenAPI document."""
+    error: ErrorDetail
+
+
+# the error statuses any route may answer with (serve/api.py), so /openapi.json documents them
+ERROR_RESPONSES = {status: {"model": ErrorBody, "description": what} for status, what in (
+    (400, "invalid request"), (401, "missing or wrong API key"), (403, "cross-origin or foreign host"),
+    (404, "unknown id"), (413, "body too large"), (415, "body not JSON"), (429, "queue full or rate limit"),
+    (500, "server error (with a request id)"), (503, "no feedback store"))}
+
+
 
 # ---------------------------------------------------------------- request parsing
 
