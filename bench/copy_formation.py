@@ -10,9 +10,8 @@ first, it comes later. Measured here with the defaults (4 x 192, batch 16, lr 3e
 7% at step 100 and 85% at 200; vocab 4096 0.4% at 150, 7% at 200, 79% at 300. With Muon
 (`--optimizer muon --lr 1e-2`, the cpu preset's pretraining optimizer) at vocab 4096: 16% at
 step 200, 71% at 250, 98% at 300, against AdamW's 0.3% / 2.2% / 6.8% at 200 / 250 / 275 in
-the same session. The cpu
-speedrun's ~450 pretraining steps are mostly text, so its base model ends before it can copy,
-which bench/copy_probe.py confirms.
+the same session. The cpu speedrun's 500 pretraining steps are mostly text, so its base model
+ends before it can copy, which bench/copy_probe.py confirms.
 """
 from __future__ import annotations
 
