@@ -118,6 +118,7 @@ def test_start_up_log_states_binding_and_sandbox_mode(served):
     assert host == "127.0.0.1" and any("binding to 127.0.0.1" in line for line in lines)
     tools = next(line for line in lines if line.startswith("tools:"))
     assert ("FALLBACK" in tools) == (sandbox_isolation() != "namespaces")
+    assert any(line.startswith("tools: tool cgroup: ") for line in lines)   # which one, or NONE and why
     host, lines = startup_lines(server, parse_keys(ALICE), "0.0.0.0")
     assert host == "0.0.0.0" and "1 API key" in lines[0] and ALICE not in " ".join(lines)
 

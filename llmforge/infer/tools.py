@@ -23,14 +23,20 @@ Both also apply rlimits (address space, CPU seconds, file size, open files, proc
 wall-clock timeout that kills the process group, its own temporary directory as cwd/HOME/TMPDIR,
 and a cap on the bytes of output returned. `hide_paths([...])` (the server passes its feedback
 store's and checkpoint's folders) makes folders unreadable to the code: covered by an empty
-read-only tmpfs under namespaces; refused by the Python-level guard otherwise (best effort). The
-process-count limit counts the user's processes, so it binds the `nobody` of namespace mode; a
-root server in python-guard mode is exempt from it (the kernel lets root exceed RLIMIT_NPROC).
-Not done: a cgroup for total CPU and memory across processes (rlimits are per process).
+read-only tmpfs under namespaces; refused by the Python-level guard otherwise (best effort).
+RLIMIT_NPROC counts the user's processes, so it binds the `nobody` of namespace mode, but not a
+root server in python-guard mode (the kernel lets root exceed it).
+
+`enable_cgroup()` (the server calls it) adds a cgroup where the machine allows one (infer/cgroup.py):
+all tool processes together get `SandboxTotals` (CPU quota, memory, process count), and each call
+a sub-cgroup with its own memory (`memory_bytes` for all its processes, not per process) and
+process count (pids.max, which binds root too). Whatever a call leaves behind is killed when it
+ends, however it detached itself. `sandbox_description()` says which of all this is in force.
 """
 from __future__ import annotations
 
 import ast
+import atexit
 import functools
 import json
 import math
@@ -44,11 +50,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmforge.errors import UserError
+from llmforge.infer.cgroup import Cgroup, remove_stale
 
 
 class UnknownToolError(UserError):
@@ -146,8 +154,16 @@ class SandboxLimits:
     memory_bytes: int = 512 << 20   # RLIMIT_AS: address space of the interpreter
     file_bytes: int = 16 << 20      # RLIMIT_FSIZE: largest file it may write
     open_files: int = 64            # RLIMIT_NOFILE
-    processes: int = 32             # RLIMIT_NPROC: processes/threads the code may add (fork bombs stop here)
+    processes: int = 32             # processes/threads the code may add: RLIMIT_NPROC, and pids.max with a cgroup
     output_bytes: int = 16_384      # stdout+stderr returned; the process is killed past it
+
+
+@dataclass
+class SandboxTotals:
+    """What all Python tool calls together may use, enforced by a cgroup where one can be made."""
+    cpus: float = max(1.0, (os.cpu_count() or 2) / 2)   # CPU quota, in cores
+    memory_bytes: int = 2 << 30
+    processes: int = 128
 
 
 # Runs inside the namespaces as root (before any user code): make every mount read-only except
@@ -265,23 +281,89 @@ def sandbox_isolation() -> str:
     return "namespaces" if probe.strip() == "sandbox-ok" else "python-guard"
 
 
-def sandbox_description() -> str:
-    """One line for the server's start-up log: which isolation the Python tool really gets."""
-    if sandbox_isolation() == "namespaces":
-        return ("python sandbox: namespaces (no network, own PID and mount namespaces, read-only filesystem, "
-                "hidden paths covered, runs as nobody without capabilities, rlimits incl. process count)")
-    return ("python sandbox: python-guard FALLBACK (no root/unshare here, so no namespaces): same user as the "
-            "server, rlimits incl. process count, best-effort Python-level blocks on network, writes and hidden "
-            "paths; code using ctypes or os.system can get around them")
+_CGROUP_PREFIX = "llmforge-sandbox"
+_cgroup: Cgroup | None = None
+_cgroup_users = 0
+_cgroup_why_not = "not enabled (only `llmforge serve` makes one)"
 
 
-def _rlimits(limits: SandboxLimits) -> dict:
-    return {"RLIMIT_AS": (limits.memory_bytes, limits.memory_bytes),
-            "RLIMIT_CPU": (limits.cpu_seconds, limits.cpu_seconds + 1),
-            "RLIMIT_FSIZE": (limits.file_bytes, limits.file_bytes),
-            "RLIMIT_NOFILE": (limits.open_files, limits.open_files),
-            "RLIMIT_NPROC": (limits.processes, limits.processes),
-            "RLIMIT_CORE": (0, 0)}
+def enable_cgroup(totals: SandboxTotals | None = None) -> Cgroup | None:
+    """Make this process's tool cgroup (llmforge-sandbox-PID) if the machine allows; None if not
+    (`sandbox_description()` then says why). Each call is matched by one `disable_cgroup()`."""
+    global _cgroup, _cgroup_users, _cgroup_why_not
+    _cgroup_users += 1
+    if _cgroup is None:
+        totals = totals or SandboxTotals()
+        try:
+            remove_stale(_CGROUP_PREFIX)
+            _cgroup = Cgroup.create(f"{_CGROUP_PREFIX}-{os.getpid()}", cpus=totals.cpus,
+                                    memory_bytes=totals.memory_bytes, processes=totals.processes)
+        except OSError as e:
+            _cgroup_why_not = str(e)
+    return _cgroup
+
+
+def disable_cgroup() -> None:
+    """Kill whatever is still in the tool cgroup and remove it, once its last user is done."""
+    global _cgroup, _cgroup_users
+    _cgroup_users = max(0, _cgroup_users - 1)
+    if _cgroup is not None and _cgroup_users == 0:
+        group, _cgroup = _cgroup, None
+        group.close()
+
+
+@atexit.register
+def _remove_cgroup_at_exit() -> None:
+    global _cgroup_users
+    _cgroup_users = 1
+    disable_cgroup()
+
+
+def _process_limit_in_force(isolation: str) -> bool:
+    return _cgroup is not None or isolation == "namespaces" or os.geteuid() != 0
+
+
+def sandbox_description() -> list[str]:
+    """The server's start-up log lines: which isolation and which limits the Python tool really gets."""
+    isolation = sandbox_isolation()
+    if isolation == "namespaces":
+        lines = ["python sandbox: namespaces (no network, own PID and mount namespaces, read-only filesystem, "
+                 "hidden paths covered, runs as nobody without capabilities, per-process rlimits)"]
+    else:
+        lines = ["python sandbox: python-guard FALLBACK (no root/unshare here, so no namespaces): same user as the "
+                 "server, per-process rlimits, best-effort Python-level blocks on network, writes and hidden "
+                 "paths; code using ctypes or os.system can get around them"]
+    limits = SandboxLimits()
+    if _cgroup is not None:
+        held = _cgroup.limits()
+        cpus, memory, processes = (("unlimited" if v is None else f"{v:g}") for v in
+                                   (held["cpus"], held["memory_bytes"] and held["memory_bytes"] >> 20,
+                                    held["processes"]))
+        lines.append(f"tool cgroup: {_cgroup.version}, all tool processes together: {cpus} CPUs, "
+                     f"{memory} MB, {processes} processes; each call: "
+                     f"{limits.memory_bytes >> 20} MB, {limits.processes} processes"
+                     + ("" if isolation == "namespaces" else " (root code could move itself out: best effort)"))
+    else:
+        lines.append(f"tool cgroup: NONE ({_cgroup_why_not}): memory and CPU limits are per process only"
+                     + ("; process count: RLIMIT_NPROC, per user" if _process_limit_in_force(isolation) else ""))
+    if not _process_limit_in_force(isolation):
+        lines.append("tool process count: NOT LIMITED (root without namespaces or a cgroup: the kernel lets root "
+                     "exceed RLIMIT_NPROC), so a fork bomb from the Python tool is not stopped")
+    return lines
+
+
+def _rlimits(limits: SandboxLimits, group: Cgroup | None = None) -> dict:
+    """The per-process limits. With a call cgroup its pids.max counts this call's processes alone, so
+    RLIMIT_NPROC (which counts every process of the user, other calls' too) is left out."""
+    rl = {"RLIMIT_AS": (limits.memory_bytes, limits.memory_bytes),
+          "RLIMIT_CPU": (limits.cpu_seconds, limits.cpu_seconds + 1),
+          "RLIMIT_FSIZE": (limits.file_bytes, limits.file_bytes),
+          "RLIMIT_NOFILE": (limits.open_files, limits.open_files),
+          "RLIMIT_NPROC": (limits.processes, limits.processes),
+          "RLIMIT_CORE": (0, 0)}
+    if group is not None:
+        del rl["RLIMIT_NPROC"]
+    return rl
 
 
 def _processes_of(uid: int) -> int:
@@ -331,6 +413,19 @@ def _read_capped(proc: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, 
     return bytes(out), reason
 
 
+def _call_cgroup(limits: SandboxLimits, isolation: str) -> Cgroup | None:
+    """This call's sub-cgroup: its memory for all its processes, and its process count (plus the
+    sandbox's own: unshare and the launcher in namespace mode, the interpreter itself)."""
+    if _cgroup is None:
+        return None
+    own = 3 if isolation == "namespaces" else 1
+    try:
+        return _cgroup.child(f"call-{uuid.uuid4().hex[:12]}", memory_bytes=limits.memory_bytes,
+                             processes=limits.processes + own)
+    except OSError:
+        return None   # e.g. the server's cgroup was removed under us: the rlimits still apply
+
+
 def run_python(code: str, limits: SandboxLimits | None = None, isolation: str | None = None) -> str:
     """Run `code` in a fresh interpreter inside the sandbox; return its output and fate.
     `isolation` forces "python-guard" (tests); by default the strongest available is used."""
@@ -338,33 +433,39 @@ def run_python(code: str, limits: SandboxLimits | None = None, isolation: str | 
         return "error: 'code' must be a non-empty string of Python source"
     limits = limits or SandboxLimits()
     isolation = isolation or sandbox_isolation()
+    group = _call_cgroup(limits, isolation)
     with tempfile.TemporaryDirectory(prefix="llmforge-sandbox-") as box:
         box = os.path.realpath(box)
         env = {"HOME": box, "TMPDIR": box, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1"}
+        rl = {}
         if isolation == "namespaces":
             Path(box, "main.py").write_text(code, encoding="utf-8")
             keep = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix)})
-            cfg = {"dir": box, "rlimits": _rlimits(limits), "env": env, "python": sys.executable,
+            cfg = {"dir": box, "rlimits": _rlimits(limits, group), "env": env, "python": sys.executable,
                    "setpriv": shutil.which("setpriv"), "keep": keep, "hide": list(_HIDDEN_PATHS)}
             argv = [shutil.which("unshare"), "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
                     sys.executable, "-I", "-c", _LAUNCHER, json.dumps(cfg)]
-            preexec = None
         else:
             guard = f"_HIDE = {json.dumps(_HIDDEN_PATHS)}\n" + _GUARD
             Path(box, "main.py").write_text(guard + "\n" + code, encoding="utf-8")
             argv = [sys.executable, "-I", "main.py"]
-            rl = _rlimits(limits)
-            if os.geteuid() != 0:   # the limit counts all of this user's processes: allow ours plus the budget
+            rl = _rlimits(limits, group)
+            if os.geteuid() != 0 and group is None:   # the limit counts all of this user's processes: allow ours plus the budget
                 mine = _processes_of(os.getuid())
                 rl["RLIMIT_NPROC"] = (mine + limits.processes, mine + limits.processes)
 
-            def preexec():
-                for name, value in rl.items():
-                    resource.setrlimit(getattr(resource, name), value)
-        proc = subprocess.Popen(argv, cwd=box, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
-        out, reason = _read_capped(proc, limits)
+        def preexec():   # in the child, before exec: join the call's cgroup, then limit itself
+            if group is not None:
+                group.enter()
+            for name, value in rl.items():
+                resource.setrlimit(getattr(resource, name), value)
+        try:
+            proc = subprocess.Popen(argv, cwd=box, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
+            out, reason = _read_capped(proc, limits)
+        finally:
+            events = group.close() if group is not None else {}   # kills anything it left running
     text = out.decode("utf-8", errors="replace")
     rc = proc.returncode
     if not reason and rc:
@@ -374,10 +475,19 @@ def run_python(code: str, limits: SandboxLimits | None = None, isolation: str | 
             why = {"SIGXCPU": f"CPU limit of {limits.cpu_seconds}s exceeded",
                    "SIGKILL": "killed (likely the memory limit)",
                    "SIGXFSZ": f"file size limit of {limits.file_bytes} bytes exceeded"}.get(name, name)
+            if name == "SIGKILL" and events.get("oom_kills"):
+                why = f"memory limit of {limits.memory_bytes >> 20} MB for the call's processes exceeded"
             reason = f"killed: {why}"
         else:
             reason = f"exit code {rc}"
-    return text + (f"\n[{reason}]" if reason else "")
+    notes = [reason] if reason else []
+    if events.get("oom_kills") and "memory limit" not in reason:
+        notes.append(f"{events['oom_kills']} process(es) killed: memory limit of {limits.memory_bytes >> 20} MB "
+                     "for the call's processes exceeded")
+    if events.get("forks_refused"):
+        notes.append(f"process limit of {limits.processes} reached: {events['forks_refused']} new process(es) "
+                     "refused")
+    return text + "".join(f"\n[{n}]" for n in notes)
 
 
 # ---------------------------------------------------------------- registry

@@ -149,6 +149,10 @@ class ModelServer:
         self.max_token_bytes = max(len(p.encode("utf-8")) for p in tok.hf.get_vocab()) or 1
         self.started = time.time()
         self.observer = None   # serve/metrics.Metrics: latency histograms
+        self._holds_cgroup = self.cfg.builtin_tools
+        if self._holds_cgroup:   # total CPU/memory/processes of the Python tool, where the machine allows
+            from llmforge.infer.tools import enable_cgroup
+            enable_cgroup()
 
     def _timed(self, runner):
         def run(name, arguments):
@@ -172,6 +176,10 @@ class ModelServer:
 
     def close(self) -> None:
         self.scheduler.stop()
+        if self._holds_cgroup:   # after the engine stopped: kill what tools left, remove the cgroup
+            from llmforge.infer.tools import disable_cgroup
+            self._holds_cgroup = False
+            disable_cgroup()
         if self.store is not None:
             self.store.close()
 
