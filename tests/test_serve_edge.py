@@ -69,6 +69,7 @@ def deep(n):
 
 BAD = [
     ({"seed": 2 ** 70}, 400, "seed"),
+    ({"seed": 2 ** 63 - 1}, 400, "seed"),   # above 2**63 - 1024, the largest int64 a double holds exactly
     ({"seed": "7"}, 400, "seed"),
     ({"temperature": 2.5}, 400, "temperature"),
     ({"top_p": -0.1}, 400, "top_p"),
@@ -187,6 +188,12 @@ def test_http_errors_are_openai_shaped(served):
     r = httpx.put(url + "/v1/models", json={})
     assert_openai_error(r, 405)
     assert r.headers["Allow"] == "GET"
+    r = httpx.put(url + "/health")   # no JSON body either: still the 405, not the 415 of the CSRF rule
+    assert_openai_error(r, 405)
+    assert r.headers["Allow"] == "GET"
+    # a conversation needs a JSON body ({} will do): a bare POST is what a cross-site form can send
+    assert_openai_error(httpx.post(url + "/v1/feedback/conversations"), 415)
+    assert httpx.post(url + "/v1/feedback/conversations", json={}).status_code == 200
     assert_openai_error(httpx.get(url + "/v1/models/gpt-9"), 404, "model")
     assert_openai_error(httpx.get(url + "/v1/feedback/conversations/conv-nope"), 404)
     assert_openai_error(httpx.post(url + "/v1/chat/completions", content=b"{}", headers={"Content-Type": "text/plain"}),

@@ -208,11 +208,10 @@ def _store(request: Request):
 
 
 @router.post("/v1/feedback/conversations")
-async def new_conversation(request: Request, body: NewConversationBody | None = None,
-                           user: str = Depends(current_user)):
-    check_text(body.model_dump() if body else {})
-    title = body.title if body else ""
-    return {"id": await run_in_threadpool(_store(request).new_conversation, title, user)}
+async def new_conversation(request: Request, body: NewConversationBody, user: str = Depends(current_user)):
+    # the body ({} will do) is required: a POST without one is what a cross-site form can send
+    check_text(body.model_dump())
+    return {"id": await run_in_threadpool(_store(request).new_conversation, body.title, user)}
 
 
 @router.get("/v1/feedback/conversations")
@@ -286,8 +285,9 @@ class EdgeMiddleware:
     metrics. State-changing methods must send JSON and, when a browser names an Origin, come
     from this server's own origin; without API keys only loopback Host names are answered."""
 
-    def __init__(self, app, keyless: bool, max_body_bytes: int, metrics=None):
+    def __init__(self, app, keyless: bool, max_body_bytes: int, metrics=None, allowed=None):
         self.app, self.keyless, self.metrics, self.max_body = app, keyless, metrics, max_body_bytes
+        self.allowed = allowed   # path -> the methods API routes take there (others get the router's 405)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -342,7 +342,8 @@ class EdgeMiddleware:
         if self.keyless and hostname and hostname not in LOOPBACK_HOSTS and f"[{hostname}]" not in LOOPBACK_HOSTS:
             return _error(403, f"this server has no API keys and answers only on localhost, not '{host}'; "
                                "start it with --api-key to serve other hosts", code="forbidden_host")
-        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE") and \
+                (self.allowed is None or scope["method"] in self.allowed(scope["path"])):
             origin = headers.get("origin")
             if origin is not None and urlsplit(origin).netloc != host:
                 return _error(403, f"cross-origin request from {origin} refused", code="cross_origin")
@@ -418,7 +419,7 @@ def create_app(server: ModelServer, api_keys: str | list[str] | dict | None = No
 
     app.include_router(router)
     app.add_middleware(EdgeMiddleware, keyless=not keys, max_body_bytes=server.cfg.max_body_bytes,
-                       metrics=app.state.metrics)
+                       metrics=app.state.metrics, allowed=allowed)
     web = Path(__file__).parent / "web"
     app.mount("/", StaticFiles(directory=web, html=True), name="web")
     return app
@@ -601,7 +602,8 @@ def startup_lines(server: ModelServer, keys: dict, host: str) -> tuple[str, list
                          "to serve other machines")
         host = "127.0.0.1"
         lines.append("auth: none (no API keys): one local user, answering on 127.0.0.1 only")
-    lines.append(f"tools: {sandbox_description()}" if server.cfg.builtin_tools else "tools: built-in tools off")
+    lines += [f"tools: {line}" for line in sandbox_description()] if server.cfg.builtin_tools else \
+        ["tools: built-in tools off"]
     rate = (f"{server.cfg.rate_limit_rpm:g} requests/min per user (burst {server.limiter.capacity:g})"
             if server.cfg.rate_limit_rpm else "no rate limit")
     lines.append(f"limits: bodies up to {server.cfg.max_body_bytes} bytes, {server.cfg.max_queue} queued requests, "

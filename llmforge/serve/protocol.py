@@ -23,7 +23,9 @@ from llmforge.infer.constrain import BanTokens
 if TYPE_CHECKING:
     from llmforge.serve.scheduler import ModelServer
 
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1   # OpenAI's seed is an int64
+# OpenAI's seed is an int64. The top is 2**63 - 1024, the largest int64 a double holds exactly, so
+# that tools reading JSON numbers as doubles (JSON Schema validators, fuzzers, JS) agree on the bound.
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1024
 
 
 # ---------------------------------------------------------------- request bodies (Pydantic)
