@@ -38,6 +38,7 @@ VARIANTS = {  # overrides on top of the `cpu` preset (Muon at 0.05 for the block
     "wsd": ["pretrain.schedule=wsd"],
     "untied": ["model.tie_embeddings=false"],
     "zero-init": ["model.zero_init_residual=true"],                       # blocks start as the identity
+    "qk-norm": ["model.qk_norm=true"],                                    # RMSNorm on each head's q and k
 }
 
 

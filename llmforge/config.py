@@ -33,6 +33,7 @@ class ModelConfig:
     qkv_bias: bool = False      # Qwen2-style q/k/v biases (imported models)
     init_std: float = 0.02
     zero_init_residual: bool = False  # o_proj and down_proj start at zero (each block starts as the identity)
+    qk_norm: bool = False       # RMSNorm on each head's queries and keys before RoPE (OLMo 2, Qwen3)
 
     def validate(self) -> None:
         if self.d_model % self.n_head:
@@ -178,6 +179,7 @@ class PretrainConfig(TrainConfig):
     mid_examples_per_task: int = 2000  # train conversations per task for midtraining (+ spelling drills)
     mid_spelling_examples: int = 3000
     mid_copy_examples: int = 0      # "Repeat exactly: 55278" drills (tasks/copying.py): copying from the context
+    copy_share: float = 0.0         # share of every batch's rows that are random spans, each repeated (tasks/copying.repeat_rows)
     eval_tasks_per_task: int = 0    # > 0: each eval also scores this many held-out items per task, few-shot
 
 

@@ -92,3 +92,17 @@ def test_zero_init_residual_starts_every_block_as_the_identity(tiny_model_cfg):
     default = Transformer(tiny_model_cfg).eval()
     with torch.no_grad():
         assert not torch.allclose(default(x), default.lm_head(default.norm(default.embed(x))), atol=1e-3)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(tiny_model_cfg):
+    torch.manual_seed(4)
+    x = torch.randint(0, 97, (2, 12))
+    for qk_norm in (True, False):
+        model = Transformer(dataclasses.replace(tiny_model_cfg, qk_norm=qk_norm)).eval()
+        with torch.no_grad():
+            before = model(x)
+            for layer in model.layers:
+                layer.attn.q_proj.weight.mul_(7.0)
+                layer.attn.k_proj.weight.mul_(3.0)
+            same = torch.allclose(model(x), before, atol=1e-4)
+        assert same == qk_norm

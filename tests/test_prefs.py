@@ -184,3 +184,20 @@ def test_best_of_n_compares_the_rm_pick_with_the_average_sample():
     got = best_of_n(_LengthRM(), _Tok(), groups, pad_id=0)
     assert got == {"bon_prompts": 2, "bon_verified_pick": 0.5, "bon_verified_mean": (1 / 2 + 1 / 3) / 2,
                    "bon_verified_any": 1.0}
+
+
+def test_score_sequences_batches_by_length_and_keeps_the_input_order():
+    from llmforge.model.heads import ScalarHeadModel
+    from llmforge.config import ModelConfig
+    from llmforge.model.transformer import Transformer
+    from llmforge.stages.rl.rewards import score_sequences
+    torch.manual_seed(0)
+    rm = ScalarHeadModel(Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, d_model=16,
+                                                 max_seq_len=32))).eval()
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, 64, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (23,), generator=g)]
+    one_by_one = torch.cat([score_sequences(rm, [s], pad_id=0) for s in seqs])
+    batched = score_sequences(rm, seqs, pad_id=0, batch=4)
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+    lengths = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    assert lengths != list(range(len(seqs)))          # the test data really is out of length order

@@ -257,3 +257,13 @@ def test_micro_sweep_end_to_end_and_resumes(tmp_path, capsys):
     code, out, err = cli(capsys, "scaling", "fit", "--out", run, *SWEEP)  # 4 points: reported, not fitted
     assert code == 0, err
     assert "not fitted" in out and (run / "scaling" / "fit.json").is_file()
+
+
+def test_a_recorded_point_survives_a_new_model_knob_at_its_default():
+    from llmforge.scaling.sweep import same_model
+    now = dataclasses.asdict(ModelConfig(n_layer=2, d_model=96))
+    recorded = {k: v for k, v in now.items() if k != "qk_norm"}      # written before the knob existed
+    assert same_model(recorded, now)
+    assert not same_model(recorded, {**now, "qk_norm": True})        # the knob in use: another model
+    assert not same_model({**recorded, "n_layer": 3}, now)
+    assert not same_model({**now, "retired_knob": 1}, now)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import time
 
 import torch
 
@@ -98,10 +99,11 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
             greedy[name], chats[name] = greedy[twin], chats[twin]   # greedy decoding gives the same answers
             results[name] = {**results[twin], "tasks": {t: {k: v for k, v in r.items() if not k.startswith("pass@")}
                                                           for t, r in results[twin]["tasks"].items()},
-                             "same_weights_as": twin}
+                             "same_weights_as": twin, "seconds": 0.0}
             print(f"eval {name}: the same weights as {twin}, measured once")
             continue
         measured.setdefault(digest, name)
+        started = time.perf_counter()
         model.eval()
         with torch.no_grad():
             # pass@k (is there signal for RL to amplify?) only where RL starts: the SFT model
@@ -114,8 +116,10 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
                 chats[name] = transcripts(task_eval.make_engine(model, tok), tok, cfg.tasks.max_new_tokens)
             bpb = bits_per_byte(model, run, tok)
         greedy[name] = [row[0] for row in samples]
-        results[name] = {"tasks": acc, "bpb": bpb, **refusal_rates(greedy[name])}
-        print(f"eval {name}: accuracy {acc['mean']['accuracy']:.1%}" + (f", bpb {bpb:.3f}" if bpb else ""))
+        results[name] = {"tasks": acc, "bpb": bpb, **refusal_rates(greedy[name]),
+                         "seconds": round(time.perf_counter() - started, 1)}
+        print(f"eval {name}: accuracy {acc['mean']['accuracy']:.1%}" + (f", bpb {bpb:.3f}" if bpb else "")
+              + f" ({results[name]['seconds']:.0f} s)")
 
     if reward is not None and "sft" in greedy:
         def scores(samples):

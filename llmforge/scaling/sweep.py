@@ -87,6 +87,8 @@ def param_counts(mc: ModelConfig) -> dict:
     attn = d * mc.n_head * hd * 2 + d * mc.n_kv_head * hd * 2       # q, o; k, v
     if mc.qkv_bias:
         attn += (mc.n_head + 2 * mc.n_kv_head) * hd
+    if mc.qk_norm:
+        attn += 2 * hd
     layer = attn + 3 * d * ffn + 2 * d                              # SwiGLU gate/up/down, two RMSNorms
     embed = mc.vocab_size * d * (1 if mc.tie_embeddings else 2)     # tied: one matrix is also the head
     total = embed + mc.n_layer * layer + d                          # + the final norm
@@ -189,6 +191,13 @@ def settings(cfg: Config) -> dict:
             "kv_ratio": sc.kv_ratio}
 
 
+def same_model(recorded: dict, now: dict) -> bool:
+    """A recorded point's model equals this one's; a knob added to ModelConfig since the point
+    was trained counts as unchanged while it has its default value."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return all(recorded.get(k, defaults.get(k)) == v for k, v in now.items()) and recorded.keys() <= now.keys()
+
+
 def point_train_config(cfg: Config, p: dict):
     """A copy of [pretrain] whose budget is this point's alone (so each point has its own full
     lr schedule); no periodic evals, samples or checkpoints (one eval and one save at the end)."""
@@ -221,7 +230,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True) -> list[dict]:
     points = plan_points(cfg, mc_base)
     for p in points:
         old = done.get(p["id"])
-        if old is not None and (old.get("settings") != here or old.get("model") != p["model"]):
+        if old is not None and (old.get("settings") != here or not same_model(old.get("model") or {}, p["model"])):
             changed = sorted(k for k in here if old.get("settings", {}).get(k) != here[k]) or ["model shape"]
             raise UserError(f"{records_path(run)} already has point {p['id']} trained with other settings "
                             f"({', '.join(changed)}); use a new --out, or delete {scaling_dir(run)} to start over")

@@ -1,7 +1,7 @@
 """Reward models: the SFT transformer with a scalar head read at the last token, trained with
 the Bradley–Terry loss (+ Llama 2's margin) on preference pairs -> ckpt/rm (helpfulness) and
-ckpt/rm_safety (safety). Scores are normalized to mean 0 / std 1 on a reference set (every
-response of the train pairs); rl/rewards.CombinedReward combines the two as Llama 2 does.
+ckpt/rm_safety (safety). Scores are normalized to mean 0 / std 1 on a reference set (a sample of
+the train pairs' responses); rl/rewards.CombinedReward combines the two as Llama 2 does.
 Where a task's verifier can grade a response, the reward RL and rejection sampling optimise is
 `verifier_plus_rm` (below): the verifier decides, the RM only ranks within a verdict.
 
@@ -32,6 +32,8 @@ from llmforge.tasks.safety import is_refusal
 from llmforge.tokenizer.chat import END, render
 from llmforge.train import distributed
 from llmforge.train.loop import Checkpointing, train
+
+REFERENCE_SIZE = 1024   # responses of the train pairs the scores are normalized on (a random sample)
 
 
 def verifier_plus_rm(verified: torch.Tensor | None, rm_score: torch.Tensor, weight: float = 0.2) -> torch.Tensor:
@@ -114,11 +116,6 @@ def pair_scores(model, encoded, pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return chosen, rejected
 
 
-def pairwise_accuracy(model, encoded, pad_id: int) -> float:
-    chosen, rejected = pair_scores(model, encoded, pad_id)
-    return float((chosen > rejected).float().mean())
-
-
 def train_one(cfg: Config, run: RunDir, tok, sft_model, name: str, train_pairs, heldout_pairs, ctx,
               show_progress: bool, heldout_samples: list[dict] | None = None) -> dict:
     rc = cfg.rm
@@ -146,8 +143,13 @@ def train_one(cfg: Config, run: RunDir, tok, sft_model, name: str, train_pairs, 
         loss = bradley_terry_loss(chosen, rejected, margin)
         return loss, {"train_acc": (chosen > rejected).float().mean()}
 
+    final = {}   # the held-out scores of the loop's last eval, which is always of the final weights
+
     def eval_fn(model):
-        return {"heldout_acc": pairwise_accuracy(model, heldout_enc, pad_id) if heldout_enc else float("nan")}
+        if not heldout_enc:
+            return {"heldout_acc": float("nan")}
+        final["scores"] = chosen, rejected = pair_scores(model, heldout_enc, pad_id)
+        return {"heldout_acc": float((chosen > rejected).float().mean())}
 
     meta = {"preset": cfg.preset, "head": "scalar", "reward": name}
     ckpt = Checkpointing(run.ckpt(name), name, sft_model.cfg, tok, meta)
@@ -156,9 +158,9 @@ def train_one(cfg: Config, run: RunDir, tok, sft_model, name: str, train_pairs, 
     # normalization on the reference set: every response of the train pairs
     model.eval()
     with torch.no_grad():
-        ref = score_sequences(model, [c for c, _, _ in train_enc] + [r for _, r, _ in train_enc], pad_id)
-        by_source = prefs.accuracy_by_group(*pair_scores(model, heldout_enc, pad_id), heldout_kept) \
-            if heldout_enc else {}
+        ref = [c for c, _, _ in train_enc] + [r for _, r, _ in train_enc]
+        ref = score_sequences(model, random.Random(rc.seed).sample(ref, min(len(ref), REFERENCE_SIZE)), pad_id)
+        by_source = prefs.accuracy_by_group(*final["scores"], heldout_kept) if heldout_enc else {}
         bon = best_of_n(model, tok, heldout_samples or [], pad_id)
     stats = {"reward_mean": float(ref.mean()), "reward_std": float(ref.std().clamp(min=1e-6)),
              "heldout_acc": by_source["all"]["acc"] if by_source else summary.get("heldout_acc"),

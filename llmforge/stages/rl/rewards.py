@@ -10,14 +10,17 @@ from llmforge.stages.rl.common import frozen, load_checkpoint, pad
 
 @torch.no_grad()
 def score_sequences(rm, seqs: list[list[int]], pad_id: int, batch: int = 32) -> torch.Tensor:
-    """Raw reward-model scores (at each sequence's last token)."""
-    out = []
+    """Raw reward-model scores (at each sequence's last token), in the order of `seqs`. Batches
+    are formed from length-sorted sequences, so little of each forward pass is padding."""
     max_len = rm.trunk.cfg.max_seq_len
-    for i in range(0, len(seqs), batch):
-        chunk = [s[-max_len:] for s in seqs[i:i + batch]]
-        lengths = torch.tensor([len(s) for s in chunk])
-        out.append(rm.score_last(pad(chunk, pad_id), lengths).float())
-    return torch.cat(out) if out else torch.zeros(0)
+    seqs = [s[-max_len:] for s in seqs]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.zeros(len(seqs))
+    for i in range(0, len(order), batch):
+        idx = order[i:i + batch]
+        chunk = [seqs[j] for j in idx]
+        out[idx] = rm.score_last(pad(chunk, pad_id), torch.tensor([len(s) for s in chunk])).float()
+    return out
 
 
 class CombinedReward:
