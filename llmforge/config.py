@@ -179,7 +179,6 @@ class PretrainConfig(TrainConfig):
     mid_examples_per_task: int = 2000  # train conversations per task for midtraining (+ spelling drills)
     mid_spelling_examples: int = 3000
     mid_copy_examples: int = 0      # "Repeat exactly: 55278" drills (tasks/copying.py): copying from the context
-    copy_share: float = 0.0         # share of every batch's rows that are random spans, each repeated (tasks/copying.repeat_rows)
     eval_tasks_per_task: int = 0    # > 0: each eval also scores this many held-out items per task, few-shot
 
 

@@ -184,17 +184,3 @@ def test_report_transcripts_are_phrased_as_no_training_conversation():
     for name, messages in CONVERSATIONS:
         assert messages[-1]["content"].lower() not in train_requests, name
 
-
-def test_repeat_rows_train_only_what_copying_can_predict():
-    import torch
-    from llmforge.tasks.copying import repeat_rows
-    L = 5
-    b = repeat_rows(torch.Generator().manual_seed(0), 3, 64, low=8, high=50, span=(L, L))
-    x, y, m = b["input_ids"], b["targets"], b["loss_mask"]
-    assert x.shape == y.shape == m.shape == (3, 64) and torch.equal(x[:, 1:], y[:, :-1])
-    assert int(x.min()) >= 8 and int(x.max()) < 50                  # never a special token
-    full = torch.cat([x[:, :1], y], dim=1)                           # the rows' tokens
-    for r in range(3):
-        trained = m[r].nonzero().flatten().tolist()
-        assert trained and all(full[r, i + 1] == full[r, i + 1 - L] for i in trained)   # each a copy from L back
-        assert len(trained) == sum(1 for i in range(64) if (i + 1) % (2 * L) > L)       # the repeats less their first

@@ -19,8 +19,7 @@ from llmforge.model.transformer import Transformer
 from llmforge.run import RunDir
 from llmforge.stages.chat_data import ChatRows, conversations, mixed_batch
 from llmforge.tasks import task_names
-from llmforge.tasks.copying import repeat_rows
-from llmforge.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer
+from llmforge.tokenizer.bpe import Tokenizer
 from llmforge.train import distributed
 from llmforge.train.loop import Checkpointing, train
 
@@ -78,32 +77,14 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
             print(f"pretrain: midtraining from step {mid_start}: {tc.mid_chat_share:.0%} of rows from "
                   f"{chat.conversations} conversations")
 
-    # copy rows (pretrain.copy_share): the last rows of every global batch are random spans,
-    # each repeated, so that an induction head forms while the model learns text
-    if not 0 <= tc.copy_share < 1:
-        raise UserError(f"pretrain.copy_share={tc.copy_share} must be in [0, 1): it is the share of each "
-                        "batch's rows that are copy rows")
-    n_copy = round(tc.copy_share * B * ctx.world)
-    if n_copy and ctx.is_main:
-        print(f"pretrain: {n_copy} of every {B * ctx.world} rows are repeated random spans (copy rows)")
-
     def get_batch(step, micro, ctx):
         # the global batch of this (step, micro) is fixed by the seed; each rank reads its rows
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * 1_009 + micro)
         rows = slice(ctx.rank * B, (ctx.rank + 1) * B)
-        if not n_copy:
-            if mid_start is not None and step >= mid_start:
-                return mixed_batch(g, B * ctx.world, rows, T, chat, train_data, 1 - tc.mid_chat_share)
-            x, y = train_data.sample_batch(B * ctx.world, T, g, rows=rows)
-            return {"input_ids": x, "targets": y}
-        n = B * ctx.world - n_copy
         if mid_start is not None and step >= mid_start:
-            batch = mixed_batch(g, n, slice(0, n), T, chat, train_data, 1 - tc.mid_chat_share)
-        else:
-            x, y = train_data.sample_batch(n, T, g)
-            batch = {"input_ids": x, "targets": y, "loss_mask": torch.ones_like(y, dtype=torch.float)}
-        copies = repeat_rows(g, n_copy, T, len(SPECIAL_TOKENS), tok.vocab_size)
-        return {k: torch.cat([batch[k], copies[k]])[rows] for k in batch}
+            return mixed_batch(g, B * ctx.world, rows, T, chat, train_data, 1 - tc.mid_chat_share)
+        x, y = train_data.sample_batch(B * ctx.world, T, g, rows=rows)
+        return {"input_ids": x, "targets": y}
 
     def loss_fn(model, batch):
         _, loss = model(batch["input_ids"], targets=batch["targets"], loss_mask=batch.get("loss_mask"))

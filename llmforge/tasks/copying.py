@@ -8,7 +8,10 @@ practise on content that cannot leak into any evaluation: random digit strings, 
 and made-up words (syllable strings checked against every word, name and city the tasks use).
 Measured so far (README): they neither helped nor hurt at the speedrun's scale (3,000 in
 midtraining left the base model's copy probe unchanged; SFT keeps 3,000 of them). What copying
-needs first is an induction head (bench/copy_formation.py), and that takes more steps.
+needs first is an induction head (bench/copy_formation.py), and that takes more steps: with a
+quarter of every pretraining batch random spans each repeated (tried, code not kept) none formed
+in the preset's 500 steps either (copy probe 0%), held-out bpb went 1.61 -> 1.70 and the SFT model
+scored 25% against 31%.
 
     "Repeat exactly: 55278"                      -> "55278"
     "Copy this: Dovika, 47, Mebaruto"            -> "Dovika, 47, Mebaruto"
@@ -65,22 +68,3 @@ def copy_drills(n: int, seed: int = 0) -> list[list[dict]]:
     rng = random.Random(f"copying:{seed}")
     return [user(rng.choice(ASKS).format(s=s)) + say(s) for s in (copy_content(rng) for _ in range(n))]
 
-
-def repeat_rows(g, n_rows: int, seq_len: int, low: int, high: int, span: tuple[int, int] = (8, 48)) -> dict:
-    """Pretraining rows that can only be predicted by copying (an induction head's data, Olsson
-    et al. 2022): spans of uniformly random token ids in [low, high), each followed by itself,
-    back to back. Only the repeats are trained (loss_mask), less their first token, which no
-    model can know; the random first halves are not, so they teach nothing about text."""
-    import torch
-    ids = torch.empty(n_rows, seq_len + 1, dtype=torch.long)
-    mask = torch.zeros(n_rows, seq_len + 1)
-    for r in range(n_rows):
-        pos = 0
-        while pos < seq_len + 1:
-            length = int(torch.randint(span[0], span[1] + 1, (1,), generator=g))
-            run = torch.randint(low, high, (length,), generator=g)
-            seg = torch.cat([run, run])[:seq_len + 1 - pos]
-            ids[r, pos:pos + len(seg)] = seg
-            mask[r, pos + length + 1:pos + len(seg)] = 1.0
-            pos += len(seg)
-    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask[:, 1:]}
