@@ -304,3 +304,28 @@ def test_a_client_that_stops_reading_does_not_block_others(served):
         r = client.chat.completions.create(model=server.model_name, messages=HI, max_tokens=8)
         assert r.choices[0].finish_reason in ("stop", "length")
         assert time.perf_counter() - start < 20
+
+
+def test_terminal_chat_forgets_the_oldest_turns_but_keeps_the_system_prompt(served, monkeypatch):
+    import io
+
+    from llmforge.serve import chat_cli as cli_mod
+    from llmforge.tokenizer import chat as chat_mod
+
+    server, _, _ = served
+    seen = []
+    real = chat_mod.render_prompt
+
+    def spy(tok, messages):
+        seen.append([m["role"] for m in messages])
+        return real(tok, messages)
+
+    monkeypatch.setattr(chat_mod, "render_prompt", spy)
+    context = server.context
+    long = " ".join(["word"] * (context // 6))      # each turn a third of the context or so
+    out = io.StringIO()
+    cli_mod.chat_cli(server.folder, max_tokens=context // 2, stdin=io.StringIO(
+        "/system Be brief.\n" + "".join(f"{long} {i}\n" for i in range(4)) + "/quit\n"), stdout=out)
+    text = out.getvalue()
+    assert text.count("assistant> ") == 4 and "oldest message" in text
+    assert all(roles[0] == "system" and roles[-1] == "user" for roles in seen)   # never dropped

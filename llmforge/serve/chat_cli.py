@@ -48,9 +48,15 @@ def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95
             continue
         messages.append({"role": "user", "content": text})
         prompt = render_prompt(tok, messages)
-        while len(prompt) >= context - 8 and len(messages) > 1:   # forget the oldest turns to fit the context
-            messages.pop(1 if messages[0]["role"] == "system" else 0)
+        # forget the oldest turns (never the system prompt or this message) until the answer has room
+        room, keep, forgot = min(max_tokens, context // 2), 2 if messages[0]["role"] == "system" else 1, 0
+        while len(prompt) > context - room and len(messages) > keep:
+            messages.pop(keep - 1)
+            forgot += 1
             prompt = render_prompt(tok, messages)
+        if forgot:
+            print(f"(forgot the {forgot} oldest message{'s' * (forgot > 1)} to fit the model's {context}-token "
+                  "context; /reset starts afresh)", file=stdout, flush=True)
         if len(prompt) >= context - 8:
             print("(that message is longer than the model's context; try a shorter one)", file=stdout, flush=True)
             messages.pop()
