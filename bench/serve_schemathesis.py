@@ -63,7 +63,7 @@ def main() -> None:
                "--workers", str(args.workers), "--request-timeout", "60", "--continue-on-failure",
                "--report", "junit", "--report-dir", str(tmp / "report"), "--no-color"]
         print(" ".join(cmd), flush=True)
-        code = subprocess.run(cmd).returncode
+        code = subprocess.run(cmd, cwd=tmp).returncode   # its .schemathesis/ cache goes there, not in the checkout
         print(f"schemathesis exit code {code}; reports in {tmp / 'report'}")
     finally:
         proc.terminate()

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from llmforge.errors import UserError
 from llmforge.infer.constrain import BanTokens
@@ -23,12 +23,23 @@ from llmforge.infer.constrain import BanTokens
 if TYPE_CHECKING:
     from llmforge.serve.scheduler import ModelServer
 
-# OpenAI's seed is an int64. The top is 2**63 - 1024, the largest int64 a double holds exactly, so
-# that tools reading JSON numbers as doubles (JSON Schema validators, fuzzers, JS) agree on the bound.
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1024
+# Seeds are integers every JSON reader holds exactly (I-JSON, RFC 7493: |n| <= 2**53 - 1): past that a
+# reader that parses numbers as doubles (JavaScript, JSON Schema tools) sees a different number, and
+# a value just above the bound reads as the bound itself.
+SEED_MIN, SEED_MAX = -(2 ** 53 - 1), 2 ** 53 - 1
 
 
 # ---------------------------------------------------------------- request bodies (Pydantic)
+
+def _whole(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Int(**bounds):
+    """An integer field of a request body (`bounds` as Field's): 7.0 is the integer 7, as JSON Schema
+    has it; 7.5, "7" and true are still refused. (Bounds inside the Annotated reach the schema.)"""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
@@ -101,18 +112,18 @@ class ResponseFormat(_Strict):
 
 
 class RetrievalOptions(_Strict):
-    k: int = Field(3, ge=1, le=20)
+    k: Int(ge=1, le=20) = 3
 
 
 class _Sampling(_Strict):
     """Fields chat and completions share (OpenAI's names and bounds)."""
     model: str = Field(description="the served model's id (GET /v1/models)")
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int(ge=1) | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1, description="0 means greedy, as OpenAI treats it")
-    top_k: int | None = Field(None, ge=0)
-    n: int | None = Field(None, ge=1, le=128)
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    top_k: Int(ge=0) | None = None
+    n: Int(ge=1, le=128) | None = None
+    seed: Int(ge=SEED_MIN, le=SEED_MAX) | None = None
     stop: Union[str, list[str], None] = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -125,9 +136,9 @@ class _Sampling(_Strict):
 class ChatCompletionBody(_Sampling):
     """POST /v1/chat/completions."""
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int(ge=1) | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: Int(ge=0, le=20) | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
@@ -143,11 +154,11 @@ class ChatCompletionBody(_Sampling):
 
 class CompletionBody(_Sampling):
     """POST /v1/completions (legacy text completion)."""
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: int | None = Field(None, ge=0, le=5)
+    prompt: Union[str, list[str], list[Int()], list[list[Int()]]]
+    logprobs: Int(ge=0, le=5) | None = None
     echo: bool | None = False
     suffix: str | None = Field(None, description="not supported (no fill-in-the-middle training): omit it")
-    best_of: int | None = Field(None, ge=1, le=20)
+    best_of: Int(ge=1, le=20) | None = None
 
 
 class NewConversationBody(_Strict):
@@ -162,7 +173,7 @@ class RatingBody(_Strict):
 
 class EditBody(_Strict):
     generation_id: str = Field(max_length=64)
-    content: str = Field(min_length=1)
+    content: str = Field(min_length=1, pattern=r"\S", description="the rewritten answer (not only whitespace)")
     kept: bool = True
 
 
