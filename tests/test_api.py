@@ -322,7 +322,8 @@ def test_terminal_chat_forgets_the_oldest_turns_but_keeps_the_system_prompt(serv
 
     monkeypatch.setattr(chat_mod, "render_prompt", spy)
     context = server.context
-    long = " ".join(["word"] * (context // 6))      # each turn a third of the context or so
+    per_word = len(server.tok.encode(" word"))
+    long = " ".join(["word"] * (context // 3 // per_word))      # each turn a third of the context
     out = io.StringIO()
     cli_mod.chat_cli(server.folder, max_tokens=context // 2, stdin=io.StringIO(
         "/system Be brief.\n" + "".join(f"{long} {i}\n" for i in range(4)) + "/quit\n"), stdout=out)

@@ -48,8 +48,9 @@ def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95
             continue
         messages.append({"role": "user", "content": text})
         prompt = render_prompt(tok, messages)
-        # forget the oldest turns (never the system prompt or this message) until the answer has room
-        room, keep, forgot = min(max_tokens, context // 2), 2 if messages[0]["role"] == "system" else 1, 0
+        # forget the oldest turns (never the system prompt or this message) until the answer has
+        # room: a quarter of the context, at least 64 tokens (the tasks' longest answers)
+        room, keep, forgot = min(max_tokens, max(64, context // 4)), 2 if messages[0]["role"] == "system" else 1, 0
         while len(prompt) > context - room and len(messages) > keep:
             messages.pop(keep - 1)
             forgot += 1
