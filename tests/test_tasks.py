@@ -183,4 +183,3 @@ def test_report_transcripts_are_phrased_as_no_training_conversation():
     train_requests = {m["content"].lower() for c in _training_conversations(800) for m in c if m["role"] == "user"}
     for name, messages in CONVERSATIONS:
         assert messages[-1]["content"].lower() not in train_requests, name
-

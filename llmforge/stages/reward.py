@@ -155,7 +155,7 @@ def train_one(cfg: Config, run: RunDir, tok, sft_model, name: str, train_pairs, 
     ckpt = Checkpointing(run.ckpt(name), name, sft_model.cfg, tok, meta)
     summary = train(model, rc, run, stage=name, ctx=ctx, get_batch=get_batch, loss_fn=loss_fn, ckpt=ckpt,
                     eval_fn=eval_fn, show_progress=show_progress)
-    # normalization on the reference set: every response of the train pairs
+    # normalization on the reference set (REFERENCE_SIZE of the train pairs' responses)
     model.eval()
     with torch.no_grad():
         ref = [c for c, _, _ in train_enc] + [r for _, r, _ in train_enc]

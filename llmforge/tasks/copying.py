@@ -67,4 +67,3 @@ def copy_drills(n: int, seed: int = 0) -> list[list[dict]]:
     """n conversations that copy a random string from the request into the answer."""
     rng = random.Random(f"copying:{seed}")
     return [user(rng.choice(ASKS).format(s=s)) + say(s) for s in (copy_content(rng) for _ in range(n))]
-
