@@ -186,7 +186,7 @@ def run_stage(verb, args, cfg, run) -> None:
         from llmforge.stages import rl
         rl.run(cfg, run, algo=cfg.rl.algo)
     elif verb == "eval":
-        from llmforge.eval import stage as eval_stage
+        from llmforge.stages import evaluation as eval_stage
         eval_stage.run(cfg, run)
     elif verb == "speedrun":
         from llmforge.stages import speedrun

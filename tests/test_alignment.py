@@ -12,13 +12,12 @@ from llmforge.model.transformer import Transformer
 from llmforge.run import RunDir
 from llmforge.stages import chat_data, prefs, reward, sft
 from llmforge.stages import rl as rl_stages
-from llmforge.stages.rl import common
 from llmforge.stages.rl.rewards import CombinedReward
 from llmforge.stages.rl.rollout import gather_actions, rollout_batch
 from llmforge.tasks import TASKS
 from llmforge.tokenizer.bpe import Tokenizer
 from llmforge.tokenizer.chat import render_text
-from llmforge.train.checkpoint import save_checkpoint
+from llmforge.train.checkpoint import load_run_checkpoint, save_checkpoint
 
 
 def make_run(root, vocab_size=512):
@@ -41,7 +40,7 @@ def pipeline(tmp_path_factory):
     reward.run(cfg, run, show_progress=False)
     for algo in rl_stages.ALGOS:
         rl_stages.run(cfg, run, algo=algo, show_progress=False)
-    from llmforge.eval import stage as eval_stage
+    from llmforge.stages import evaluation as eval_stage
     ev = eval_stage.run(cfg, run, show_progress=False)
     return cfg, run, tok, ev
 
@@ -72,7 +71,7 @@ def test_micro_alignment_end_to_end(pipeline):
         for key in ("acc_mean", "eval_kl", "eval_length", "eval_entropy"):
             assert key in done and done[key] == done[key], (stage, key)
         assert abs(done["eval_kl"]) < 10
-        assert common.load_checkpoint(run, stage, ("rl",), tok, "")[1]["kind"] == "rl"
+        assert load_run_checkpoint(run, stage, ("rl",), tok, "")[1]["kind"] == "rl"
     rollouts = [r for r in m if r["stage"] == "rl_ppo" and "rollout" in r]
     assert len(rollouts) >= 2 and all("kl" in r and "reward" in r for r in rollouts)
     rounds = [r for r in m if r["stage"] == "rl_rejection" and "round" in r]
@@ -110,11 +109,11 @@ def test_wrong_checkpoint_kind_and_tokenizer_are_user_errors(tmp_path):
     cfg_json = json.loads((run.ckpt("sft") / "config.json").read_text())
     (run.ckpt("sft") / "config.json").write_text(json.dumps({**cfg_json, "kind": "rm"}))
     with pytest.raises(UserError, match="'rm' checkpoint"):
-        common.load_checkpoint(run, "sft", ("sft", "rl"), tok, "")
+        load_run_checkpoint(run, "sft", ("sft", "rl"), tok, "")
     other = Tokenizer.train(["completely different text " * 50], vocab_size=300)
     other.save(run.tokenizer)
     with pytest.raises(UserError, match="different tokenizer"):
-        common.load_checkpoint(run, "base", ("base",), Tokenizer.load(run.tokenizer), "")
+        load_run_checkpoint(run, "base", ("base",), Tokenizer.load(run.tokenizer), "")
     with pytest.raises(UserError, match="unknown RL algorithm"):
         rl_stages.run(cfg, run, algo="reinforce")
 

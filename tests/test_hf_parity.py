@@ -247,11 +247,11 @@ def test_import_adds_chat_tokens_to_foreign_tokenizer(tmp_path):
 
     # the run directory is ready for `llmforge sft`: its tokenizer is the import's, chats render
     from llmforge.run import RunDir
-    from llmforge.stages.rl.common import load_checkpoint, load_tokenizer
+    from llmforge.train.checkpoint import load_run_checkpoint, load_run_tokenizer
     from llmforge.tokenizer.chat import render
     run = RunDir(tmp_path / "run")
-    run_tok = load_tokenizer(run)
-    load_checkpoint(run, "base", ("base",), run_tok, "import it first")
+    run_tok = load_run_tokenizer(run)
+    load_run_checkpoint(run, "base", ("base",), run_tok, "import it first")
     ids, mask = render(run_tok, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}])
     assert ids[0] == run_tok.bos_id and run_tok.token_id("<|end|>") in ids and sum(mask) > 0
     # a run whose tokenizer is another one is refused before anything is written

@@ -219,3 +219,17 @@ def heldout(model, val, token_bytes: torch.Tensor, seq_len: int, max_tokens: int
         if src_bytes > 0:
             out[f"val_bpb_{name}"] = src_nats / math.log(2) / src_bytes
     return out
+
+
+def heldout_of_run(model, run, tok) -> dict | None:
+    """heldout()'s record for a run's model: the whole validation split at the model's context
+    (max_seq_len), fp32, with bpb per source; None when the run has no validation shards (e.g. a
+    run built from an imported model). The eval stage and the tests call it."""
+    from llmforge.data.shards import TokenShards
+    try:
+        val = TokenShards(run.data, "val")
+        with torch.no_grad():
+            return heldout(model, val, token_bytes(tok, model.cfg.vocab_size), model.cfg.max_seq_len,
+                           eot_id=tok.eot_id, doc_sources=val_sources(val, tok.eot_id))
+    except (UserError, FileNotFoundError):
+        return None

@@ -25,12 +25,13 @@ from llmforge.errors import UserError
 from llmforge.model.heads import ScalarHeadModel
 from llmforge.run import RunDir, write_json_atomic
 from llmforge.stages import prefs
-from llmforge.stages.rl.common import load_checkpoint, load_tokenizer, pad
+from llmforge.stages.common import pad
 from llmforge.stages.rl.rewards import score_sequences
 from llmforge.stages.rl.objectives import bradley_terry_loss
 from llmforge.tasks.safety import is_refusal
 from llmforge.tokenizer.chat import END, render
 from llmforge.train import distributed
+from llmforge.train.checkpoint import load_run_checkpoint, load_run_tokenizer
 from llmforge.train.loop import Checkpointing, train
 
 REFERENCE_SIZE = 1024   # responses of the train pairs the scores are normalized on (a random sample)
@@ -175,8 +176,8 @@ def train_one(cfg: Config, run: RunDir, tok, sft_model, name: str, train_pairs, 
 
 def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     ctx = distributed.setup()
-    tok = load_tokenizer(run)
-    sft_model, _ = load_checkpoint(run, "sft", ("sft",), tok, f"run `llmforge sft --out {run.root}` first")
+    tok = load_run_tokenizer(run)
+    sft_model, _ = load_run_checkpoint(run, "sft", ("sft",), tok, f"run `llmforge sft --out {run.root}` first")
     train_path, heldout_path = run.prefs / "train.jsonl", run.prefs / "heldout.jsonl"
     if not (train_path.is_file() and heldout_path.is_file()):
         if ctx.is_main:        # one process samples and writes the pairs; the others read them

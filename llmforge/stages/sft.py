@@ -17,10 +17,11 @@ from llmforge.eval import tasks as task_eval
 from llmforge.run import RunDir
 from llmforge.stages.chat_data import ChatRows, conversations, mixed_batch
 from llmforge.stages.pretrain import load_data
-from llmforge.stages.rl.common import lm_batch, load_checkpoint, load_tokenizer
+from llmforge.stages.common import lm_batch
 from llmforge.tasks import task_names
 from llmforge.tokenizer.chat import render
 from llmforge.train import distributed
+from llmforge.train.checkpoint import load_run_checkpoint, load_run_tokenizer
 from llmforge.train.loop import Checkpointing, train
 
 STAGE = "sft"
@@ -29,12 +30,12 @@ STAGE = "sft"
 def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = True) -> dict:
     tc = cfg.sft
     ctx = distributed.setup()
-    tok, train_text, val_text = load_tokenizer(run), None, None
+    tok, train_text, val_text = load_run_tokenizer(run), None, None
     if (run.data / "manifest.json").is_file():   # a run built from an imported model has no shards
         tok, train_text, val_text = load_data(run)
     elif tc.text_share > 0 and ctx.is_main:
         print(f"sft: {run.data} has no pretraining shards; training on conversations only (sft.text_share ignored)")
-    model, base_cfg = load_checkpoint(run, "base", ("base",), tok,
+    model, base_cfg = load_run_checkpoint(run, "base", ("base",), tok,
                                       f"run `llmforge pretrain --out {run.root}` first")
     names = task_names(cfg.tasks.names)
     seq_len = min(tc.seq_len, model.cfg.max_seq_len)

@@ -29,7 +29,7 @@ def _started(run: RunDir, folder: str) -> bool:
 
 def run(cfg: Config, run: RunDir) -> dict:
     from llmforge.data.prepare import prepare
-    from llmforge.eval import stage as eval_stage
+    from llmforge.stages import evaluation as eval_stage
     from llmforge.stages import pretrain, reward, rl, sft
 
     steps = [

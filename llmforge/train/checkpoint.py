@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from llmforge.config import ModelConfig
 from llmforge.errors import UserError
-from llmforge.run import replace_dir
+from llmforge.run import RunDir, replace_dir
 
 POLICY_KINDS = ("base", "sft", "rl")
 LATEST_ORDER = ("rl", "sft", "base")  # what a run directory means when given as a model
@@ -157,3 +157,25 @@ def load_tokenizer(path: str | os.PathLike):
     from llmforge.tokenizer.bpe import Tokenizer
     folder = resolve_checkpoint(path)
     return Tokenizer.load(folder / "tokenizer.json")
+
+
+# ---------------------------------------------------------------- a run's checkpoints
+
+def load_run_tokenizer(run: RunDir):
+    """The run's tokenizer (run.tokenizer), with the fix when it is missing."""
+    from llmforge.tokenizer.bpe import Tokenizer
+    if not run.tokenizer.is_file():
+        raise UserError(f"{run.tokenizer} is missing; run `llmforge data prepare --out {run.root}` first")
+    return Tokenizer.load(run.tokenizer)
+
+
+def load_run_checkpoint(run: RunDir, folder: str, kinds, tok, hint: str):
+    """(model, config) of ckpt/<folder>, checking its kind and that its tokenizer is the run's."""
+    path = run.ckpt(folder)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is missing; {hint}")
+    model, config, _ = load_model(path, kinds=kinds)
+    if config.get("tokenizer_hash") not in (None, tok.hash):
+        raise UserError(f"{path} was trained with a different tokenizer than {run.tokenizer}; "
+                        "use the tokenizer of the run that produced the checkpoint")
+    return model, config

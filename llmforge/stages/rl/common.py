@@ -1,9 +1,9 @@
-"""What the alignment stages share: loading checkpoints of the right kind, the policy and its
-frozen reference, padded tensors and per-sequence log-probabilities, publishing a policy.
+"""What the RL stages share: the policy and its frozen reference, per-sequence
+log-probabilities, publishing a policy.
 
-Rollout tensors live in rollout.py, rewards in rewards.py, held-out policy evaluation in
-evaluate.py; the names below `_MOVED` are still importable from here for callers outside
-stages/rl (sft, reward, eval) until they import from the new homes.
+Loading a run's checkpoints and tokenizer lives in train/checkpoint.py, padded batches in
+stages/common.py (both shared with SFT, the reward models and the eval stage); rollout tensors
+in rollout.py, rewards in rewards.py, held-out policy evaluation in evaluate.py.
 """
 from __future__ import annotations
 
@@ -14,31 +14,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from llmforge.errors import UserError
 from llmforge.run import RunDir
 from llmforge.train import checkpoint as ckpt_io
 from llmforge.train.distributed import DistContext
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def load_tokenizer(run: RunDir):
-    from llmforge.tokenizer.bpe import Tokenizer
-    if not run.tokenizer.is_file():
-        raise UserError(f"{run.tokenizer} is missing; run `llmforge data prepare --out {run.root}` first")
-    return Tokenizer.load(run.tokenizer)
-
-
-def load_checkpoint(run: RunDir, folder: str, kinds, tok, hint: str):
-    """(model, config) of ckpt/<folder>, checking its kind and that its tokenizer is the run's."""
-    path = run.ckpt(folder)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is missing; {hint}")
-    model, config, _ = ckpt_io.load_model(path, kinds=kinds)
-    if config.get("tokenizer_hash") not in (None, tok.hash):
-        raise UserError(f"{path} was trained with a different tokenizer than {run.tokenizer}; "
-                        "use the tokenizer of the run that produced the checkpoint")
-    return model, config
+# ---------------------------------------------------------------- the policy
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -50,26 +30,6 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------- tensors
-
-
-def pad(rows: list[list[int]], value: int = 0, length: int | None = None) -> torch.Tensor:
-    length = length or max(len(r) for r in rows)
-    out = torch.full((len(rows), length), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        r = r[:length]
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def lm_batch(seqs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> dict:
-    """(ids, mask) sequences -> next-token batch {input_ids, targets, loss_mask} of width seq_len."""
-    ids = [s[:seq_len + 1] for s, _ in seqs]
-    masks = [m[:seq_len + 1] for _, m in seqs]
-    width = min(seq_len, max(len(s) for s in ids) - 1)
-    x = pad([s[:-1] for s in ids], pad_id, width)
-    y = pad([s[1:] for s in ids], pad_id, width)
-    m = pad([mk[1:] for mk in masks], 0, width).float()
-    return {"input_ids": x, "targets": y, "loss_mask": m}
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -89,8 +49,8 @@ def sequence_logprob(model, batch: dict) -> torch.Tensor:
 def policy_and_reference(run: RunDir, rc):
     """(tokenizer, policy to train, frozen copy as the KL reference) for an RL stage; the
     policy starts from ckpt/<rl.init> and trains only its top rl.train_layers when set."""
-    tok = load_tokenizer(run)
-    policy, _ = load_checkpoint(run, rc.init, ("sft", "rl"), tok, f"run `llmforge sft --out {run.root}` first")
+    tok = ckpt_io.load_run_tokenizer(run)
+    policy, _ = ckpt_io.load_run_checkpoint(run, rc.init, ("sft", "rl"), tok, f"run `llmforge sft --out {run.root}` first")
     ref = frozen(policy)
     trainable_top_layers(policy, rc.train_layers)
     return tok, policy, ref

@@ -16,6 +16,7 @@ from llmforge.config import Config
 from llmforge.errors import UserError
 from llmforge.run import RunDir
 from llmforge.stages import prefs
+from llmforge.stages.common import lm_batch
 from llmforge.stages.rl import common
 from llmforge.stages.rl.evaluate import policy_eval
 from llmforge.stages.rl.objectives import dpo_loss
@@ -53,7 +54,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
     B = rc.batch_size
 
     def batch_of(pick):
-        return common.lm_batch([pairs[i][0] for i in pick] + [pairs[i][1] for i in pick], max_len, tok.eot_id)
+        return lm_batch([pairs[i][0] for i in pick] + [pairs[i][1] for i in pick], max_len, tok.eot_id)
 
     # the reference log-probabilities never change: compute them once
     with torch.no_grad():

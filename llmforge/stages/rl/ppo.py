@@ -39,6 +39,7 @@ from llmforge.stages.rl.objectives import (AdaptiveKL, FixedKL, gae, kl_penalize
 from llmforge.stages.rl.rewards import load_reward, rm_scores
 from llmforge.stages.rl.rollout import RolloutBuffer, Rollouts, gather_actions
 from llmforge.tasks import task_names
+from llmforge.train.checkpoint import load_run_checkpoint, load_run_tokenizer
 from llmforge.train.loop import Checkpointing, autocast, autocast_dtype, train
 
 ALGO = "ppo"
@@ -82,8 +83,8 @@ def ptx_batches(run: RunDir, rc, pc: PPOConfig, seq_len: int):
 
 def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = False, **_) -> dict:
     rc, pc = cfg.rl, cfg.ppo
-    tok = common.load_tokenizer(run)
-    common.load_checkpoint(run, rc.init, ("sft", "rl"), tok, f"run `llmforge sft --out {run.root}` first")
+    tok = load_run_tokenizer(run)
+    load_run_checkpoint(run, rc.init, ("sft", "rl"), tok, f"run `llmforge sft --out {run.root}` first")
     reward_model = load_reward(run, tok, cfg.rm.safety_threshold)
     coefs = overopt.sweep_values(pc.kl_sweep) or [pc.kl_coef]
     results = []
@@ -93,7 +94,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
                                  resume=resume, show_progress=show_progress))
     # the published policy: best held-out verified accuracy over every run and evaluation
     chosen = max(results, key=lambda r: r["selection_acc"])      # first wins ties: the smallest sweep index
-    policy, _ = common.load_checkpoint(run, f"{chosen['name']}_best", ("rl",), tok, "")
+    policy, _ = load_run_checkpoint(run, f"{chosen['name']}_best", ("rl",), tok, "")
     common.publish_policy(run, STAGE, policy, tok, {"algo": ALGO, "init": rc.init, "preset": cfg.preset,
                                                     "kl_coef": chosen["kl_coef"], "selected_from": chosen["name"],
                                                     "selection_acc": chosen["selection_acc"],

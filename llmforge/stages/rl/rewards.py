@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from llmforge.run import RunDir
-from llmforge.stages.rl.common import frozen, load_checkpoint, pad
+from llmforge.stages.common import pad
+from llmforge.stages.rl.common import frozen
+from llmforge.train.checkpoint import load_run_checkpoint
 
 
 @torch.no_grad()
@@ -44,10 +46,10 @@ class CombinedReward:
 
 
 def load_reward(run: RunDir, tok, threshold: float) -> CombinedReward:
-    helpful, h_cfg = load_checkpoint(run, "rm", ("rm",), tok, f"run `llmforge rm --out {run.root}` first")
+    helpful, h_cfg = load_run_checkpoint(run, "rm", ("rm",), tok, f"run `llmforge rm --out {run.root}` first")
     safety, s_cfg = None, None
     if (run.ckpt("rm_safety") / "config.json").is_file():
-        safety, s_cfg = load_checkpoint(run, "rm_safety", ("rm_safety",), tok, "")
+        safety, s_cfg = load_run_checkpoint(run, "rm_safety", ("rm_safety",), tok, "")
         safety = frozen(safety)
     return CombinedReward(frozen(helpful), h_cfg, safety, s_cfg, threshold, pad_id=tok.eot_id)
 

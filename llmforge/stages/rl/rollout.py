@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from llmforge.stages.rl.common import pad
+from llmforge.stages.common import pad
 
 # ---------------------------------------------------------------- samples -> action tensors
 

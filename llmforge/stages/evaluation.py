@@ -22,37 +22,16 @@ import torch
 
 from llmforge.config import Config
 from llmforge.errors import UserError
-from llmforge.eval import arena, report, stats
+from llmforge.eval import arena, bpb, report, stats
 from llmforge.eval import tasks as task_eval
 from llmforge.eval.transcripts import transcripts
 from llmforge.run import RunDir, write_json_atomic
-from llmforge.stages.rl import common
 from llmforge.stages.rl.rewards import load_reward
 from llmforge.tasks import task_names
+from llmforge.train.checkpoint import load_run_checkpoint, load_run_tokenizer
 
 CANDIDATES = ("base", "sft", "rl_rejection", "rl_ppo", "rl_dpo", "rl_grpo")
 FEWSHOT = 2
-
-
-def bits_per_byte(model, run: RunDir, tok) -> float | None:
-    """Held-out bits per byte through eval/bpb.py heldout(), the one function every caller
-    uses: the whole validation split at the model's context (max_seq_len), fp32."""
-    record = heldout_bpb(model, run, tok)
-    return None if record is None else record["val_bpb"]
-
-
-def heldout_bpb(model, run: RunDir, tok) -> dict | None:
-    """bpb.heldout()'s whole record (val_bpb, tokens, bytes, seq_len, bpb per source), or None
-    when the run has no validation shards (e.g. a run built from an imported model)."""
-    try:
-        from llmforge.data.shards import TokenShards
-        from llmforge.eval import bpb
-        val = TokenShards(run.data, "val")
-        with torch.no_grad():
-            return bpb.heldout(model, val, bpb.token_bytes(tok, model.cfg.vocab_size), model.cfg.max_seq_len,
-                               eot_id=tok.eot_id, doc_sources=bpb.val_sources(val, tok.eot_id))
-    except (UserError, FileNotFoundError):
-        return None
 
 
 def weights_digest(model) -> str:
@@ -80,7 +59,7 @@ def refusal_rates(samples) -> dict:
 
 def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     ec = cfg.eval
-    tok = common.load_tokenizer(run)
+    tok = load_run_tokenizer(run)
     names = task_names(cfg.tasks.names)
     present = [c for c in CANDIDATES if (run.ckpt(c) / "config.json").is_file()]
     if not present:
@@ -93,7 +72,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
     measured: dict[str, str] = {}   # weights digest -> the checkpoint already measured with them
     for name in present:
         kinds = ("base",) if name == "base" else ("sft",) if name == "sft" else ("rl",)
-        model, _ = common.load_checkpoint(run, name, kinds, tok, "")
+        model, _ = load_run_checkpoint(run, name, kinds, tok, "")
         twin = measured.get(digest := weights_digest(model))
         if twin is not None and name != "sft":   # an RL stage that published its initial policy:
             greedy[name], chats[name] = greedy[twin], chats[twin]   # greedy decoding gives the same answers
@@ -114,11 +93,12 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, **_) -> dict:
                                               shots=FEWSHOT if name == "base" else 0, return_samples=True)
             if name != "base":
                 chats[name] = transcripts(task_eval.make_engine(model, tok), tok, cfg.tasks.max_new_tokens)
-            bpb = bits_per_byte(model, run, tok)
+            record = bpb.heldout_of_run(model, run, tok)
+            val_bpb = None if record is None else record["val_bpb"]
         greedy[name] = [row[0] for row in samples]
-        results[name] = {"tasks": acc, "bpb": bpb, **refusal_rates(greedy[name]),
+        results[name] = {"tasks": acc, "bpb": val_bpb, **refusal_rates(greedy[name]),
                          "seconds": round(time.perf_counter() - started, 1)}
-        print(f"eval {name}: accuracy {acc['mean']['accuracy']:.1%}" + (f", bpb {bpb:.3f}" if bpb else "")
+        print(f"eval {name}: accuracy {acc['mean']['accuracy']:.1%}" + (f", bpb {val_bpb:.3f}" if val_bpb else "")
               + f" ({results[name]['seconds']:.0f} s)")
 
     if reward is not None and "sft" in greedy:
