@@ -59,36 +59,12 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[i
 # ---------------------------------------------------------------- llama.cpp
 
 class LlamaCpp:
-    """The CPU library of the `llama-cpp-cffi` wheel, loaded as tests/test_gguf.py loads it (with
-    its libstdc++ shim); raises RuntimeError with a one-line reason where it cannot load."""
+    """llama.cpp's CPU library (llmforge/interop/llama_cpp.py loads it); raises RuntimeError with a
+    one-line reason where it cannot load."""
 
     def __init__(self, shim_dir: Path):
-        import ctypes
-        import importlib.util
-        import shutil
-        import subprocess
-        import sysconfig
-
-        lib = next(Path(sysconfig.get_paths()["purelib"], "llama").glob("_llama_cpp_cpu.*.so"), None)
-        if lib is None:
-            raise RuntimeError("llama.cpp is not installed (pip install --no-deps llama-cpp-cffi; see scripts/setup.sh)")
-        if shutil.which("cc"):
-            shim = shim_dir / "libcxxshim.so"
-            (shim_dir / "shim.c").write_text(
-                "#include <stdlib.h>\nvoid __cxa_call_terminate(void *e) { (void)e; abort(); }\n"
-                "void _ZSt21ios_base_library_initv(void) {}\n")
-            subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(shim_dir / "shim.c")], check=True)
-            ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
-        spec = importlib.util.spec_from_file_location("_llama_cpp_cpu", lib)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except ImportError as e:
-            raise RuntimeError(f"llama.cpp's library does not load here: {e}") from e
-        self.ffi, self.lib = module.ffi, module.lib
-        self._quiet = self.ffi.callback("void(enum ggml_log_level, char *, void *)", lambda *a: None)
-        self.lib.llama_log_set(self._quiet, self.ffi.NULL)
-        self.lib.llama_backend_init()
+        from llmforge.interop.llama_cpp import load_library
+        self.ffi, self.lib = load_library(shim_dir)
         self.model = None
 
     def load(self, path: Path) -> None:

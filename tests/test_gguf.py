@@ -180,39 +180,15 @@ def test_gguf_of_an_imported_model_keeps_its_special_ids(tokenizer, tmp_path):
 
 
 class LlamaCpp:
-    """Real llama.cpp through its C API, from the CPU library that the `llama-cpp-cffi` wheel ships
-    (scripts/setup.sh installs it when PyPI has it). That library was built with GCC 14, whose
-    libstdc++ has two symbols Debian 12's lacks; a 3-line C shim (built here with `cc`) supplies
-    them. f32 KV cache (no f16 rounding); a fresh context per call."""
+    """Real llama.cpp through its C API (llmforge/interop/llama_cpp.py loads it); f32 KV cache
+    (no f16 rounding); a fresh context per call."""
 
     def __init__(self, shim_dir):
-        import ctypes
-        import importlib.util
-        import shutil
-        import subprocess
-        import sysconfig
-        from pathlib import Path
-
-        lib = next(Path(sysconfig.get_paths()["purelib"], "llama").glob("_llama_cpp_cpu.*.so"), None)
-        if lib is None:
-            pytest.skip("llama.cpp is not installed (pip install --no-deps llama-cpp-cffi; see scripts/setup.sh)")
-        if shutil.which("cc"):
-            shim = Path(shim_dir) / "libcxxshim.so"
-            (Path(shim_dir) / "shim.c").write_text(
-                "#include <stdlib.h>\nvoid __cxa_call_terminate(void *e) { (void)e; abort(); }\n"
-                "void _ZSt21ios_base_library_initv(void) {}\n")
-            subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(Path(shim_dir) / "shim.c")], check=True)
-            ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
-        spec = importlib.util.spec_from_file_location("_llama_cpp_cpu", lib)
-        module = importlib.util.module_from_spec(spec)
+        from llmforge.interop.llama_cpp import load_library
         try:
-            spec.loader.exec_module(module)
-        except ImportError as e:
-            pytest.skip(f"llama.cpp's library does not load here: {e}")
-        self.ffi, self.lib = module.ffi, module.lib
-        self._quiet = self.ffi.callback("void(enum ggml_log_level, char *, void *)", lambda *a: None)
-        self.lib.llama_log_set(self._quiet, self.ffi.NULL)
-        self.lib.llama_backend_init()
+            self.ffi, self.lib = load_library(shim_dir)
+        except RuntimeError as e:
+            pytest.skip(str(e))
 
     def load(self, path):
         params = self.lib.llama_model_default_params()
