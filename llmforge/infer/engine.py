@@ -32,14 +32,17 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import json
+import random
 import threading
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from llmforge.infer.compiled import compiled_decode
 from llmforge.infer.prefix_cache import PrefixCache
-from llmforge.infer.sampling import SamplingParams, sample_token
+from llmforge.infer.sampling import SamplingParams, adjust_batch, sample_batch
+from llmforge.infer.speculative import PromptLookup, verify
 from llmforge.model.kv_cache import KVCache
 from llmforge.tokenizer.chat import SPECIALS, parse_completion
 
@@ -72,7 +75,7 @@ class _Request:
     slot: int
     prompt: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    rng: random.Random                                    # the request's own uniform draws
     constraint: object = None
     pending: list[int] = field(default_factory=list)      # tokens to feed at the next step
     position: int = 0                                     # cache position of pending[0]
@@ -83,6 +86,8 @@ class _Request:
     lead: list[int] = field(default_factory=list)         # chat: the reply's start written by the caller
     structured: bool = False                              # chat: a special token appeared (parse the reply)
     tool_future: object = None                            # a running tool call (the row is parked)
+    drafter: PromptLookup | None = None                   # speculative decoding's proposer for this row
+    draft: list[int] = field(default_factory=list)        # tokens proposed this step (fed after pending[0])
 
 
 @dataclass
@@ -97,17 +102,23 @@ class EngineStats:
     tool_calls: int = 0
     request_errors: int = 0        # requests ended alone by an exception in their own row
     prefix_hit_tokens: int = 0     # prompt tokens copied from the prefix cache instead of computed
+    drafted_tokens: int = 0        # speculative decoding: tokens proposed
+    accepted_tokens: int = 0       # ... and accepted (acceptance rate = accepted / drafted)
 
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_len: int | None = None, tool_runner=None,
-                 tool_workers: int = 4, prefix_cache_tokens: int = 0):
+                 tool_workers: int = 4, prefix_cache_tokens: int = 0, speculate: int = 0, compile: bool = False):
         self.model = model.eval()
         self.tok = tokenizer
         self.max_batch = max_batch
         self.max_len = max_len or model.cfg.max_seq_len
         self.device = next(model.parameters()).device
         self.cache = KVCache.for_model(model, max_batch, self.max_len)
+        # speculative decoding: up to `speculate` tokens per row per step proposed by prompt lookup
+        # and verified in the same forward pass (infer/speculative.py); 0 = off
+        self.speculate = speculate
+        self._decode = compiled_decode(model, self.cache) if compile else None
         self.free_slots = list(range(max_batch))[::-1]
         self.active: dict[int, _Request] = {}
         self.waiting: list[_Request] = []
@@ -145,12 +156,13 @@ class Engine:
                     or not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"token id {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})")
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        gen = torch.Generator().manual_seed(seed)
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
         with self.lock:
             rid = next(self.ids)
-            req = _Request(rid, -1, list(prompt), params, gen, constraint, pending=list(prompt),
+            req = _Request(rid, -1, list(prompt), params, random.Random(seed), constraint, pending=list(prompt),
                            out=Completion(prompt_len=len(prompt)))
+            if self.speculate and constraint is None and not params.penalized:
+                req.drafter = PromptLookup(self.speculate)
             if params.chat and self.assistant_id in prompt:   # e.g. a forced <|tool_call|> after <|assistant|>
                 req.lead = prompt[len(prompt) - prompt[::-1].index(self.assistant_id):]
                 req.structured = bool(req.lead)
@@ -209,33 +221,42 @@ class Engine:
             return events
         self.stats.steps += 1
         logits: dict[int, torch.Tensor] = {}
-        decode = [r for r in rows if len(r.pending) == 1]
+        # decode rows in slot order: consecutive slots let every layer attend to a view of the cache
+        decode = sorted((r for r in rows if len(r.pending) == 1), key=lambda r: r.slot)
         prefill = [r for r in rows if len(r.pending) > 1]
         if prefill:
-            logits.update(self._forward_isolated(prefill, events))
+            logits.update(self._forward_isolated(prefill, events, last_only=True))
             self.stats.prefill_tokens += sum(len(r.pending) for r in prefill)
         if decode:
-            logits.update(self._forward_isolated(decode, events))
+            for r in decode:
+                r.draft = self._propose(r)
+            logits.update(self._forward_isolated(decode, events, last_only=False))
             self.stats.decode_batches += 1
             self.stats.decode_rows += len(decode)
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(decode))
-        for req in rows:
-            if req.id not in logits:   # its forward failed: already ended with an error event
-                continue
+        done = [r for r in prefill + decode if r.id in logits]   # a failed forward already ended its rows
+        for req in done:
             if self.prefix_cache is not None and not req.out.tokens and len(req.pending) > 1:
                 self.prefix_cache.store(req.prompt, self.cache, req.slot)   # its prompt is in the cache now
-            req.position += len(req.pending)
-            req.pending = []
-            try:
-                events.append(self._advance(req, logits[req.id]))
-            except Exception as e:  # this request's sampling/constraint failed: end it alone
-                events.append(self._fail(req, e))
+        if done:
+            events.extend(self._sample(done, logits))
         return events
 
-    def _forward_isolated(self, reqs: list[_Request], events: list[Event]) -> dict[int, torch.Tensor]:
+    def _propose(self, req: _Request) -> list[int]:
+        """Draft tokens for a decode row (speculative decoding), within its token and context budget."""
+        if req.drafter is None:
+            return []
+        room = min(req.params.max_tokens - len(req.out.tokens) - 1, self.max_len - 1 - (req.position + 1))
+        if room <= 0:
+            return []
+        draft = req.drafter.propose(req.prompt + req.out.tokens, room)
+        self.stats.drafted_tokens += len(draft)
+        return draft
+
+    def _forward_isolated(self, reqs: list[_Request], events: list[Event], last_only: bool) -> dict[int, torch.Tensor]:
         """The batched forward; if it raises, each row alone, ending only the rows that fail."""
         try:
-            return self._forward(reqs)
+            return self._forward(reqs, last_only)
         except Exception as e:
             if len(reqs) == 1:
                 events.append(self._fail(reqs[0], e))
@@ -243,7 +264,7 @@ class Engine:
         out: dict[int, torch.Tensor] = {}
         for r in reqs:
             try:
-                out.update(self._forward([r]))
+                out.update(self._forward([r], last_only))
             except Exception as e:
                 events.append(self._fail(r, e))
         return out
@@ -256,36 +277,123 @@ class Engine:
                 self.free_slots.append(req.slot)
         return Event(req.id, None, "", True, req.out, error=f"{type(error).__name__}: {error}")
 
-    def _forward(self, reqs: list[_Request]) -> dict[int, torch.Tensor]:
-        """One right-padded forward; returns each request's last-position logits (V,) in fp32.
+    def _forward(self, reqs: list[_Request], last_only: bool) -> dict[int, torch.Tensor]:
+        """One right-padded forward of each row's pending tokens (and draft); returns each request's
+        logits (n, V) in fp32: its last position's (n = 1), or with a draft every fed position's.
         Pad positions write junk into the cache beyond a row's length; a row always rewrites a
-        position before any query can see it, so the junk is never attended."""
-        T = max(len(r.pending) for r in reqs)
-        idx = torch.zeros(len(reqs), T, dtype=torch.long)
-        pos = torch.zeros(len(reqs), T, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            n = len(r.pending)
-            idx[i, :n] = torch.tensor(r.pending)
-            pos[i] = torch.arange(r.position, r.position + T).clamp(max=self.max_len - 1)
-        slots = torch.tensor([r.slot for r in reqs], device=self.device)
-        out = self.model(idx.to(self.device), cache=self.cache, positions=pos.to(self.device), slots=slots)
-        last = torch.tensor([len(r.pending) - 1 for r in reqs], device=self.device)
-        rows = out[torch.arange(len(reqs), device=self.device), last].float().cpu()
-        return {r.id: rows[i] for i, r in enumerate(reqs)}
+        position before any query can see it, so the junk is never attended. Inputs are built on
+        the host (the cache reads positions there once per pass, infer's one host sync)."""
+        feeds = [r.pending + r.draft for r in reqs]
+        T = 1 + self.speculate if self._decode is not None and not last_only else max(map(len, feeds))
+        # a padded row must have room past its last token (pads clamped onto a real position would
+        # overwrite its key): rows at the end of the context are run at their own length
+        tight = [r for r, f in zip(reqs, feeds) if len(f) < T and r.position + T > self.max_len]
+        if tight:
+            out = {}
+            for group in [[r] for r in tight] + [[r for r in reqs if r not in tight]]:
+                if group:
+                    out.update(self._forward_exact(group, last_only))
+            return out
+        idx, pos = self._inputs(reqs, feeds, T)
+        if self._decode is not None and not last_only:   # a decode batch: the compiled step, static shapes
+            rows = self._decode(idx.to(self.device), pos.to(self.device),
+                                torch.tensor([r.slot for r in reqs], device=self.device)).float().cpu()
+            return {r.id: rows[i, :len(f)] for i, (r, f) in enumerate(zip(reqs, feeds))}
+        return self._forward_eager(reqs, feeds, T, idx, pos, last_only)
 
-    def _advance(self, req: _Request, logits: torch.Tensor) -> Event:
+    def _forward_exact(self, reqs: list[_Request], last_only: bool) -> dict[int, torch.Tensor]:
+        """The eager forward with no padding beyond the longest row of `reqs`."""
+        feeds = [r.pending + r.draft for r in reqs]
+        T = max(map(len, feeds))
+        return self._forward_eager(reqs, feeds, T, *self._inputs(reqs, feeds, T), last_only)
+
+    def _inputs(self, reqs: list[_Request], feeds: list[list[int]], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, T) right-padded with 0 and their cache positions (B, T), on the host."""
+        top = self.max_len - 1
+        idx = torch.tensor([f + [0] * (T - len(f)) for f in feeds])
+        pos = torch.tensor([[min(p, top) for p in range(r.position, r.position + T)] for r in reqs])
+        return idx, pos
+
+    def _forward_eager(self, reqs, feeds, T, idx, pos, last_only) -> dict[int, torch.Tensor]:
+        h = self.model.hidden_states(idx.to(self.device), cache=self.cache, positions=pos, slots=[r.slot for r in reqs])
+        n = [1 if last_only else len(f) for f in feeds]
+        b = [i for i, k in enumerate(n) for _ in range(k)]
+        t = [j for f, k in zip(feeds, n) for j in range(len(f) - k, len(f))]
+        rows = self.model.lm_head(h[b, t] if T > 1 else h[:, 0]).float().cpu()   # only the positions sampled
+        out, at = {}, 0
+        for r, k in zip(reqs, n):
+            out[r.id] = rows[at:at + k]
+            at += k
+        return out
+
+    def _sample(self, reqs: list[_Request], logits: dict[int, torch.Tensor]) -> list[Event]:
+        """Sample every row of the step at once (infer/sampling.py), verify drafts, then advance each
+        request token by token. A row whose constraint or distribution fails ends alone."""
+        events: list[Event] = []
+        allowed: list = []
+        ok = []
+        for req in reqs:
+            try:
+                allowed.append(req.constraint.allowed_mask(self.vocab_size) if req.constraint is not None else None)
+                ok.append(req)
+            except Exception as e:   # this request's constraint failed: end it alone
+                events.append(self._fail(req, e))
+        if not ok:
+            return events
+        n = [len(logits[r.id]) for r in ok]
+        params = [r.params for r in ok for _ in range(len(logits[r.id]))]
+        generated = [r.out.tokens if r.params.penalized else [] for r in ok for _ in range(len(logits[r.id]))]
+        masks = [a for a, k in zip(allowed, n) for _ in range(k)]
+        adjusted = adjust_batch(torch.cat([logits[r.id] for r in ok]), params, generated, masks)
+        logp = torch.log_softmax(adjusted, dim=-1)
+        plain = [j for j, (r, k) in enumerate(zip(ok, n)) if k == 1]
+        starts = list(itertools.accumulate([0] + n[:-1]))
+        picked, errors = sample_batch(adjusted[[starts[j] for j in plain]], [ok[j].params for j in plain],
+                                      [ok[j].rng.random() if not ok[j].params.greedy else 0.0 for j in plain]) \
+            if plain else ([], [])
+        chosen: dict[int, tuple[list[int], str | None]] = {j: ([t], e) for j, t, e in zip(plain, picked, errors)}
+        for j, (r, k) in enumerate(zip(ok, n)):
+            if k > 1:   # a draft: the accepted prefix plus one token of the model's own
+                try:
+                    toks = verify(adjusted[starts[j]:starts[j] + k], r.draft, r.params, r.rng)
+                except Exception as e:   # a non-finite distribution: this request alone ends
+                    chosen[j] = ([], f"{e}")
+                    continue
+                self.stats.accepted_tokens += len(toks) - 1
+                chosen[j] = (toks, None)
+        want_top = max((r.params.top_logprobs for r in ok), default=0)
+        top = torch.topk(logp, want_top) if want_top else None
+        token_logp = logp.gather(1, torch.tensor([chosen[j][0][i] if i < len(chosen[j][0]) else 0
+                                                  for j, k in enumerate(n) for i in range(k)])[:, None])[:, 0].tolist()
+        for j, req in enumerate(ok):
+            toks, err = chosen[j]
+            req.draft = []
+            if err is not None:
+                events.append(self._fail(req, ValueError(err)))
+                continue
+            try:
+                for i, token in enumerate(toks):
+                    row = starts[j] + i
+                    tl = None
+                    if req.params.top_logprobs:
+                        k = req.params.top_logprobs
+                        tl = list(zip(top.indices[row, :k].tolist(), top.values[row, :k].tolist()))
+                    req.position += len(req.pending)
+                    ev = self._advance(req, token, token_logp[row], tl)
+                    events.append(ev)
+                    if ev.finished or req.tool_future is not None:
+                        break
+            except Exception as e:  # this request's bookkeeping/constraint failed: end it alone
+                events.append(self._fail(req, e))
+        return events
+
+    def _advance(self, req: _Request, token: int, logprob: float, top_logprobs) -> Event:
         p, out = req.params, req.out
-        if req.constraint is not None:
-            allowed = req.constraint.allowed_mask(logits.numel())
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        token = sample_token(logits, p, req.generator)
-        logp = F.log_softmax(logits, dim=-1)
         out.tokens.append(token)
         out.generated.append(True)
-        out.logprobs.append(float(logp[token]))
-        if p.top_logprobs:
-            top = torch.topk(logp, p.top_logprobs)
-            out.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist())))
+        out.logprobs.append(logprob)
+        if top_logprobs is not None:
+            out.top_logprobs.append(top_logprobs)
         if req.constraint is not None:
             req.constraint.advance(token)
         self.stats.generated_tokens += 1

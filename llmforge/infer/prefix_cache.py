@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
 
 
 @dataclass
@@ -62,9 +61,8 @@ class PrefixCache:
         for start, key, blk in reversed(found):   # deepest first, so a parent stays newer than its children
             self.blocks.move_to_end(key)
             end = start + self.block
-            for layer in range(len(kv.k)):
-                kv.k[layer][slot, :, start:end] = blk.k[layer]
-                kv.v[layer][slot, :, start:end] = blk.v[layer]
+            kv.k[:, slot, :, start:end] = blk.k   # every layer at once (the cache is one tensor)
+            kv.v[:, slot, :, start:end] = blk.v
         n = len(found) * self.block
         self.hit_tokens += n
         return n
@@ -80,8 +78,7 @@ class PrefixCache:
             blk = self.blocks.get(key)
             if blk is None:
                 end = start + self.block
-                blk = _Block(self.next_id, torch.stack([k[slot, :, start:end] for k in kv.k]),
-                             torch.stack([v[slot, :, start:end] for v in kv.v]))
+                blk = _Block(self.next_id, kv.k[:, slot, :, start:end].clone(), kv.v[:, slot, :, start:end].clone())
                 self.next_id += 1
                 self.blocks[key] = blk
             touched.append(key)

@@ -49,6 +49,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotate_half(x) * sin).to(x.dtype)
 
 
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of q (B, H, T, D) over cached k, v (B, KV, S, D), each group of H / KV
+    query heads sharing one key/value head, without repeating the keys per query head (what
+    SDPA's enable_gqa does on CPU); mask (B, 1, T, S) True = may attend, None = all visible."""
+    B, H, T, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    scores = torch.matmul(q.reshape(B, KV, H // KV * T, D), k.transpose(-1, -2)) * D ** -0.5
+    if mask is not None:   # rows are (group member, query position): the mask broadcasts over members
+        scores = scores.view(B, KV, H // KV, T, S).masked_fill(~mask[:, :, None], float("-inf")).view(B, KV, -1, S)
+    return torch.matmul(torch.softmax(scores, dim=-1), v).view(B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -62,7 +74,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, positions, slots):
+    def forward(self, x, cos, sin, cache: KVCache | None, plan):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -73,12 +85,9 @@ class Attention(nn.Module):
         gqa = self.n_head != self.n_kv_head
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            k, v = cache.update(self.layer, k, v, positions, slots)
-            # per-row causal mask over absolute cache positions
-            key_pos = torch.arange(k.shape[2], device=x.device)
-            mask = key_pos[None, None, None, :] <= positions[:, None, :, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:   # write into the cache in place, attend to its first plan.span positions
+            k, v = cache.update(self.layer, k, v, plan)
+            y = grouped_attention(q, k.to(q.dtype), v.to(q.dtype), plan.mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -101,8 +110,8 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, positions, slots):
-        x = x + self.attn(self.input_norm(x), cos, sin, cache, positions, slots)
+    def forward(self, x, cos, sin, cache, plan):
+        x = x + self.attn(self.input_norm(x), cos, sin, cache, plan)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -156,16 +165,21 @@ class Transformer(nn.Module):
         """Final-norm hidden states (B, T, d). With a cache, `positions` (B, T) are the absolute
         positions of `idx` in each row and `slots` (B,) the cache rows they belong to."""
         B, T = idx.shape
+        plan = None
         if positions is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
             positions = torch.arange(T, device=idx.device).expand(B, T)
             cos, sin = self.rope_cos[:T][None, None], self.rope_sin[:T][None, None]
         else:
+            if cache is not None:   # the cache's bookkeeping for this pass, shared by every layer
+                plan = cache.plan(positions, slots)
+                positions = plan.positions
+            positions = positions.to(idx.device)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         x = self.embed(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, positions, slots)
+            x = layer(x, cos, sin, cache, plan)
         return self.norm(x)
 
     def forward(self, idx, targets=None, cache=None, positions=None, slots=None, loss_mask=None):
