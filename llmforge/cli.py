@@ -86,11 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat format")
+    _inference_args(p)
 
     p = sub.add_parser("chat", help="terminal chat with streaming")
     p.add_argument("model")
+    _inference_args(p)
     p = sub.add_parser("serve", help="OpenAI-compatible API + web chat")
     p.add_argument("model")
+    _inference_args(p, default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--db", default=None, help="feedback store: SQLite path or postgresql:// URL")
@@ -221,10 +224,16 @@ def dispatch(args, extra) -> None:
         generate(args)
     elif verb == "chat":
         from llmforge.serve.chat_cli import chat_cli
-        chat_cli(args.model)
+        chat_cli(args.model, inference=_load_for_inference(args), speculate=args.speculate, compile=args.compile)
     elif verb == "serve":
         from llmforge.serve.api import serve
-        serve(args.model, host=args.host, port=args.port, db=args.db, index=args.index, api_keys=args.api_key)
+        if args.dtype is not None:
+            from llmforge.infer.quantize import check_dtype
+            check_dtype(args.dtype)
+        if args.speculate is not None and args.speculate < 0:
+            raise UserError(f"--speculate must be >= 0, got {args.speculate}")
+        serve(args.model, host=args.host, port=args.port, db=args.db, index=args.index, api_keys=args.api_key,
+              dtype=args.dtype, speculate=args.speculate, compile=args.compile)
     elif verb == "export":
         from llmforge.interop import export_checkpoint
         export_checkpoint(args.model, args.format, args.out, dtype=args.dtype)
@@ -239,14 +248,36 @@ def dispatch(args, extra) -> None:
         export_cli(args.db, args.out, users=args.user, max_per_user=args.max_per_user)
 
 
+def _inference_args(p, default="fp32") -> None:
+    """--dtype / --speculate / --compile of the engine (serve: None = the run's serve config)."""
+    g = p.add_argument_group("inference")
+    g.add_argument("--dtype", default=default, help="weights: fp32 | bf16 | int8 (weight-only, per channel)")
+    g.add_argument("--speculate", type=int, default=None if default is None else 0, metavar="N",
+                   help="prompt-lookup speculative decoding, N draft tokens per step (0 = off)")
+    g.add_argument("--compile", action="store_true", default=None if default is None else False,
+                   help="torch.compile the decode step (about 20 s to compile)")
+
+
+def _load_for_inference(args):
+    """The policy, its config and folder, in the precision --dtype asks for."""
+    from llmforge.infer.quantize import check_dtype, for_inference
+    from llmforge.train.checkpoint import load_model
+
+    check_dtype(args.dtype)
+    if args.speculate < 0:
+        raise UserError(f"--speculate must be >= 0, got {args.speculate}")
+    model, config, folder = load_model(args.model)
+    return for_inference(model, args.dtype), config, folder
+
+
 def generate(args) -> None:
     import torch
 
     from llmforge.infer.engine import Engine
     from llmforge.infer.sampling import SamplingParams
-    from llmforge.train.checkpoint import load_model, load_tokenizer
+    from llmforge.train.checkpoint import load_tokenizer
 
-    model, config, folder = load_model(args.model)
+    model, config, folder = _load_for_inference(args)
     tok = load_tokenizer(folder)
     if args.chat:
         from llmforge.tokenizer.chat import render_prompt
@@ -263,7 +294,8 @@ def generate(args) -> None:
                              top_p=args.top_p, seed=None if args.seed is None else args.seed + i,
                              stop_token_ids=stops) for i in range(args.num_samples)]
     try:
-        outs = Engine(model, tok, max_batch=max(1, args.num_samples)).generate([prompt] * args.num_samples, params)
+        engine = Engine(model, tok, max_batch=max(1, args.num_samples), speculate=args.speculate, compile=args.compile)
+        outs = engine.generate([prompt] * args.num_samples, params)
     except ValueError as e:
         raise UserError(f"{e}; shorten the prompt") from None
     for i, out in enumerate(outs):

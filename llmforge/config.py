@@ -34,6 +34,7 @@ class ModelConfig:
     init_std: float = 0.02
     zero_init_residual: bool = False  # o_proj and down_proj start at zero (each block starts as the identity)
     qk_norm: bool = False       # RMSNorm on each head's queries and keys before RoPE (OLMo 2, Qwen3)
+    smear_layers: int = 0       # the lowest this many layers mix each key with the previous position's (Olsson et al. 2022)
 
     def validate(self) -> None:
         if self.d_model % self.n_head:
@@ -269,6 +270,9 @@ class ServeConfig:
     rate_limit_rpm: float = 0.0     # generation requests per minute per user (token bucket); 0 = no limit
     rate_limit_burst: int = 0       # requests a user may send at once before the rate applies; 0 = 10 s of rpm
     prefix_cache_tokens: int = 8192 # keys/values of recent prompts' leading blocks reused by prompts sharing them; 0 = off
+    dtype: str = "fp32"             # inference weights: fp32 | bf16 | int8 (weight-only, per channel; infer/quantize.py)
+    speculate: int = 0              # prompt-lookup speculative decoding: draft tokens per row per step; 0 = off
+    compile: bool = False           # torch.compile the decode step (infer/compiled.py); off: not faster at batch > 1 here
 
 
 @dataclass

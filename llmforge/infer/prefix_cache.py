@@ -20,7 +20,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 
-
 @dataclass
 class _Block:
     id: int

@@ -612,12 +612,13 @@ def startup_lines(server: ModelServer, keys: dict, host: str) -> tuple[str, list
 
 
 def serve(checkpoint_or_run, host: str = "127.0.0.1", port: int = 8000, db: str | None = None,
-          index: str | None = None, api_keys: list[str] | None = None) -> None:
-    """`llmforge serve CKPT_OR_RUN`: the API and web chat until Ctrl-C."""
+          index: str | None = None, api_keys: list[str] | None = None, **inference) -> None:
+    """`llmforge serve CKPT_OR_RUN [--dtype fp32|bf16|int8] [--speculate N] [--compile]`: the API and web
+    chat until Ctrl-C."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    server = load_served(checkpoint_or_run, db=db, index=index)
+    server = load_served(checkpoint_or_run, db=db, index=index, **inference)
     keys = parse_keys(server.cfg.api_keys, keys_from_env(), api_keys or [])
     app = create_app(server, api_keys=keys)
     host, lines = startup_lines(server, keys, host)

@@ -10,7 +10,8 @@ import time
 
 
 def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95, max_tokens: int = 256,
-             stdin=None, stdout=None) -> None:
+             stdin=None, stdout=None, inference=None, speculate: int = 0, compile: bool = False) -> None:
+    """`inference`: an already loaded (model, config, folder), e.g. at `--dtype int8`."""
     from llmforge.infer.engine import Engine
     from llmforge.infer.sampling import SamplingParams
     from llmforge.infer.tools import run_tool
@@ -19,9 +20,9 @@ def chat_cli(checkpoint_or_run, *, temperature: float = 0.8, top_p: float = 0.95
     from llmforge.train.checkpoint import load_model, load_tokenizer
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    model, config, folder = load_model(checkpoint_or_run)
+    model, config, folder = inference or load_model(checkpoint_or_run)
     tok = load_tokenizer(folder)
-    engine = Engine(model, tok, max_batch=1, tool_runner=run_tool)
+    engine = Engine(model, tok, max_batch=1, tool_runner=run_tool, speculate=speculate, compile=compile)
     stops = [tok.token_id(s) for s in SERVE_STOPS]
     context = model.cfg.max_seq_len
     print(f"chatting with {folder} ({config.get('kind')}, step {config.get('step', '?')}); "

@@ -135,7 +135,8 @@ class ModelServer:
         self.vocab_size = model.cfg.vocab_size
         self.engine = Engine(model, tok, max_batch=self.cfg.max_batch,
                              tool_runner=self._timed(run_tool) if self.cfg.builtin_tools else None,
-                             tool_workers=self.cfg.tool_workers, prefix_cache_tokens=self.cfg.prefix_cache_tokens)
+                             tool_workers=self.cfg.tool_workers, prefix_cache_tokens=self.cfg.prefix_cache_tokens,
+                             speculate=self.cfg.speculate, compile=self.cfg.compile)
         self.scheduler = Scheduler(self.engine, self.cfg.batch_wait_ms / 1000)
         from llmforge.serve.auth import RateLimiter
         self.limiter = RateLimiter(self.cfg.rate_limit_rpm, self.cfg.rate_limit_burst)
@@ -230,8 +231,10 @@ class ModelServer:
                 self.scheduler.cancel(rid)
 
 
-def load_served(checkpoint_or_run, cfg=None, db: str | None = None, index: str | None = None) -> ModelServer:
-    """Load a checkpoint folder or a run directory's latest policy (rl > sft > base) for serving."""
+def load_served(checkpoint_or_run, cfg=None, db: str | None = None, index: str | None = None,
+                **inference) -> ModelServer:
+    """Load a checkpoint folder or a run directory's latest policy (rl > sft > base) for serving.
+    `inference` overrides serve.dtype / serve.speculate / serve.compile (None = keep the config's)."""
     from llmforge.serve.feedback import open_store
     from llmforge.train.checkpoint import load_model, load_tokenizer
 
@@ -254,6 +257,12 @@ def load_served(checkpoint_or_run, cfg=None, db: str | None = None, index: str |
         if cfg is None:
             from llmforge.config import ServeConfig
             cfg = ServeConfig()
+    for key, value in inference.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    from llmforge.infer.quantize import for_inference
+    if cfg.dtype != "fp32":
+        for_inference(model, cfg.dtype)
     db = db or cfg.db or str((run_dir or folder.parent) / "feedback.sqlite")
     index_path = index or cfg.index or (str(run_dir / "index.sqlite") if run_dir and (run_dir / "index.sqlite").exists()
                                         else "")

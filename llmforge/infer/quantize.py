@@ -1,0 +1,76 @@
+"""Inference precision of a loaded policy: fp32, bf16 weights, or int8 weight-only.
+
+    model = for_inference(model, "int8")          # llmforge serve runs/x --dtype int8
+    llmforge generate runs/x --prompt "def f(" --dtype bf16
+
+  fp32  the checkpoint as trained.
+  bf16  every weight (and so the activations and the KV cache) in bfloat16; RMSNorm still
+        normalises in fp32. Half the bytes per decode step; fast where the CPU has bf16
+        instructions (AVX512-BF16, AMX) or on a GPU, slower where it has not (AVX2 converts).
+  int8  every Linear of the blocks and the output head stored as int8 with one fp32 scale per
+        output channel (symmetric, scale = max |w| / 127 over the row), computed by PyTorch's
+        weight-only int8 kernel `aten._weight_int8pack_mm` (activations stay fp32); the input
+        embedding stays fp32 (a lookup, not a matmul), so a tied head gets its own int8 copy.
+        A quarter of the fp32 bytes of those layers. The kernel's speed depends on the CPU
+        build: bench/generate_vs_peers.py measures it beside fp32 and bf16.
+The conversion is in place (it returns the same module) and is for inference only: int8
+layers have no gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from llmforge.errors import UserError
+
+DTYPES = ("fp32", "bf16", "int8")
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W stored as int8 rows times a per-row fp32 scale (no bias: the model has none
+    except Qwen2-style q/k/v biases, which are kept in fp32 and added)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).float(), self.weight_int8, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def for_inference(model: nn.Module, dtype: str) -> nn.Module:
+    """Convert a Transformer in place to the inference precision `dtype` (see the module docstring)."""
+    check_dtype(dtype)
+    model.eval()
+    if dtype == "bf16":
+        model.to(torch.bfloat16)
+        for name in ("rope_cos", "rope_sin"):   # rotary tables stay fp32 (bf16 angles drift with position)
+            setattr(model, name, getattr(model, name).float())
+        return model
+    if dtype == "int8":
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear(child))
+    return model
