@@ -51,12 +51,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3, help="AdamW lr (with --optimizer muon: of the non-hidden weights)")
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="as pretrain.optimizer")
     ap.add_argument("--muon-lr", type=float, default=0.05, help="Muon lr of the blocks' matrices")
+    ap.add_argument("--smear-layers", type=int, default=0, help="model.smear_layers: keys mixed with the previous position's")
     ap.add_argument("--every", type=int, default=25, help="print every this many steps")
     args = ap.parse_args()
     for vocab in args.vocab:
         torch.manual_seed(0)
         cfg = ModelConfig(vocab_size=vocab, n_layer=args.layers, n_head=args.heads, n_kv_head=max(1, args.heads // 2),
-                          d_model=args.width, max_seq_len=2 * args.length)
+                          d_model=args.width, max_seq_len=2 * args.length,
+                          smear_layers=args.smear_layers)
         model = Transformer(cfg)
         opt = build_optimizer(model, TrainConfig(lr=args.lr, optimizer=args.optimizer, muon_lr=args.muon_lr),
                               "cpu")

@@ -151,6 +151,16 @@ def test_export_refuses_reward_model_and_foreign_folder(tokenizer, tmp_path):
         export_checkpoint(tmp_path / "ckpt", "onnx", tmp_path / "out")
 
 
+@pytest.mark.parametrize("knob", [{"qk_norm": True}, {"smear_layers": 1}])
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_export_refuses_what_llama_cannot_express(knob, fmt, tokenizer, tmp_path):
+    cfg = ModelConfig(vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=1, d_model=32, max_seq_len=32, **knob)
+    save_checkpoint(tmp_path / "ckpt", Transformer(cfg), kind="base", model_cfg=cfg, tokenizer=tokenizer)
+    with pytest.raises(UserError, match=f"uses model.{next(iter(knob))}"):
+        export_checkpoint(tmp_path / "ckpt", fmt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- import
 
 def hf_model_dir(tmp_path, tokenizer, model_type: str, *, tied: bool, n_kv: int, shard: bool = False,

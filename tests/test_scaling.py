@@ -122,7 +122,8 @@ def test_shape_rule():
     from llmforge.model.transformer import Transformer
     for mc in (shape(3, sc, ModelConfig(vocab_size=300)), ModelConfig(vocab_size=97, d_model=48, n_head=6,
                                                                      n_kv_head=3, qkv_bias=True,
-                                                                     tie_embeddings=False)):
+                                                                     tie_embeddings=False),
+               ModelConfig(vocab_size=97, d_model=48, n_layer=3, smear_layers=2, qk_norm=True)):
         assert param_counts(mc)["params"] == Transformer(mc).num_params()
 
 

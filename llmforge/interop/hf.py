@@ -177,9 +177,10 @@ def load_policy(ckpt, device="cpu"):
 def load_for_export(ckpt):
     """(merged policy, config.json, folder, tokenizer.json as a dict) of a checkpoint to export."""
     model, config, folder = load_policy(ckpt)
-    if model.cfg.qk_norm:
-        raise UserError(f"checkpoint {folder} uses model.qk_norm, which the Llama/Qwen2 exports cannot express; "
-                        "export a model trained with qk_norm=false")
+    for knob in ("qk_norm", "smear_layers"):
+        if getattr(model.cfg, knob):
+            raise UserError(f"checkpoint {folder} uses model.{knob}, which the Llama/Qwen2 exports cannot express; "
+                            f"export a model trained without it")
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
         raise UserError(f"checkpoint {folder} has no tokenizer.json; copy the run's tokenizer/tokenizer.json "

@@ -73,6 +73,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        if layer < cfg.smear_layers:
+            self.smear = nn.Parameter(torch.zeros(cfg.n_kv_head))  # logit of each head's weight on its own key
 
     def forward(self, x, cos, sin, cache: KVCache | None, plan):
         B, T, _ = x.shape
@@ -84,11 +86,25 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_head != self.n_kv_head
         if cache is None:
+            if hasattr(self, "smear"):
+                k = smear_keys(k, self.smear)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:   # write into the cache in place, attend to its first plan.span positions
             k, v = cache.update(self.layer, k, v, plan)
+            if hasattr(self, "smear"):  # the cache holds raw keys, so every pass smears the visible span
+                k = smear_keys(k, self.smear)
             y = grouped_attention(q, k.to(q.dtype), v.to(q.dtype), plan.mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def smear_keys(k: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
+    """Smeared keys (Olsson et al. 2022, "In-context learning and induction heads", sec. 4):
+    k'_j = a k_j + (1 - a) k_{j-1} with a = sigmoid(logit) per head and k'_0 = k_0. A key then
+    also says which token came before it, so a single layer can attend to "the position after the
+    last occurrence of this token" -- an induction head without a previous-token head below it."""
+    a = torch.sigmoid(logit).to(k.dtype)[None, :, None, None]
+    prev = torch.cat([k[:, :, :1], k[:, :, :-1]], dim=2)
+    return a * k + (1 - a) * prev
 
 
 class MLP(nn.Module):
@@ -138,6 +154,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith("attn.smear"):
+                nn.init.zeros_(p)  # sigmoid(0): half its own key, half the previous one
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):

@@ -92,6 +92,7 @@ def param_counts(mc: ModelConfig) -> dict:
     layer = attn + 3 * d * ffn + 2 * d                              # SwiGLU gate/up/down, two RMSNorms
     embed = mc.vocab_size * d * (1 if mc.tie_embeddings else 2)     # tied: one matrix is also the head
     total = embed + mc.n_layer * layer + d                          # + the final norm
+    total += min(mc.smear_layers, mc.n_layer) * mc.n_kv_head        # smeared keys' gates
     return {"params": total, "params_no_embed": total - embed}
 
 
