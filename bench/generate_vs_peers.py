@@ -1,24 +1,33 @@
-"""Greedy decode tokens/s against peers, in one run on the same weights: llmforge's engine,
-transformers `generate` and llama.cpp, at batch 1 and 8, plus the memory-bandwidth bound.
+"""Greedy decode tokens/s against peers, in one run on the same weights: llmforge's engine (fp32,
+compiled, bf16, int8, speculative), transformers `generate` and llama.cpp, at batch 1 and 8, plus
+the memory-bandwidth bound; then speculative decoding on code prompts.
 
     python bench/generate_vs_peers.py                          # runs/cpu (its latest policy checkpoint)
     python bench/generate_vs_peers.py runs/cpu/ckpt/sft --new-tokens 200 --batches 1,8
 
 Every runtime decodes greedily (argmax) `--new-tokens` tokens per row from the same random
-`--prompt-len`-token prompts (non-special ids), fp32 weights and fp32 KV cache, no stop tokens:
-  llmforge      llmforge.infer.engine.Engine (as bench/generate_speed.py drives it);
+`--prompt-len`-token prompts (non-special ids), no stop tokens:
+  llmforge      llmforge.infer.engine.Engine, fp32 weights and KV cache; its variants:
+    compiled      Engine(compile=True): the decode step under torch.compile (compiled before timing);
+    bf16 / int8   llmforge.infer.quantize.for_inference (bf16 weights and cache; int8 weight-only);
+    speculative   Engine(speculate=--speculate): prompt-lookup drafts verified in one pass;
   transformers  AutoModelForCausalLM.generate(do_sample=False) on llmforge.interop.hf.export_hf's folder;
   llama.cpp     the C API of the CPU library in the `llama-cpp-cffi` wheel, on the f32 GGUF export:
                 one prefill of all rows, then one llama_decode of one token per row per step
                 (skipped, with the reason, where that library does not load);
-  bound         batch x (measured bandwidth of a large fp32 matrix-vector product / the model's
-                fp32 weight bytes): what reading every weight once per decode step allows.
+  bound         batch x (measured bandwidth of a large fp32 matrix-vector product / the weight
+                bytes at that precision): what reading every weight once per decode step allows.
 tokens/s = generated tokens / wall time (prefill and per-run set-up included), best of --repeats.
-Greedy tokens are compared row by row with llmforge's (agree / k of B rows agree).
+Greedy tokens are compared row by row with llmforge fp32's (agree / k of B rows agree); for bf16
+and int8 the share of equal tokens is printed instead (their argmax may differ legitimately).
+The code section decodes from --code-prompt-len-token windows of the Python standard library's
+source (what the `cpu` model was trained on) with and without speculation: tok/s, the speed-up
+and the acceptance rate (accepted / drafted tokens).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -27,9 +36,46 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate_speed import load, timed, with_cache  # noqa: E402  (the engine's driver, shared)
+from generate_speed import load, timed  # noqa: E402  (the engine's driver, shared)
 
+from llmforge.infer.engine import Engine  # noqa: E402
+from llmforge.infer.quantize import for_inference  # noqa: E402
+from llmforge.infer.sampling import SamplingParams  # noqa: E402
 from llmforge.tokenizer.bpe import SPECIAL_TOKENS  # noqa: E402
+
+
+def engine_generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    outs = engine.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0))
+    return [o.tokens for o in outs]
+
+
+def weight_bytes_of(model) -> int:
+    """Bytes a decode step reads: every parameter and buffer but the rotary tables, a tied head once."""
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is None or "rope" in name or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def token_share(ours: list[list[int]], theirs: list[list[int]]) -> str:
+    same = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y))
+    return f"{same / sum(map(len, ours)):.0%} of tokens equal"
+
+
+def code_prompts(tok, n: int, length: int) -> list[list[int]]:
+    """n windows of `length` tokens from the standard library's own source, one file each."""
+    import importlib
+    import inspect
+    names = ["json.encoder", "json.decoder", "textwrap", "argparse", "dataclasses", "functools", "heapq", "string"]
+    out = []
+    for i in range(n):
+        ids = tok.encode(inspect.getsource(importlib.import_module(names[i % len(names)])))
+        start = len(ids) // 3
+        out.append(ids[start:start + length])
+    return out
 
 
 # ---------------------------------------------------------------- transformers
@@ -143,6 +189,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch and llama.cpp threads (default: torch's choice)")
+    ap.add_argument("--speculate", type=int, default=4, help="draft tokens per step of the speculative row")
+    ap.add_argument("--code-prompt-len", type=int, default=64)
+    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled engine (saves ~1 min)")
     args = ap.parse_args()
     args.random = None   # generate_speed.load's switch: this bench always runs a checkpoint
     if args.threads:
@@ -153,7 +202,7 @@ def main() -> None:
     ctx = model.cfg.max_seq_len
     if args.prompt_len + args.new_tokens > ctx:
         ap.error(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds the context {ctx}")
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = weight_bytes_of(model)
     print(f"model: {folder}, {model.num_params() / 1e6:.2f}M parameters ({weight_bytes / 1e6:.1f} MB fp32), "
           f"context {ctx}; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per row, greedy, "
           f"{threads} threads, best of {args.repeats}")
@@ -174,35 +223,73 @@ def main() -> None:
           + (f" (note: {weight_bytes / 2**20:.1f} MiB of weights fit in a 32 MiB L3; the DRAM bound is not "
              f"a hard ceiling here)" if weight_bytes < 32 * 2**20 else ""))
 
+    batches = [int(b) for b in args.batches.split(",")]
+    top = max(batches)
+    variants = {"llmforge": (model, {}), "llmforge compiled": (model, {"compile": True}),
+                "llmforge bf16": (for_inference(copy.deepcopy(model), "bf16"), {}),
+                "llmforge int8": (for_inference(copy.deepcopy(model), "int8"), {}),
+                f"llmforge spec{args.speculate}": (model, {"speculate": args.speculate})}
+    if args.no_compile:
+        del variants["llmforge compiled"]
+    engines = {name: Engine(m, tok, max_batch=top, **kw) for name, (m, kw) in variants.items()}
+    bytes_of = {name: weight_bytes_of(m) for name, (m, _) in variants.items()}
+
     first = len(SPECIAL_TOKENS)
-    warm = [[first] * 4]   # one-time kernel set-up outside the timings
-    with_cache(model, tok, warm, 4)
+    warm = [[first] * 4]   # one-time kernel set-up (and compilation) outside the timings
+    for name, engine in engines.items():
+        for b in batches:
+            engine_generate(engine, warm * b, 4)
     hf_generate(hf_model, warm, 4)
     if llama is not None:
         llama.generate(warm, 4, ctx, threads)
 
     g = torch.Generator().manual_seed(0)
     rows = []
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for batch in batches:
         prompts = torch.randint(first, model.cfg.vocab_size, (batch, args.prompt_len), generator=g).tolist()
         generated = batch * args.new_tokens
-        t_ours, ours = timed(with_cache, model, tok, prompts, args.new_tokens, repeats=args.repeats)
+        result, ours = {}, None
+        for name, engine in engines.items():
+            t, toks = timed(engine_generate, engine, prompts, args.new_tokens, repeats=args.repeats)
+            if ours is None:
+                ours, same = toks, "(reference)"
+            else:
+                same = agreement(ours, toks) if "bf16" not in name and "int8" not in name else token_share(ours, toks)
+            result[name] = (generated / t, same, batch * bandwidth / bytes_of[name])
         t_hf, theirs = timed(hf_generate, hf_model, prompts, args.new_tokens, repeats=args.repeats)
-        bound = batch * bandwidth / weight_bytes
         hf_rate = generated / t_hf
-        result = {"llmforge": (generated / t_ours, "(reference)"),
-                  "transformers": (hf_rate, agreement(ours, theirs))}
+        bound = batch * bandwidth / weight_bytes
+        result["transformers"] = (hf_rate, agreement(ours, theirs), bound)
         if llama is not None:
             t_ll, ll = timed(llama.generate, prompts, args.new_tokens, ctx, threads, repeats=args.repeats)
-            result["llama.cpp"] = (generated / t_ll, agreement(ours, ll))
-        for name, (rate, same) in result.items():
-            rows.append((batch, name, rate, rate / hf_rate, rate / bound, same))
-        rows.append((batch, "bound", bound, bound / hf_rate, 1.0, ""))
+            result["llama.cpp"] = (generated / t_ll, agreement(ours, ll), bound)
+        for name, (rate, same, own_bound) in result.items():
+            rows.append((batch, name, rate, rate / hf_rate, rate / own_bound, same))
+        rows.append((batch, "bound fp32", bound, bound / hf_rate, 1.0, ""))
+        bf16_bound = result["llmforge bf16"][2]
+        rows.append((batch, "bound bf16", bf16_bound, bf16_bound / hf_rate, 1.0, ""))
 
-    print(f"\n{'batch':>5}  {'runtime':<13} {'tok/s':>9} {'vs transformers':>16} {'vs bound':>9}  "
-          f"greedy tokens vs llmforge")
+    print(f"\n{'batch':>5}  {'runtime':<18} {'tok/s':>9} {'vs transformers':>16} {'vs bound':>9}  "
+          f"greedy tokens vs llmforge fp32   (vs bound: the bound at the runtime's own weight precision)")
     for batch, name, rate, vs_hf, vs_bound, same in rows:
-        print(f"{batch:>5}  {name:<13} {rate:9.1f} {vs_hf:15.2f}x {vs_bound:8.0%}  {same}")
+        print(f"{batch:>5}  {name:<18} {rate:9.1f} {vs_hf:15.2f}x {vs_bound:8.0%}  {same}")
+
+    # ---------------------------------------------------------------- speculation on code
+    spec = engines[f"llmforge spec{args.speculate}"]
+    plain = engines["llmforge"]
+    new = min(args.new_tokens, ctx - args.code_prompt_len)
+    print(f"\nspeculative decoding on code: {args.code_prompt_len}-token windows of stdlib source, {new} new tokens, "
+          f"up to {args.speculate} drafted tokens per step (prompt lookup), greedy")
+    print(f"{'batch':>5} {'plain tok/s':>12} {'spec tok/s':>11} {'speed-up':>9} {'acceptance':>11}  greedy tokens")
+    for batch in batches:
+        prompts = code_prompts(tok, batch, args.code_prompt_len)
+        t0, base = timed(engine_generate, plain, prompts, new, repeats=args.repeats)
+        before = (spec.stats.drafted_tokens, spec.stats.accepted_tokens)
+        t1, fast = timed(engine_generate, spec, prompts, new, repeats=args.repeats)
+        drafted, accepted = spec.stats.drafted_tokens - before[0], spec.stats.accepted_tokens - before[1]
+        n = batch * new
+        print(f"{batch:>5} {n / t0:12.1f} {n / t1:11.1f} {t0 / t1:8.2f}x {accepted / max(drafted, 1):10.0%}  "
+              f"{agreement(base, fast)}")
 
 
 if __name__ == "__main__":

@@ -15,14 +15,6 @@ from llmforge.infer.sampling import SamplingParams
 from llmforge.model.transformer import Transformer
 
 
-class Tok:
-    def decode(self, ids):
-        return ""
-
-    def token_id(self, name):
-        raise KeyError(name)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -59,9 +51,9 @@ def test_int8_stores_int8_rows_and_one_scale_per_output_channel(model):
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bf16"])
-def test_the_engine_decodes_a_low_precision_model(model, dtype):
+def test_the_engine_decodes_a_low_precision_model(model, dtype, no_text):
     q = for_inference(copy.deepcopy(model), dtype)
-    engine = Engine(q, Tok(), max_batch=2)
+    engine = Engine(q, no_text, max_batch=2)
     outs = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=8, temperature=0.0))
     assert all(len(o.tokens) == 8 for o in outs)
     assert engine.cache.k.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)

@@ -80,19 +80,12 @@ def test_an_empty_distribution_is_an_error_for_that_row_alone():
     assert errors[0] and "empty" in errors[0] and errors[1] is None
 
 
-def test_decode_writes_the_kv_cache_in_place_without_reallocating():
+def test_decode_writes_the_kv_cache_in_place_without_reallocating(no_text):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=32)
     model = Transformer(cfg).eval()
 
-    class Tok:
-        def decode(self, ids):
-            return ""
-
-        def token_id(self, name):
-            raise KeyError(name)
-
-    engine = Engine(model, Tok(), max_batch=3)
+    engine = Engine(model, no_text, max_batch=3)
     k, v = engine.cache.k, engine.cache.v
     ptr, shape = k.data_ptr(), tuple(k.shape)
     views = []

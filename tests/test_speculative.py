@@ -17,14 +17,6 @@ from llmforge.model.transformer import Transformer
 V = 48
 
 
-class Tok:
-    def decode(self, ids):
-        return ""
-
-    def token_id(self, name):
-        raise KeyError(name)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -47,26 +39,26 @@ def test_prompt_lookup_proposes_what_followed_the_last_ngram():
     assert PromptLookup(k=3).propose([7, 8, 9]) == []
 
 
-def test_greedy_output_is_identical_with_and_without_speculation(model):
+def test_greedy_output_is_identical_with_and_without_speculation(model, no_text):
     params = SamplingParams(max_tokens=30, temperature=0.0)
-    base = Engine(model, Tok(), max_batch=3)
+    base = Engine(model, no_text, max_batch=3)
     plain = base.generate(prompts(), params)
-    spec = Engine(model, Tok(), max_batch=3, speculate=4)
+    spec = Engine(model, no_text, max_batch=3, speculate=4)
     fast = spec.generate(prompts(), params)
     assert [o.tokens for o in fast] == [o.tokens for o in plain]
     assert [x for o in fast for x in o.logprobs] == pytest.approx([x for o in plain for x in o.logprobs], abs=1e-4)
     assert spec.stats.accepted_tokens > 0 and spec.stats.steps < base.stats.steps
     # one at a time too (each row its own forward shape), and across the context's end
     for p in prompts():
-        alone = Engine(model, Tok(), max_batch=1, speculate=3).generate([p], SamplingParams(max_tokens=64, temperature=0.0))
-        ref = Engine(model, Tok(), max_batch=1).generate([p], SamplingParams(max_tokens=64, temperature=0.0))
+        alone = Engine(model, no_text, max_batch=1, speculate=3).generate([p], SamplingParams(max_tokens=64, temperature=0.0))
+        ref = Engine(model, no_text, max_batch=1).generate([p], SamplingParams(max_tokens=64, temperature=0.0))
         assert alone[0].tokens == ref[0].tokens and alone[0].finish_reason == ref[0].finish_reason == "length"
 
 
-def test_sampling_with_speculation_reproduces_with_its_seed(model):
+def test_sampling_with_speculation_reproduces_with_its_seed(model, no_text):
     params = SamplingParams(max_tokens=20, temperature=0.8, seed=3)
-    a = Engine(model, Tok(), max_batch=2, speculate=4).generate(prompts()[:2], params)
-    b = Engine(model, Tok(), max_batch=2, speculate=4).generate(prompts()[:2], params)
+    a = Engine(model, no_text, max_batch=2, speculate=4).generate(prompts()[:2], params)
+    b = Engine(model, no_text, max_batch=2, speculate=4).generate(prompts()[:2], params)
     assert [o.tokens for o in a] == [o.tokens for o in b]
 
 
@@ -84,8 +76,8 @@ def test_accept_reject_keeps_the_target_distribution(draft_token):
 
 
 @pytest.mark.slow
-def test_greedy_output_is_identical_compiled_and_uncompiled(model):
+def test_greedy_output_is_identical_compiled_and_uncompiled(model, no_text):
     params = SamplingParams(max_tokens=12, temperature=0.0)
-    plain = Engine(model, Tok(), max_batch=1).generate(prompts()[:1], params)
-    compiled = Engine(model, Tok(), max_batch=1, compile=True, speculate=2).generate(prompts()[:1], params)
+    plain = Engine(model, no_text, max_batch=1).generate(prompts()[:1], params)
+    compiled = Engine(model, no_text, max_batch=1, compile=True, speculate=2).generate(prompts()[:1], params)
     assert compiled[0].tokens == plain[0].tokens   # one batch size, one draft depth: one compile (~30 s)
