@@ -26,6 +26,14 @@ the other rows keep decoding, and the result is fed at the first step after it a
 `on_wake` (set by a scheduler) is called from the worker when a parked row becomes runnable.
 With `prefix_cache_tokens` > 0 a prompt that starts like a recent one gets those leading blocks'
 keys/values copied into its slot and prefills only the rest (infer/prefix_cache.py).
+
+The decode step is lean: inputs are built on the host in one go, the KV cache is written in place
+and read through views (model/kv_cache.py), and all rows are sampled together as tensor ops
+(infer/sampling.py: bias, penalties, constraints, temperature, top-k, top-p), with each request's
+own uniform draws. `speculate=k` adds up to k prompt-lookup draft tokens per row and verifies them
+in the same pass (infer/speculative.py: exact for greedy, accept/reject for sampling);
+`compile=True` runs decode batches through torch.compile (infer/compiled.py). Lower-precision
+weights are the caller's choice (infer/quantize.py; `--dtype bf16|int8`).
 """
 from __future__ import annotations
 
