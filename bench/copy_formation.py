@@ -12,6 +12,8 @@ first, it comes later. Measured here with the defaults (4 x 192, batch 16, lr 3e
 step 200, 71% at 250, 98% at 300, against AdamW's 0.3% / 2.2% / 6.8% at 200 / 250 / 275 in
 the same session. The cpu speedrun's 500 pretraining steps are mostly text, so its base model
 ends before it can copy, which bench/copy_probe.py confirms.
+With smeared keys in every layer (`--smear-layers 4`, model.smear_layers) the same Muon run
+copies 1.7% at step 125 and 86% at 150, against 0.3% plain at 150.
 """
 from __future__ import annotations
 
