@@ -82,7 +82,10 @@ BAD = [
     ({"metadata": "x"}, 400, "metadata"),
     ({"tool_choice": "banana"}, 400, "tool_choice"),
     ({"tool_choice": "required"}, 400, "tool_choice"),
-    ({"frequency_penalty": 1.0}, 400, "frequency_penalty"),
+    ({"frequency_penalty": 3.0}, 400, "frequency_penalty"),
+    ({"logit_bias": {"not-an-id": 5}}, 400, "logit_bias"),
+    ({"logit_bias": {"99999999": 5}}, 400, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"not_an_openai_field": 1}, 400, "not_an_openai_field"),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
     ({"messages": []}, 400, "messages"),
@@ -270,3 +273,22 @@ def test_openapi_declares_the_request_bodies(served):
     assert "error" in doc["components"]["schemas"]["ErrorBody"]["properties"]
     props = doc["components"]["schemas"]["ChatCompletionBody"]["properties"]
     assert {"messages", "temperature", "top_p", "seed", "tools", "stream_options"} <= set(props)
+
+
+
+def test_logit_bias_and_penalties_steer_the_tokens(served):
+    """OpenAI's logit_bias (+100 makes a token certain) and presence/frequency penalties reach the engine."""
+    server, url = served
+    base = {"model": server.model_name, "prompt": "def", "max_tokens": 12, "temperature": 0, "logprobs": 1}
+    forced = next(i for i in range(server.vocab_size) if i not in server.stop_ids and i != server.tok.eot_id)
+    r = httpx.post(url + "/v1/completions", json={**base, "logit_bias": {str(forced): 100}}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == server.tok.decode([forced] * 12)
+
+    def tokens(extra):
+        r = httpx.post(url + "/v1/completions", json={**base, **extra}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["logprobs"]["tokens"]
+    plain, penalised = tokens({}), tokens({"presence_penalty": 2.0, "frequency_penalty": 2.0})
+    assert len(set(plain)) < len(plain)                      # the tiny model repeats itself greedily
+    assert len(set(penalised)) > len(set(plain))             # penalties make it use other tokens

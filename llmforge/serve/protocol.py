@@ -128,9 +128,9 @@ class _Sampling(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: omit or send {}")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted from a token's logit per time it was generated")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="subtracted once from every token already generated")
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100] added to its logit")
 
 
 class ChatCompletionBody(_Sampling):
@@ -204,14 +204,20 @@ def check_text(raw: dict) -> None:
                             "send valid Unicode", param=where.split(".")[0].split("[")[0], code="invalid_text")
 
 
-def _unsupported(body: _Sampling) -> None:
-    for key in ("frequency_penalty", "presence_penalty"):
-        if getattr(body, key):
-            raise APIError(400, f"'{key}' is not supported by this server; omit it or send 0", param=key,
-                           code="unsupported_parameter")
-    if body.logit_bias:
-        raise APIError(400, "'logit_bias' is not supported by this server; omit it", param="logit_bias",
-                       code="unsupported_parameter")
+def _penalties(body: _Sampling, vocab_size: int) -> dict:
+    """The body's presence/frequency penalties and logit_bias as SamplingParams fields; a
+    logit_bias key must be a token id of this model and its value within OpenAI's [-100, 100]."""
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.strip().isdigit() or int(key) >= vocab_size:
+            raise APIError(400, f"logit_bias key {key!r} is not a token id of this model; use ids 0..{vocab_size - 1}",
+                           param="logit_bias", code="invalid_logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias[{key!r}] = {value} is outside [-100, 100]", param="logit_bias",
+                           code="invalid_logit_bias")
+        bias[int(key)] = float(value)
+    return {"presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
+            "logit_bias": bias}
 
 
 def _seed(seed: int | None, i: int) -> int | None:
@@ -304,7 +310,7 @@ class ChatRequest:
             check_text(body)
             body = ChatCompletionBody.model_validate(body)
         check_model(server, body.model)
-        _unsupported(body)
+        penalties = _penalties(body, server.vocab_size)
         spec = body
         messages = [self._normalize(m.model_dump(exclude_none=True)) for m in spec.messages]
         body = spec.model_dump(exclude_unset=True, by_alias=True)
@@ -378,6 +384,7 @@ class ChatRequest:
                 top_logprobs=self.top_logprobs if self.logprobs else 0,
                 execute_tools=self.client_tools is None and server.engine.tool_runner is not None,
                 chat=True,
+                **penalties,
             ))
         self.constraints = [constraint_factory() if constraint_factory else None for _ in range(self.n)]
 
@@ -530,7 +537,7 @@ class CompletionRequest:
             check_text(body)
             body = CompletionBody.model_validate(body)
         check_model(server, body.model)
-        _unsupported(body)
+        penalties = _penalties(body, server.vocab_size)
         if body.suffix:
             raise APIError(400, "'suffix' (fill-in-the-middle) is not supported by this model; omit it",
                            param="suffix", code="unsupported_parameter")
@@ -585,7 +592,7 @@ class CompletionRequest:
                     max_tokens=self.max_tokens, temperature=temperature, top_p=top_p,
                     top_k=min(body.top_k or 0, server.vocab_size), seed=_seed(body.seed, j),
                     stop_token_ids=[server.tok.eot_id], stop=stop, logprobs=bool(self.top) or self.best_of > self.n,
-                    top_logprobs=self.top)))
+                    top_logprobs=self.top, **penalties)))
 
 
 # ---------------------------------------------------------------- turning completions into answers
