@@ -211,6 +211,9 @@ class RMConfig(TrainConfig):
     prompts_per_task: int = 100     # train prompts per task sampled for preference pairs
     samples_per_prompt: int = 4     # SFT samples per prompt, graded by the verifiers
     heldout_per_task: int = 20      # held-out prompts per task for pairwise accuracy
+    safety_prompts: int = 0         # train prompts of the safety task (0: prompts_per_task): what the safety RM learns from
+    safety_heldout: int = 0         # held-out safety prompts (0: heldout_per_task); about half are benign-but-edgy,
+                                    # the false-refusal rate's denominator
     safety: bool = True             # also train the safety reward model (ckpt/rm_safety)
     safety_threshold: float = 0.15  # Llama 2: use the safety score when sigmoid(it) < this
     pair_sources: str = "form,helpfulness,refusal,format,verifier"   # pair kinds built (stages/prefs.py)
@@ -357,7 +360,8 @@ def _cpu(c: Config) -> None:
                       max_steps=5000, minutes=4.0, eval_every=0, ckpt_every=0, examples_per_task=2000,
                       eval_per_task=30, text_share=0.15, copy_examples=3000)
     c.rm = RMConfig(batch_size=16, lr=5e-4, warmup_steps=10, max_steps=300, minutes=0.4, eval_every=0,
-                    ckpt_every=0, prompts_per_task=24, samples_per_prompt=4, heldout_per_task=15)
+                    ckpt_every=0, prompts_per_task=24, samples_per_prompt=4, heldout_per_task=15,
+                    safety_prompts=96, safety_heldout=100)
     c.rl = RLConfig(batch_size=16, lr=1e-4, max_steps=300, minutes=0.35, eval_every=0, ckpt_every=0, log_every=2,
                     eval_per_task=30)
     c.rejection = dataclasses.replace(c.rejection, prompts=64, group_size=4, rounds=2, steps_per_round=40)

@@ -128,6 +128,16 @@ def test_sft_packing_keeps_conversations_whole():
     assert len(rows) == 4
 
 
+def test_chat_rows_are_drawn_without_replacement_and_reproducibly():
+    size, per_batch = 10, 3
+    stream = torch.cat([chat_data.epoch_order(size, b * per_batch, per_batch, seed=5) for b in range(10)])
+    for epoch in range(3):   # every epoch is a permutation, even where a batch straddles two epochs
+        assert sorted(stream[epoch * size:(epoch + 1) * size].tolist()) == list(range(size))
+    assert stream[:size].tolist() != stream[size:2 * size].tolist()   # each epoch in its own order
+    assert chat_data.epoch_order(size, 7, 6, seed=5).tolist() == stream[7:13].tolist()   # resume = same rows
+    assert chat_data.epoch_order(size, 0, size, seed=6).tolist() != stream[:size].tolist()
+
+
 def test_rollout_batch_keeps_only_sampled_tokens_as_actions():
     from llmforge.eval.tasks import Sample
     from llmforge.infer.engine import Completion

@@ -201,3 +201,14 @@ def test_score_sequences_batches_by_length_and_keeps_the_input_order():
     assert torch.allclose(batched, one_by_one, atol=1e-5)
     lengths = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     assert lengths != list(range(len(seqs)))          # the test data really is out of length order
+
+
+def test_safety_prompts_get_their_own_counts():
+    from llmforge.config import RMConfig
+    rc = RMConfig(prompts_per_task=3, heldout_per_task=2, safety_prompts=7, safety_heldout=5)
+    train, heldout = prefs.prompt_items(rc, ["addsub", "safety"])
+    assert [i.task for i in train].count("safety") == 7 and [i.task for i in train].count("addsub") == 3
+    assert [i.task for i in heldout].count("safety") == 5 and [i.task for i in heldout].count("addsub") == 2
+    assert all(i.split == "eval" for i in heldout) and all(i.split == "train" for i in train)
+    train, heldout = prefs.prompt_items(RMConfig(prompts_per_task=3, heldout_per_task=2), ["safety"])
+    assert len(train) == 3 and len(heldout) == 2

@@ -79,11 +79,27 @@ class ChatRows:
         return int(self.masks.sum())
 
 
+def epoch_order(size: int, start: int, n: int, seed: int) -> torch.Tensor:
+    """Items start .. start + n of an endless stream over range(size) that visits every item once
+    per epoch, each epoch in its own seeded order. A pure function of its arguments, so resume is
+    exact; and without replacement, so a stage that draws fewer rows than there are sees each at
+    most once (SFT drawing 3,150 of 5,302 rows with replacement saw ~2,375 distinct ones)."""
+    idx = torch.arange(start, start + n)
+    epochs = idx // size
+    out = torch.empty(n, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        here = epochs == epoch
+        out[here] = perm[idx[here] % size]
+    return out
+
+
 def mixed_batch(g: torch.Generator, n_rows: int, rows: slice, seq_len: int, chat: ChatRows | None,
-                text=None, text_share: float = 0.0) -> dict:
-    """A global batch of n_rows: the first round(text_share * n_rows) are text windows from the
-    `text` shards (every token trained), the rest chat rows (assistant tokens trained); this
-    rank keeps `rows` of it. All draws happen on every rank, so ranks stay in step."""
+                text=None, text_share: float = 0.0, *, draw: int, seed: int) -> dict:
+    """Global batch number `draw` of n_rows: the first round(text_share * n_rows) are random text
+    windows from the `text` shards (every token trained, drawn with `g`), the rest the next chat
+    rows in `epoch_order` (assistant tokens trained); this rank keeps `rows` of it. Every
+    rank builds the whole batch, so ranks stay in step."""
     n_text = round(text_share * n_rows) if text is not None else 0
     if chat is None:
         n_text = n_rows
@@ -92,7 +108,7 @@ def mixed_batch(g: torch.Generator, n_rows: int, rows: slice, seq_len: int, chat
         x, y = text.sample_batch(n_text, seq_len, g)
         parts_x.append(x), parts_y.append(y), parts_m.append(torch.ones_like(y, dtype=torch.float))
     if n_rows - n_text:
-        pick = torch.randint(0, len(chat), (n_rows - n_text,), generator=g)
+        pick = epoch_order(len(chat), draw * (n_rows - n_text), n_rows - n_text, seed)
         r, m = chat.ids[pick], chat.masks[pick]
         parts_x.append(r[:, :-1]), parts_y.append(r[:, 1:]), parts_m.append(m[:, 1:])
     x, y, m = torch.cat(parts_x)[rows], torch.cat(parts_y)[rows], torch.cat(parts_m)[rows]

@@ -403,6 +403,19 @@ def load_samples(path: str | Path) -> list[dict]:
     return [record for _, record in read_jsonl(path, "graded samples")]
 
 
+def prompt_items(rc, names: list[str]) -> tuple[list[Item], list[Item]]:
+    """The train and held-out task items the pairs are built on: rm.prompts_per_task and
+    rm.heldout_per_task of each task, except the safety task where rm.safety_prompts and
+    rm.safety_heldout (when > 0) set its counts."""
+    def count(name: str, default: int, safety: int) -> int:
+        return safety if name == "safety" and safety > 0 else default
+
+    train = [i for n in names for i in get_task(n).train_items(count(n, rc.prompts_per_task, rc.safety_prompts),
+                                                               offset=500_000)]
+    heldout = [i for n in names for i in task_eval.heldout([n], count(n, rc.heldout_per_task, rc.safety_heldout))]
+    return train, heldout
+
+
 def build(cfg, run, policy, tok) -> tuple[list[dict], list[dict]]:
     """Sample the policy on train and held-out prompts, grade, add constructed contrasts, and
     write prefs/{train,heldout}.jsonl (held-out pairs come only from held-out task items)."""
@@ -412,8 +425,7 @@ def build(cfg, run, policy, tok) -> tuple[list[dict], list[dict]]:
     for s in sources:
         if s not in SOURCES:
             raise UserError(f"rm.pair_sources: unknown source '{s}'; choose from {', '.join(SOURCES)}")
-    train_items = [i for n in names for i in get_task(n).train_items(rc.prompts_per_task, offset=500_000)]
-    heldout_items = task_eval.heldout(names, rc.heldout_per_task)
+    train_items, heldout_items = prompt_items(rc, names)
     user_pairs = load_pairs(rc.user_prefs) if rc.user_prefs else []   # fail fast, before sampling
     out = []
     for which, items, seed in (("train", train_items, rc.seed), ("heldout", heldout_items, rc.seed + 1)):

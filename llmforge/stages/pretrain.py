@@ -82,7 +82,8 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * 1_009 + micro)
         rows = slice(ctx.rank * B, (ctx.rank + 1) * B)
         if mid_start is not None and step >= mid_start:
-            return mixed_batch(g, B * ctx.world, rows, T, chat, train_data, 1 - tc.mid_chat_share)
+            return mixed_batch(g, B * ctx.world, rows, T, chat, train_data, 1 - tc.mid_chat_share,
+                               draw=(step - mid_start) * tc.grad_accum + micro, seed=tc.seed)
         x, y = train_data.sample_batch(B * ctx.world, T, g, rows=rows)
         return {"input_ids": x, "targets": y}
 

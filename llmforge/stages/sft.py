@@ -53,7 +53,7 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
     def get_batch(step, micro, ctx):
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * 1_009 + micro)
         return mixed_batch(g, B * ctx.world, slice(ctx.rank * B, (ctx.rank + 1) * B), seq_len, chat,
-                           train_text, tc.text_share)
+                           train_text, tc.text_share, draw=step * tc.grad_accum + micro, seed=tc.seed)
 
     def loss_fn(model, batch):
         _, loss = model(batch["input_ids"], targets=batch["targets"], loss_mask=batch["loss_mask"])
