@@ -234,6 +234,8 @@ class RLConfig(TrainConfig):
     temperature: float = 1.0        # sampling temperature of rollouts
     init: str = "sft"               # checkpoint folder the policy (and reference) start from
     eval_per_task: int = 30         # held-out items per task for verified accuracy (and checkpoint choice)
+    select_p: float = 0.05          # publish an RL checkpoint over the initial policy only if it is better on the
+                                    # validation items with paired-bootstrap p below this (1.0: the best, however noisy)
     train_layers: int = 0           # > 0: train only the top k transformer layers (+ norm, heads)
 
 
@@ -362,8 +364,9 @@ def _cpu(c: Config) -> None:
     c.rm = RMConfig(batch_size=16, lr=5e-4, warmup_steps=10, max_steps=300, minutes=0.4, eval_every=0,
                     ckpt_every=0, prompts_per_task=24, samples_per_prompt=4, heldout_per_task=15,
                     safety_prompts=96, safety_heldout=100)
+    # 60 validation items per task: RL publishes a checkpoint only when it beats SFT there with p < 0.05
     c.rl = RLConfig(batch_size=16, lr=1e-4, max_steps=300, minutes=0.35, eval_every=0, ckpt_every=0, log_every=2,
-                    eval_per_task=30)
+                    eval_per_task=60)
     c.rejection = dataclasses.replace(c.rejection, prompts=64, group_size=4, rounds=2, steps_per_round=40)
     c.ppo = dataclasses.replace(c.ppo, prompts_per_rollout=16, ppo_epochs=2, curve_points=2, kl_sweep="")
     # GRPO on the verifier is the RL that paid from a weaker SFT model (+1.3 to +2.0 points in 0.7 min;

@@ -255,3 +255,28 @@ def test_overoptimisation_curve_on_a_toy_bandit(tmp_path):
     s = overopt.summarize(points)
     assert s["overoptimised"] and s["gold_peak_kl_coef"] == pts[peak]["kl_coef"]
     assert overopt.plot(points, tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_rl_publishes_a_checkpoint_only_when_it_beats_the_initial_policy_significantly(tmp_path, tiny_model_cfg):
+    from llmforge.model.transformer import Transformer
+    from llmforge.run import RunDir
+    from llmforge.stages.rl.evaluate import BestCheckpoint
+    run = RunDir(tmp_path / "run").create()
+    policy = Transformer(tiny_model_cfg)
+    tasks = [t for t in ("a", "b", "c") for _ in range(100)]
+
+    def scored(gained, lost):   # per task: items 0-29 right at first; `gained` more right, `lost` of those wrong
+        return [(t, float(lost <= i % 100 < 30 + gained)) for i, t in enumerate(tasks)]
+
+    best = BestCheckpoint(run, "rl_best", None)
+    assert best.offer(policy, scored(0, 0), step=0)           # the initial policy is the first candidate
+    assert not best.offer(policy, scored(4, 2), step=1)       # +2 points, 12 items gained and 6 lost: noise
+    assert best.step == 0 and abs(best.best - 0.30) < 1e-9
+    assert best.offer(policy, scored(17, 2), step=2)          # +15 points (51 gained, 6 lost): published
+    assert not best.offer(policy, scored(12, 2), step=3)      # significant over the initial one, but not the best
+    resumed = BestCheckpoint(run, "rl_best", None, resume=True)
+    assert (resumed.step, resumed.best) == (2, best.best)
+    assert not resumed.offer(policy, scored(14, 0), step=4)   # 44%: above the initial policy, below the best
+    assert resumed.offer(policy, scored(30, 2), step=5)       # the reference survived the resume
+    loose = BestCheckpoint(run, "rl_loose", None, select_p=1.0)
+    assert loose.offer(policy, scored(0, 0), 0) and loose.offer(policy, scored(4, 2), 1)   # p 1.0: plain argmax

@@ -51,7 +51,8 @@ class GRPOConfig:
     clip: float = 0.2               # ratio clip ε of the surrogate
     dynamic_sampling: bool = True   # keep only groups whose rewards differ (DAPO); False: every group drawn
     max_draws: int = 4              # dynamic sampling: at most this many draws of prompts_per_rollout prompts
-    select_best: bool = True        # publish the evaluation with the best held-out accuracy, not the last step
+    select_best: bool = True        # publish the best validation evaluation (the initial policy unless one beats
+                                    # it with p < rl.select_p), not the last step
     minutes: float = -1.0           # wall-clock budget of GRPO's training; < 0: rl.minutes (shared by the algorithms)
 
 
@@ -65,7 +66,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
     tok, policy, ref = common.policy_and_reference(run, rc)
     train_dir = run.ckpt(f"{STAGE}_train")
     resume = resume and (train_dir / "train_state.json").is_file()
-    best = BestCheckpoint(run, f"{STAGE}_best", tok, resume=resume)
+    best = BestCheckpoint(run, f"{STAGE}_best", tok, resume=resume, select_p=rc.select_p)
     names = task_names(cfg.tasks.names)
     pool = common.prompt_pool(names, max(gc.prompts_per_rollout * gc.max_draws // len(names) + 1, 50))
     G, max_len = gc.group_size, policy.cfg.max_seq_len
@@ -128,9 +129,10 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
         return loss, {"pg_loss": pg_loss.detach(), "kl_k3": kl.detach(), "clip_frac": clip_frac.detach()}
 
     def evaluate(model, step: int) -> dict:
-        out = policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed)
+        scored: list = []
+        out = policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed, scored=scored)
         if gc.select_best:
-            best.offer(model, out["acc_mean"], step, {"algo": ALGO})
+            best.offer(model, scored, step, {"algo": ALGO})
         return out
 
     if gc.select_best and not resume:

@@ -116,7 +116,7 @@ def train_one(cfg: Config, run: RunDir, pc: PPOConfig, name: str, reward_model, 
     tok, policy, ref = common.policy_and_reference(run, rc)
     train_dir = run.ckpt(f"{name}_train")
     resume = resume and (train_dir / "train_state.json").is_file()
-    best = BestCheckpoint(run, f"{name}_best", tok, resume=resume)
+    best = BestCheckpoint(run, f"{name}_best", tok, resume=resume, select_p=rc.select_p)
     if resume and json.loads((train_dir / "config.json").read_text()).get("complete"):
         return {"name": name, "kl_coef": pc.kl_coef, "selection_acc": best.best, "selection_step": best.step,
                 "summary": {}}      # a finished member of a sweep
@@ -186,11 +186,12 @@ def train_one(cfg: Config, run: RunDir, pc: PPOConfig, name: str, reward_model, 
         return loss, metrics
 
     def evaluate(policy_now, step: int) -> dict:
+        scored: list = []
         out = policy_eval(policy_now, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed,
-                          reward=reward_model, max_len=max_len)
+                          reward=reward_model, max_len=max_len, scored=scored)
         run.log(STAGE, run_name=name, **overopt.point(pc.kl_coef, step, out["eval_kl"], out["eval_rm_reward"],
                                                       out["acc_mean"]))
-        best.offer(policy_now, out["acc_mean"], step, {"algo": ALGO, "kl_coef": pc.kl_coef, "run": name})
+        best.offer(policy_now, scored, step, {"algo": ALGO, "kl_coef": pc.kl_coef, "run": name})
         return out
 
     if not resume:   # the initial policy: the curve's origin and the first candidate

@@ -59,8 +59,8 @@ class RejectionConfig:
     no_end_penalty: float = 1.0     # subtracted from the RM score of answers that never end
     use_verifier: bool = True       # score = verifier reward, RM as tie-break; false: RM alone
     min_verified: float = 1.0       # with the verifier: winners scoring below this are not trained on
-    select_best: bool = True        # publish whichever of the initial policy and the last round scores
-                                    # best on held-out validation items (never the eval stage's test items)
+    select_best: bool = True        # publish the last round only if it beats the initial policy on held-out
+                                    # validation items with p < rl.select_p (never the eval stage's test items)
 
 
 CONFIG = RejectionConfig
@@ -116,16 +116,18 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
         logp, _ = gather_actions(model(batch["input_ids"]), batch)
         return -masked_mean(logp, batch["act_mask"]), {}
 
-    def eval_fn(model):
-        return policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed)
+    scored: list = []     # the last evaluation's (task, 0/1) per validation item
 
-    best = BestCheckpoint(run, f"{STAGE}_best", tok, resume=resume)
+    def eval_fn(model):
+        return policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed, scored=scored)
+
+    best = BestCheckpoint(run, f"{STAGE}_best", tok, resume=resume, select_p=rc.select_p)
     if jc.select_best and first == 0 and not resume_round:   # the policy to beat: the one we start from
         policy.eval()
         start = eval_fn(policy)
         policy.train()
         run.log(STAGE, step=0, **start)
-        best.offer(policy, start["acc_mean"], 0, {"algo": ALGO})   # "step" here: rounds done
+        best.offer(policy, scored, 0, {"algo": ALGO})   # "step" here: rounds done
 
     summary: dict = {}
     for round_ in range(first, jc.rounds):
@@ -140,7 +142,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
         if buf is None:               # no answer the verifier accepts: nothing to imitate this round
             resume_round = False
             if last:
-                summary = policy_eval(policy, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed)
+                summary = eval_fn(policy)
                 run.log(STAGE, event="done", **summary)
             continue
 
@@ -156,7 +158,7 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
     shutil.rmtree(rollout_dir, ignore_errors=True)
     meta = {"algo": ALGO, "init": rc.init, "preset": cfg.preset, "use_verifier": jc.use_verifier}
     if jc.select_best and best.step >= 0:
-        if not best.offer(policy, summary.get("acc_mean", -1.0), jc.rounds, {"algo": ALGO}):
+        if not (scored and best.offer(policy, scored, jc.rounds, {"algo": ALGO})):
             best.load_into(policy)    # the last round did not beat the initial policy: publish that
         meta.update(selection_acc=best.best, selection_after_rounds=best.step)
         summary = {**summary, "selection_acc": best.best, "selection_after_rounds": best.step}
