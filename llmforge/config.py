@@ -35,6 +35,16 @@ class ModelConfig:
     zero_init_residual: bool = False  # o_proj and down_proj start at zero (each block starts as the identity)
     qk_norm: bool = False       # RMSNorm on each head's queries and keys before RoPE (OLMo 2, Qwen3)
     smear_layers: int = 0       # the lowest this many layers mix each key with the previous position's (Olsson et al. 2022)
+    # mixture of experts (model/moe.py); moe_experts = 0 keeps every MLP dense
+    moe_experts: int = 0        # routed SwiGLU experts per MoE layer; 0 = dense model
+    moe_top_k: int = 2          # experts per token (token choice); expert choice: the average per token
+    moe_every: int = 1          # layer i (from 0) is MoE when (i + 1) % moe_every == 0 (Qwen2-MoE's decoder_sparse_step)
+    moe_shared_experts: int = 0  # experts every token also goes through, ungated (DeepSeek-MoE, Qwen2-MoE)
+    moe_d_ff: int = 0           # width of one expert; 0 = the dense width / (top_k + shared): equal active parameters
+    moe_router: str = "token_choice"  # token_choice (top-k, Switch/Mixtral) | expert_choice (Zhou et al. 2022)
+    moe_capacity_factor: float = 1.25  # an expert processes at most ceil(this * top_k * tokens / experts) tokens in training
+    moe_aux_coef: float = 0.01  # weight of the Switch/GShard load-balancing loss (token choice)
+    moe_z_coef: float = 0.001   # weight of the ST-MoE router z-loss
 
     def validate(self) -> None:
         if self.d_model % self.n_head:
@@ -48,6 +58,37 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.moe_experts:
+            self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        E, k = self.moe_experts, self.moe_top_k
+        if E < 0:
+            raise UserError(f"model.moe_experts={E} is negative; use 0 for a dense model or the number of experts")
+        if not 1 <= k <= E:
+            raise UserError(f"model.moe_top_k={k} must be between 1 and model.moe_experts={E}; "
+                            f"lower moe_top_k or add experts")
+        if not self.moe_capacity_factor > 0:
+            raise UserError(f"model.moe_capacity_factor={self.moe_capacity_factor} must be > 0 "
+                            "(1.0 = exactly top_k * tokens / experts per expert; Switch uses 1.25)")
+        if not 1 <= self.moe_every <= self.n_layer:
+            raise UserError(f"model.moe_every={self.moe_every} selects no MoE layer of model.n_layer={self.n_layer} "
+                            f"(layer i is MoE when (i + 1) % moe_every == 0); pick 1..{self.n_layer}")
+        if self.moe_router not in ("token_choice", "expert_choice"):
+            raise UserError(f"model.moe_router='{self.moe_router}' is not a router; choose token_choice or expert_choice")
+        for name in ("moe_shared_experts", "moe_d_ff", "moe_aux_coef", "moe_z_coef"):
+            if getattr(self, name) < 0:
+                raise UserError(f"model.{name}={getattr(self, name)} is negative; use 0 or more")
+        if self.expert_dim < 1:
+            raise UserError(f"an expert would have width {self.expert_dim}; set model.moe_d_ff")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe_experts > 0 and (layer + 1) % self.moe_every == 0
+
+    @property
+    def expert_dim(self) -> int:
+        """One expert's SwiGLU width: moe_d_ff, or the dense width split over the active experts."""
+        return self.moe_d_ff or self.ffn_dim // (self.moe_top_k + self.moe_shared_experts)
 
     @property
     def head_dim(self) -> int:

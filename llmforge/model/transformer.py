@@ -1,8 +1,9 @@
 """A decoder-only transformer of the Llama family.
 
 RMSNorm (pre-norm), rotary position embeddings in the Hugging Face "rotate-half" layout,
-grouped-query attention through F.scaled_dot_product_attention, a SwiGLU MLP, no biases
-(except optional Qwen2-style q/k/v biases), optional tied input/output embeddings.
+grouped-query attention through F.scaled_dot_product_attention, a SwiGLU MLP (or, in the layers
+model.moe_every picks, a mixture of SwiGLU experts: model/moe.py), no biases (except optional
+Qwen2-style q/k/v biases), optional tied input/output embeddings.
 
 Generation uses a KV cache whose rows are independent "slots": every row has its own
 positions, so requests of different lengths share one batch without left padding
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from llmforge.config import ModelConfig
 from llmforge.model.kv_cache import KVCache
+from llmforge.model.moe import MoE, SwiGLU, moe_layers
 
 
 class RMSNorm(nn.Module):
@@ -107,24 +109,13 @@ def smear_keys(k: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
     return a * k + (1 - a) * prev
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU (Shazeer 2020)
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, layer)
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.ffn_dim)
 
     def forward(self, x, cos, sin, cache, plan):
         x = x + self.attn(self.input_norm(x), cos, sin, cache, plan)
@@ -171,11 +162,22 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: 6 per matmul weight plus attention scores (PaLM, App. B)."""
+        """Training FLOPs per token: 6 per matmul weight plus attention scores (PaLM, App. B). In an
+        MoE layer only the experts a token goes through count (the router's matmul does), plus 6 per
+        gated output element for scaling and combining the experts' outputs."""
         T = seq_len or self.cfg.max_seq_len
-        matmul_params = self.num_params() - (0 if self.cfg.tie_embeddings else self.embed.weight.numel())
+        matmul_params = self.active_params() - (0 if self.cfg.tie_embeddings else self.embed.weight.numel())
         attn = 12 * self.cfg.n_layer * self.cfg.n_head * self.cfg.head_dim * T
-        return 6 * matmul_params + attn
+        combine = sum(6 * m.active_experts() * self.cfg.d_model for _, m in moe_layers(self))
+        return 6 * matmul_params + attn + combine
+
+    def active_params(self) -> float:
+        """Parameters one token's forward uses: all, less the routed experts it skips (on average)."""
+        skipped = 0
+        for _, m in moe_layers(self):
+            per_expert = sum(p.numel() for p in m.experts[0].parameters())
+            skipped += (m.n_experts - m.active_experts()) * per_expert
+        return self.num_params() - skipped
 
     # ------------------------------------------------------------ forward
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,

@@ -120,6 +120,11 @@ def load_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: P
                         "check that its config.json matches its weights") from None
     if _is_tied(model):  # the tied lm_head was stored once, as the embedding
         missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    routed = [k for k in unexpected if ".mlp.router." in k]
+    if routed:
+        raise UserError(f"checkpoint {where} holds mixture-of-experts weights ({routed[0]}) but the model config is "
+                        "dense (model.moe_experts=0); load it with the config.json saved beside it, which sets "
+                        "model.moe_experts")
     if missing or unexpected:
         raise UserError(f"checkpoint {where} does not fit this model (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); load it with the model kind it was saved from")

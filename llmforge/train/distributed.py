@@ -52,9 +52,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(value: float, ctx: DistContext) -> float:
+def all_reduce_mean(value: float | list[float], ctx: DistContext) -> float | list[float]:
+    """The mean over ranks of a number, or elementwise of a list (e.g. an MoE layer's expert load)."""
     if not ctx.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32, device=ctx.device)
+    values = value if isinstance(value, list) else [value]
+    t = torch.tensor(values, dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32, device=ctx.device)
     dist.all_reduce(t)
-    return float(t) / ctx.world
+    mean = [v / ctx.world for v in t.tolist()]
+    return mean if isinstance(value, list) else mean[0]

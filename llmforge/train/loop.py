@@ -6,11 +6,16 @@ A stage hands over:
                arguments (and of the stage's own seeded state) so that resume is exact and every
                DDP rank reads its own rows of the same global batch
     loss_fn    loss_fn(model, batch) -> (loss, {"name": float or 0-d tensor}); metrics are averaged
-               (return tensors, not .item(): the loop reads them only on logging steps)
+               (return tensors, not .item(): the loop reads them only on logging steps; a 1-D
+               tensor is logged as a list)
     ckpt       Checkpointing(dir, kind, model_cfg, tokenizer, meta): where and how to save
 and optionally eval_fn(model) -> {"val_loss": ..., ...} and sample_fn(model) -> str.
 loss_fn must call the model through forward (model(...)), not other methods, so that DDP's
 gradient hooks fire when the model is wrapped.
+
+Mixture-of-experts layers (model/moe.py) record their router's auxiliary losses in every training
+forward; the loop adds them to the stage's loss and logs per layer expert load, dropped-token share
+and router entropy, so every stage trains MoE models without knowing it.
 
 The loop owns: AdamW, warmup + cosine/WSD schedule, gradient accumulation, clipping,
 bf16 autocast, torch.compile, DDP, LoRA (cfg.lora_rank > 0 wraps the model's Linears), the budget (steps / tokens / minutes), metrics.jsonl,
@@ -34,6 +39,7 @@ from tqdm import tqdm
 from llmforge.config import ModelConfig, TrainConfig
 from llmforge.errors import UserError
 from llmforge.model.lora import apply_lora, lora_meta, save_adapter
+from llmforge.model.moe import moe_layers, router_losses
 from llmforge.run import RunDir
 from llmforge.train import checkpoint as ckpt_io
 from llmforge.train.distributed import DistContext, all_reduce_mean
@@ -213,6 +219,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
                disable=not (show_progress and ctx.is_main))
     last_eval: dict = {}
     window_t, window_tokens = time.perf_counter(), 0
+    routed = moe_layers(raw_model)   # MoE layers: their router losses join the loss, their stats the log
     raw_model.train()
     try:
         while progress() < 1.0 and stop["signal"] is None:
@@ -227,7 +234,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
                 sync = micro == cfg.grad_accum - 1 or not ctx.enabled
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, amp):
                     loss, metrics = loss_fn(model, batch)
-                (loss / cfg.grad_accum).backward()
+                total = loss
+                if routed:  # the auxiliary losses the MoE layers' forwards recorded (model/moe.py)
+                    aux, router_metrics = router_losses(routed)
+                    total, metrics = loss + aux, {**metrics, **router_metrics}
+                (total / cfg.grad_accum).backward()
                 loss_sum += loss.detach().float() / cfg.grad_accum
                 for k, v in metrics.items():
                     # kept as (detached) tensors: read only on logging steps, with the loss
@@ -246,7 +257,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
             logging_step = step % cfg.log_every == 0 or step == 1
             if logging_step or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 # the one host sync of a step, and only on steps that log or save
-                sums = {k: float(v) for k, v in sums.items()}
+                sums = {k: v.tolist() if torch.is_tensor(v) and v.dim() else float(v) for k, v in sums.items()}
                 sums["loss"] = float(loss_sum)
                 if not math.isfinite(sums["loss"]):
                     raise RuntimeError(f"{stage}: loss became {sums['loss']} at step {step}; lower the lr "
