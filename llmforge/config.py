@@ -436,7 +436,23 @@ def _gpt2_small(c: Config) -> None:
                              sample_every=1000, compile=True)
 
 
-PRESETS = {"micro": _micro, "cpu": _cpu, "gpt2-small": _gpt2_small}
+def _cpu_moe(c: Config) -> None:
+    """The `cpu` budget and recipe with every MLP a mixture of 8 SwiGLU experts of half the dense
+    width, top-2 token choice: the same active parameters per token as `cpu` (2.4M of 6.0M).
+    bench/moe_vs_dense.py measures it against `cpu` at equal minutes and FLOPs (README, Results)."""
+    _cpu(c)
+    c.model = dataclasses.replace(c.model, moe_experts=8, moe_top_k=2)
+
+
+def _gpt2_small_moe(c: Config) -> None:
+    """`gpt2-small` with a mixture of 8 experts (top 2, half the dense width each) in every other
+    layer: the same active parameters per token (124M), 4x the MLP parameters in those layers."""
+    _gpt2_small(c)
+    c.model = dataclasses.replace(c.model, moe_experts=8, moe_top_k=2, moe_every=2)
+
+
+PRESETS = {"micro": _micro, "cpu": _cpu, "gpt2-small": _gpt2_small, "cpu-moe": _cpu_moe,
+           "gpt2-small-moe": _gpt2_small_moe}
 
 
 # ---------------------------------------------------------------- loading and overrides

@@ -129,6 +129,26 @@ def targets(ev: dict, metrics: list[dict]) -> list[list]:
     return [[t, v, "met" if ok else "MISSED"] for t, v, ok in rows]
 
 
+def expert_load_keys(records: list[dict]) -> list[str]:
+    """The metrics keys of the MoE layers' expert loads (moe_load_L<layer>), in layer order."""
+    return sorted({k for r in records for k in r if k.startswith("moe_load_L")}, key=lambda k: int(k[len("moe_load_L"):]))
+
+
+def draw_expert_load(axes, records: list[dict], keys: list[str], label: str = "") -> None:
+    """One axis per MoE layer: every expert's share of the top-k choices against the step, with the
+    balanced share 1/E dashed (a collapsed router shows one line near 1 and the rest near 0)."""
+    for ax, key in zip(axes, keys):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        n_experts = len(pts[0][1])
+        for e in range(n_experts):
+            ax.plot([p[0] for p in pts], [p[1][e] for p in pts], lw=1, color=f"C{e % 10}")
+        ax.axhline(1 / n_experts, ls="--", color="k", lw=0.8)
+        ax.set_title(f"{label}layer {key[len('moe_load_L'):]}: expert load", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("share of routed tokens", fontsize=8)
+
+
 def plots(run: RunDir, metrics: list[dict], ev: dict) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -192,6 +212,14 @@ def plots(run: RunDir, metrics: list[dict], ev: dict) -> list[str]:
             ax.set_xlabel("step", fontsize=8)
             ax.legend(fontsize=6, ncol=2)
         save(fig, "pretrain_eval.png")
+    # mixture of experts: each expert's share of the router's choices over pretraining steps
+    routed = [r for r in metrics if r.get("stage") == "pretrain" and "step" in r
+              and any(k.startswith("moe_load_L") for k in r)]
+    if routed:
+        keys = expert_load_keys(routed)
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+        draw_expert_load(axes[0], routed, keys)
+        save(fig, "expert_load.png")
     # reward and KL over RL rollouts
     rl = [s for s in STAGE_ORDER if s.startswith("rl_") and any(r["stage"] == s and ("rollout" in r or "round" in r)
                                                                  for r in metrics)]
