@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -297,3 +298,120 @@ def test_expert_choice_scores_the_batch_with_the_training_rule_only_when_asked()
         again = model(x)
     assert not torch.allclose(decoding, batch)          # half the capacity: the rules differ
     torch.testing.assert_close(again, decoding)         # and the switch is undone
+
+
+# ---------------------------------------------------------------- export and import
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from llmforge.tokenizer.bpe import Tokenizer
+    texts = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog. " * 3] * 20
+    return Tokenizer.train(texts, vocab_size=300)
+
+
+def random_moe_checkpoint(tmp_path, tokenizer, **kw):
+    cfg = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64, rope_theta=500.0,
+                      norm_eps=1e-6, moe_experts=4, moe_top_k=2, **kw)
+    torch.manual_seed(1)
+    model = Transformer(cfg)
+    with torch.no_grad():   # away from init: norms off 1, decisive routers and logits
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.3 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+    save_checkpoint(tmp_path / "ckpt", model, kind="sft", model_cfg=cfg, tokenizer=tokenizer)
+    return model.eval(), cfg
+
+
+@pytest.mark.parametrize("kw,model_type", [({}, "mixtral"), ({"moe_shared_experts": 1}, "qwen2_moe"),
+                                           ({"moe_every": 2, "qkv_bias": True}, "qwen2_moe")])
+def test_hf_export_loads_in_transformers_with_our_logits_and_imports_back(kw, model_type, tokenizer, tmp_path):
+    import json
+    transformers = pytest.importorskip("transformers")
+    from llmforge.interop import export_checkpoint, import_hf
+    model, cfg = random_moe_checkpoint(tmp_path, tokenizer, **kw)
+    out = export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["model_type"] == model_type
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(8, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours_logits = model(ids)
+        assert (theirs(ids).logits - ours_logits).abs().max() < 1e-4
+    theirs.generation_config.eos_token_id, theirs.generation_config.pad_token_id = None, 0
+    hf_tokens = theirs.generate(ids[:1], max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 24:].tolist()
+    engine_tokens = Engine(model, tokenizer, max_batch=1).generate(
+        [ids[0].tolist()], SamplingParams(max_tokens=12, temperature=0.0))[0].tokens
+    assert engine_tokens == hf_tokens
+    back, config, _ = load_model(import_hf(out, tmp_path / "imported", add_chat_tokens=False), kinds=["base"])
+    same = ("moe_experts", "moe_top_k", "moe_every", "moe_shared_experts", "moe_router", "expert_dim")
+    assert [getattr(back.cfg, k) for k in same] == [getattr(cfg, k) for k in same]
+    with torch.no_grad():
+        assert (back.eval()(ids) - ours_logits).abs().max() < 1e-6
+
+
+def test_hf_import_refuses_a_learned_shared_expert_gate(tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from llmforge.interop import export_checkpoint, import_hf
+    random_moe_checkpoint(tmp_path, tokenizer, moe_shared_experts=1)
+    out = export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "hf")
+    weights = load_file(str(out / "model.safetensors"))
+    weights["model.layers.0.mlp.shared_expert_gate.weight"] += 0.1
+    save_file(weights, str(out / "model.safetensors"))
+    with pytest.raises(UserError, match="learned shared-expert gate"):
+        import_hf(out, tmp_path / "imported")
+    assert not (tmp_path / "imported").exists()
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_expert_choice_export_is_refused_with_one_line_and_no_output(fmt, tokenizer, tmp_path):
+    from llmforge.interop import export_checkpoint
+    random_moe_checkpoint(tmp_path, tokenizer, moe_router="expert_choice")
+    with pytest.raises(UserError, match="routes by expert choice") as e:
+        export_checkpoint(tmp_path / "ckpt", fmt, tmp_path / "out")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_gguf_is_llama_cpps_mixtral_layout_read_back_tensor_by_tensor(tokenizer, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from llmforge.interop import export_checkpoint
+    from llmforge.interop.gguf_export import unpermute_from_llama_cpp
+    model, cfg = random_moe_checkpoint(tmp_path, tokenizer)
+    reader = gguf.GGUFReader(str(export_checkpoint(tmp_path / "ckpt", "gguf", tmp_path / "m.gguf", dtype="f32")))
+    assert reader.fields["llama.expert_count"].contents() == 4
+    assert reader.fields["llama.expert_used_count"].contents() == 2
+    assert reader.fields["llama.feed_forward_length"].contents() == cfg.expert_dim
+    tensors = {t.name: torch.from_numpy(np.asarray(t.data).copy()) for t in reader.tensors}
+    state = model.state_dict()
+    for i in range(cfg.n_layer):
+        assert torch.equal(tensors[f"blk.{i}.ffn_gate_inp.weight"], state[f"layers.{i}.mlp.router.weight"])
+        for ours, theirs in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+            stacked = tensors[f"blk.{i}.ffn_{theirs}_exps.weight"]
+            assert stacked.shape[0] == 4
+            for e in range(4):
+                assert torch.equal(stacked[e], state[f"layers.{i}.mlp.experts.{e}.{ours}.weight"])
+        assert torch.equal(unpermute_from_llama_cpp(tensors[f"blk.{i}.attn_q.weight"], 4),
+                           state[f"layers.{i}.attn.q_proj.weight"])
+    expected = {n for n in state if n != "lm_head.weight"}
+    assert len(tensors) == len(expected) - cfg.n_layer * 4 * 3 + cfg.n_layer * 3   # experts stacked per layer
+
+
+def test_gguf_refuses_what_the_mixtral_layout_cannot_hold(tokenizer, tmp_path):
+    from llmforge.interop import export_checkpoint
+    random_moe_checkpoint(tmp_path, tokenizer, moe_shared_experts=1)
+    with pytest.raises(UserError, match="Mixtral layout, which has no shared experts"):
+        export_checkpoint(tmp_path / "ckpt", "gguf", tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_llama_cpp_runs_the_moe_export_with_our_logits(tokenizer, tmp_path):
+    """Real llama.cpp (where the llama-cpp-cffi wheel is installed; else skipped) on the f32 file."""
+    pytest.importorskip("gguf")
+    from test_gguf import LlamaCpp   # tests/ is on sys.path under pytest
+    from llmforge.interop import export_checkpoint
+    llama_cpp = LlamaCpp(tmp_path)
+    model, cfg = random_moe_checkpoint(tmp_path, tokenizer)
+    llm = llama_cpp.load(export_checkpoint(tmp_path / "ckpt", "gguf", tmp_path / "m.gguf", dtype="f32"))
+    ids = [tokenizer.bos_id] + tokenizer.encode("def add(a, b):\n    return a + b  # the quick brown fox")
+    theirs = torch.tensor(llama_cpp.logits(llm, ids)[:, :cfg.vocab_size], dtype=torch.float32)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    assert (theirs - ours).abs().max() < 2e-4
+    llama_cpp.lib.llama_model_free(llm)

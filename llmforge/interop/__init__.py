@@ -1,6 +1,6 @@
 """Interoperability: llmforge checkpoints in and out of the formats other tools read.
 
-    export_checkpoint(ckpt, "hf", out)    -> a transformers LlamaForCausalLM / Qwen2ForCausalLM folder
+    export_checkpoint(ckpt, "hf", out)    -> a transformers Llama / Qwen2 / Mixtral / Qwen2-MoE folder
     export_checkpoint(ckpt, "gguf", out)  -> a llama.cpp / Ollama GGUF file
     import_hf(hf_dir, out)                -> a llmforge "base" checkpoint from a local HF folder
 
@@ -29,6 +29,6 @@ def export_checkpoint(ckpt: str | os.PathLike, fmt: str, out: str | os.PathLike,
 
 
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, **options) -> Path:
-    """Import a local Hugging Face Llama / Mistral / Qwen2 folder as a llmforge base checkpoint."""
+    """Import a local Hugging Face Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE folder as a llmforge base checkpoint."""
     from llmforge.interop.hf import import_hf as _import_hf
     return _import_hf(hf_dir, out, **options)

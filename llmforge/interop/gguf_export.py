@@ -17,6 +17,13 @@ holds our row i and row 2i+1 our row i + d/2:
 Attention scores are unchanged: q.k sums over the same pairs, each rotated by the same angle
 (tests/test_gguf.py computes scores with adjacent-pair RoPE on the GGUF tensors and compares).
 The "qwen2" graph uses NEOX (rotate-half) RoPE, so that export keeps our layout unpermuted.
+
+Mixture of experts: llama.cpp's Mixtral layout, the "llama" graph with llama.expert_count and
+llama.expert_used_count (softmax router, top-k, gates renormalised: our token choice), the router
+as blk.N.ffn_gate_inp (kept f32) and each layer's experts stacked into one 3-D tensor per
+projection, blk.N.ffn_{gate,up,down}_exps (E, out, in). That layout has no shared experts, no
+dense layers between MoE layers and no q/k/v biases: such models are refused (export them with
+--format hf), as are expert-choice models (interop/hf.py load_for_export).
 """
 from __future__ import annotations
 
@@ -58,16 +65,24 @@ def gguf_tensor_name(name: str) -> str:
     module, suffix = ".".join(rest[:-1]), rest[-1]
     kinds = {"attn.q_proj": T.ATTN_Q, "attn.k_proj": T.ATTN_K, "attn.v_proj": T.ATTN_V,
              "attn.o_proj": T.ATTN_OUT, "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP,
-             "mlp.down_proj": T.FFN_DOWN, "input_norm": T.ATTN_NORM, "post_attn_norm": T.FFN_NORM}
+             "mlp.down_proj": T.FFN_DOWN, "input_norm": T.ATTN_NORM, "post_attn_norm": T.FFN_NORM,
+             "mlp.router": T.FFN_GATE_INP, "mlp.experts.gate_proj": T.FFN_GATE_EXP,
+             "mlp.experts.up_proj": T.FFN_UP_EXP, "mlp.experts.down_proj": T.FFN_DOWN_EXP}
     return names[kinds[module]].format(bid=int(layer)) + "." + suffix
 
 
 def gguf_tensors(model, cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
     """Our state dict under GGUF names, Q/K rows permuted for the llama graph; tied lm_head omitted
-    (llama.cpp falls back to token_embd when there is no output.weight)."""
-    out = {}
+    (llama.cpp falls back to token_embd when there is no output.weight). The experts of a layer
+    are stacked: layers.N.mlp.experts.E.gate_proj.weight -> row E of blk.N.ffn_gate_exps.weight."""
+    out, experts = {}, {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        parts = name.split(".")
+        if parts[2:4] == ["mlp", "experts"]:   # layers.N.mlp.experts.E.PROJ.weight
+            stacked = ".".join(parts[:4] + parts[5:])
+            experts.setdefault(stacked, []).append(t.detach().float().cpu())
             continue
         t = t.detach().float().cpu()
         if arch == "llama" and ".attn.q_proj." in name:
@@ -75,7 +90,19 @@ def gguf_tensors(model, cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
         elif arch == "llama" and ".attn.k_proj." in name:
             t = permute_for_llama_cpp(t, cfg.n_kv_head)
         out[gguf_tensor_name(name)] = t
+    for name, ts in experts.items():
+        out[gguf_tensor_name(name)] = torch.stack(ts)
     return out
+
+
+def check_mixtral_layout(cfg: ModelConfig) -> None:
+    """An MoE model must fit llama.cpp's Mixtral layout (see the module docstring)."""
+    lacks = [what for what, has in (("shared experts (model.moe_shared_experts)", cfg.moe_shared_experts),
+                                    ("dense layers between MoE layers (model.moe_every > 1)", cfg.moe_every > 1),
+                                    ("q/k/v biases", cfg.qkv_bias)) if has]
+    if lacks:
+        raise UserError(f"GGUF export writes llama.cpp's Mixtral layout, which has no {lacks[0]}; "
+                        "export this model with --format hf (Qwen2-MoE) instead")
 
 
 def _tokenizer_fields(tok_json: dict, vocab_size: int):
@@ -165,6 +192,8 @@ def export_gguf(ckpt, out, dtype: str = "f16") -> Path:
     tok_model, tokens, types, merges = _tokenizer_fields(tok_json, cfg.vocab_size)
     specials = {t["content"]: t["id"] for t in tok_json.get("added_tokens", [])}
     arch = "qwen2" if cfg.qkv_bias else "llama"
+    if cfg.moe_experts:
+        check_mixtral_layout(cfg)
 
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
@@ -172,7 +201,10 @@ def export_gguf(ckpt, out, dtype: str = "f16") -> Path:
         w.add_context_length(cfg.max_seq_len)
         w.add_embedding_length(cfg.d_model)
         w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.ffn_dim)
+        w.add_feed_forward_length(cfg.expert_dim if cfg.moe_experts else cfg.ffn_dim)
+        if cfg.moe_experts:
+            w.add_expert_count(cfg.moe_experts)
+            w.add_expert_used_count(cfg.moe_top_k)
         w.add_head_count(cfg.n_head)
         w.add_head_count_kv(cfg.n_kv_head)
         w.add_rope_dimension_count(cfg.head_dim)
@@ -192,7 +224,8 @@ def export_gguf(ckpt, out, dtype: str = "f16") -> Path:
 
         for name, t in gguf_tensors(model, cfg, arch).items():
             array = t.numpy()
-            if dtype == "f16" and array.ndim == 2:  # norms and biases stay f32, as llama.cpp expects
+            # norms, biases and the router stay f32, as llama.cpp's own converter writes them
+            if dtype == "f16" and array.ndim >= 2 and not name.endswith("ffn_gate_inp.weight"):
                 array = array.astype(np.float16)
             w.add_tensor(name, array)
         w.write_header_to_file()

@@ -15,8 +15,9 @@ equal within 1e-4 (fp32) and greedy generations are identical, both directions.
     lm_head.weight                lm_head.weight   (absent when tie_word_embeddings)
 
 Export writes LlamaForCausalLM, or Qwen2ForCausalLM when the model has q/k/v biases
-(Llama's `attention_bias` would also put a bias on o_proj, which we do not have).
-Import reads Llama, Mistral and Qwen2 folders: config.json, model.safetensors or sharded
+(Llama's `attention_bias` would also put a bias on o_proj, which we do not have); a
+mixture-of-experts model becomes MixtralForCausalLM or Qwen2MoeForCausalLM (interop/hf_moe.py).
+Import reads Llama, Mistral, Qwen2, Mixtral and Qwen2-MoE folders: config.json, model.safetensors or sharded
 model-*.safetensors + model.safetensors.index.json, tokenizer.json and the chat template.
 """
 from __future__ import annotations
@@ -36,12 +37,15 @@ from safetensors.torch import load_file, save_file
 
 from llmforge.config import ModelConfig
 from llmforge.errors import UserError
+from llmforge.interop import hf_moe
 from llmforge.run import replace_dir
 from llmforge.tokenizer.chat import CHAT_TEMPLATE
 from llmforge.train.checkpoint import (POLICY_KINDS, load_model, load_weights, model_config_from, read_config,
                                        resolve_checkpoint, save_checkpoint)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", *hf_moe.MOE_MODEL_TYPES)
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM"}
 CHAT_TOKENS = ["<|bos|>", "<|eot|>", "<|system|>", "<|user|>", "<|assistant|>",
                "<|tool_call|>", "<|tool_result|>", "<|end|>"]
 
@@ -56,19 +60,23 @@ _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def to_hf_name(name: str) -> str:
+def to_hf_name(name: str, arch: str = "llama") -> str:
+    """The Hugging Face name of our tensor `name` in the `arch` (model_type) export."""
     if name in _TOP_LEVEL:
         return _TOP_LEVEL[name]
     m = _LAYER.match(name)
     if m:
+        moe = hf_moe.to_hf(m.group(2), arch)
+        if moe:
+            return f"model.layers.{m.group(1)}.{moe}"
         for ours, theirs in _IN_LAYER.items():
             if m.group(2).startswith(ours):
                 return f"model.layers.{m.group(1)}.{theirs}{m.group(2)[len(ours):]}"
     raise KeyError(name)
 
 
-def from_hf_name(name: str) -> str:
-    """Our name for a Hugging Face tensor name; KeyError for names we have no place for."""
+def from_hf_name(name: str, arch: str = "llama") -> str:
+    """Our name for a Hugging Face tensor name of an `arch` model; KeyError for names we have no place for."""
     if not name.startswith(("model.", "lm_head.")):
         name = "model." + name  # folders saved from the bare LlamaModel lack the prefix
     for ours, theirs in _TOP_LEVEL.items():
@@ -76,6 +84,9 @@ def from_hf_name(name: str) -> str:
             return ours
     m = _HF_LAYER.match(name)
     if m:
+        moe = hf_moe.from_hf(m.group(2), arch)
+        if moe:
+            return f"layers.{m.group(1)}.{moe}"
         for ours, theirs in _IN_LAYER.items():
             if m.group(2).startswith(theirs):
                 return f"layers.{m.group(1)}.{ours}{m.group(2)[len(theirs):]}"
@@ -84,12 +95,19 @@ def from_hf_name(name: str) -> str:
 
 # ---------------------------------------------------------------- export
 
+def export_arch(cfg: ModelConfig) -> str:
+    """The transformers model_type `cfg` exports as: llama, qwen2 (q/k/v biases), mixtral or qwen2_moe."""
+    if cfg.moe_experts:
+        return hf_moe.hf_arch(cfg)
+    return "qwen2" if cfg.qkv_bias else "llama"
+
+
 def hf_config(cfg: ModelConfig, *, bos_id, eos_id, pad_id, dtype: str = "float32") -> dict:
-    """config.json of the LlamaForCausalLM (or Qwen2ForCausalLM) equal to `cfg`."""
-    qwen2 = cfg.qkv_bias
+    """config.json of the LlamaForCausalLM (or Qwen2, Mixtral, Qwen2-MoE) equal to `cfg`."""
+    arch = export_arch(cfg)
     out = {
-        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen2 else "llama",
+        "architectures": [ARCHITECTURES[arch]],
+        "model_type": arch,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_dim,
@@ -113,10 +131,12 @@ def hf_config(cfg: ModelConfig, *, bos_id, eos_id, pad_id, dtype: str = "float32
         "dtype": dtype,
         "torch_dtype": dtype,
     }
-    if qwen2:
+    if arch == "qwen2":
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
-    else:
+    elif arch == "llama":
         out.update(attention_bias=False, mlp_bias=False)
+    else:
+        out.update(hf_moe.hf_moe_config(cfg, arch))
     return out
 
 
@@ -181,6 +201,9 @@ def load_for_export(ckpt):
         if getattr(model.cfg, knob):
             raise UserError(f"checkpoint {folder} uses model.{knob}, which the Llama/Qwen2 exports cannot express; "
                             f"export a model trained without it")
+    if model.cfg.moe_experts and model.cfg.moe_router != "token_choice":
+        raise UserError(f"checkpoint {folder} routes by expert choice (model.moe_router), which Mixtral, Qwen2-MoE "
+                        "and llama.cpp cannot express; export a model trained with moe_router=token_choice")
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
         raise UserError(f"checkpoint {folder} has no tokenizer.json; copy the run's tokenizer/tokenizer.json "
@@ -201,11 +224,13 @@ def export_hf(ckpt, out, dtype: str = "fp32") -> Path:
     template = config.get("chat_template") or CHAT_TEMPLATE
 
     torch_dtype = _DTYPES[dtype]
+    arch = export_arch(cfg)
     weights = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue  # tied: transformers re-ties it to model.embed_tokens.weight
-        weights[to_hf_name(name)] = t.detach().to(torch_dtype).contiguous()
+        weights[to_hf_name(name, arch)] = t.detach().to(torch_dtype).contiguous()
+    hf_moe.export_tensors(weights, cfg, arch)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -297,11 +322,15 @@ def model_config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfi
         n_ctx = window
     if max_seq_len:
         n_ctx = min(n_ctx, max_seq_len)
-    cfg = ModelConfig(
+    fields = dict(
         vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"), n_head=n_head, n_kv_head=n_kv,
         d_model=d_model, d_ff=need("intermediate_size"), max_seq_len=n_ctx, rope_theta=float(rope_theta),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2", init_std=float(hf.get("initializer_range", 0.02)))
+        qkv_bias=model_type == "qwen2" or model_type == "qwen2_moe" and hf.get("qkv_bias", True),
+        init_std=float(hf.get("initializer_range", 0.02)))
+    if model_type in hf_moe.MOE_MODEL_TYPES:
+        fields.update(hf_moe.config_from_hf(hf, need))
+    cfg = ModelConfig(**fields)
     cfg.validate()
     return cfg
 
@@ -325,7 +354,7 @@ def _rope_theta(hf: dict) -> float:
 
 
 def _sliding_window(hf: dict, model_type: str) -> int | None:
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen2_moe") and not hf.get("use_sliding_window", False):
         return None
     layer_types = hf.get("layer_types")
     if layer_types and all(t == "full_attention" for t in layer_types):
@@ -383,7 +412,7 @@ def _chat_template_of(hf_dir: Path, tok_cfg: dict) -> str | None:
 
 def import_hf(hf_dir, out, *, dtype: str = "auto", max_seq_len: int | None = None,
               add_chat_tokens: bool = True) -> Path:
-    """Convert a local Hugging Face Llama / Mistral / Qwen2 folder into a llmforge "base" checkpoint.
+    """Convert a local Hugging Face Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE folder into a llmforge "base" checkpoint.
 
     dtype: "auto" keeps the stored precision (bf16 stays bf16; models load into fp32 anyway),
     or fp32 / bf16 / fp16. max_seq_len caps the context (the RoPE table and KV cache are sized
@@ -415,7 +444,7 @@ def import_hf(hf_dir, out, *, dtype: str = "auto", max_seq_len: int | None = Non
     tok_cfg = _read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
     gen_cfg = _read_json(hf_dir / "generation_config.json") if (hf_dir / "generation_config.json").is_file() else {}
 
-    weights = _rename_and_check(read_hf_weights(hf_dir), cfg, hf_dir)
+    weights = _rename_and_check(read_hf_weights(hf_dir), cfg, hf_dir, hf["model_type"])
     if dtype != "auto":
         weights = {k: v.to(_DTYPES[dtype]) for k, v in weights.items()}
     added = []
@@ -460,9 +489,10 @@ def _run_tokenizer_path(out: Path, tokenizer) -> Path | None:
     return None
 
 
-def _rename_and_check(hf_weights: dict, cfg: ModelConfig, hf_dir: Path) -> dict[str, torch.Tensor]:
+def _rename_and_check(hf_weights: dict, cfg: ModelConfig, hf_dir: Path, model_type: str) -> dict[str, torch.Tensor]:
     from llmforge.model.transformer import Transformer
 
+    hf_moe.import_tensors(hf_weights, model_type, hf_dir)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     weights = {}
@@ -470,7 +500,7 @@ def _rename_and_check(hf_weights: dict, cfg: ModelConfig, hf_dir: Path) -> dict[
         if name.endswith("rotary_emb.inv_freq"):  # a buffer old exports saved; recomputed from rope_theta
             continue
         try:
-            ours = from_hf_name(name)
+            ours = from_hf_name(name, model_type)
         except KeyError:
             raise UserError(f"{hf_dir}: tensor '{name}' has no counterpart in llmforge's Llama model; "
                             "this checkpoint is not a plain Llama/Mistral/Qwen2 model") from None
