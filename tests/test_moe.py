@@ -415,3 +415,41 @@ def test_llama_cpp_runs_the_moe_export_with_our_logits(tokenizer, tmp_path):
         ours = model(torch.tensor([ids]))[0]
     assert (theirs - ours).abs().max() < 2e-4
     llama_cpp.lib.llama_model_free(llm)
+
+
+# ---------------------------------------------------------------- DDP
+
+@pytest.mark.slow
+def test_two_process_gloo_moe_run_matches_single_process(tmp_path):
+    """torchrun, 2 processes, gloo. Dropless (capacity >= tokens) and without the load-balance loss,
+    whose f_e P_e product is per rank, the 2-process run must equal the single-process one; the
+    z-loss is a mean over tokens, so it averages exactly."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from llmforge.cli import main
+    steps = ["--set", "pretrain.max_steps=6", "--set", "pretrain.log_every=1", "--set", "pretrain.eval_every=0",
+             "--set", "pretrain.dtype=fp32", "--set", "pretrain.ckpt_every=0", "--set", "pretrain.mid_fraction=0",
+             "--set", "model.moe_experts=4", "--set", "model.moe_top_k=2", "--set", "model.moe_capacity_factor=4.0",
+             "--set", "model.moe_aux_coef=0.0"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert main(["data", "prepare", "--out", str(single), "--preset", "micro"]) == 0
+    shutil.copytree(single, multi)
+    os.remove(multi / "metrics.jsonl")
+    assert main(["pretrain", "--out", str(single), *steps, "--set", "pretrain.batch_size=16"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "llmforge.cli", "pretrain", "--out", str(multi), *steps, "--set", "pretrain.batch_size=8"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def logged(run):
+        recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        return {r["step"]: r for r in recs if r.get("stage") == "pretrain" and "loss" in r}
+    a, b = logged(single), logged(multi)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4), step
+        assert b[step]["moe_z_loss"] == pytest.approx(a[step]["moe_z_loss"], rel=1e-4), step
+        assert len(b[step]["moe_load_L1"]) == 4 and sum(b[step]["moe_load_L1"]) == pytest.approx(1.0)
