@@ -34,6 +34,13 @@ own uniform draws. `speculate=k` adds up to k prompt-lookup draft tokens per row
 in the same pass (infer/speculative.py: exact for greedy, accept/reject for sampling);
 `compile=True` runs decode batches through torch.compile (infer/compiled.py). Lower-precision
 weights are the caller's choice (infer/quantize.py; `--dtype bf16|int8`).
+
+Mixture-of-experts models (model/moe.py) decode in eval mode, where routing is per token and
+dropless, so a token's output never depends on the other rows or on how its prompt was split
+into passes (cached decoding equals full recompute). Expert-choice models, whose experts pick
+tokens over a whole training batch, decode by token choice with the trained router: each
+token's top-k experts, gated by their router probabilities (bench/moe_vs_dense.py measures
+the held-out loss this costs).
 """
 from __future__ import annotations
 
