@@ -165,6 +165,18 @@ def test_active_parameters_match_the_dense_model_by_default():
     assert ec.active_params() == sparse.active_params() + 2 * 1 * 3 * 48 * sparse.cfg.expert_dim  # 3 experts, not 2
 
 
+def test_moe_presets_keep_the_dense_presets_active_parameters():
+    from llmforge.config import resolve
+    for dense, sparse in (("cpu", "cpu-moe"), ("gpt2-small", "gpt2-small-moe")):
+        d, s = resolve(dense).model, resolve(sparse).model
+        assert s.moe_experts == 8 and d.moe_experts == 0
+        assert dataclasses.replace(s, **{f.name: getattr(d, f.name) for f in dataclasses.fields(d)
+                                         if f.name.startswith("moe_")}) == d   # only the MoE knobs differ
+        with torch.device("meta"):
+            assert Transformer(s).active_params() == Transformer(d).num_params() + s.d_model * 8 * \
+                sum(s.is_moe_layer(i) for i in range(s.n_layer))   # + the routers
+
+
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kw,says", [

@@ -45,9 +45,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROUTERS = ("token_choice", "expert_choice")
-
-
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) (Shazeer 2020): the dense MLP and every expert."""
 
@@ -65,8 +62,8 @@ class SwiGLU(nn.Module):
 
 @dataclass
 class Routing:
-    """Which rows go to which expert, sorted by expert: expert e processes rows
-    tokens[starts[e]:starts[e] + counts[e]] with gates gates[...] (a contiguous slice)."""
+    """The kept (token, expert) pairs sorted by expert: expert e processes the contiguous slice
+    tokens[s:s + counts[e]] (s = counts[:e].sum()) with the gates gates[s:s + counts[e]]."""
     tokens: torch.Tensor   # (M,) token index of each kept (token, expert) pair, sorted by expert
     gates: torch.Tensor    # (M,) its gate
     counts: torch.Tensor   # (E,) pairs per expert
