@@ -145,7 +145,7 @@ def draw_expert_load(axes, records: list[dict], keys: list[str], label: str = ""
         ax.axhline(1 / n_experts, ls="--", color="k", lw=0.8)
         ax.set_title(f"{label}layer {key[len('moe_load_L'):]}: expert load", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(bottom=0)
     axes[0].set_ylabel("share of routed tokens", fontsize=8)
 
 

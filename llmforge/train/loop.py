@@ -220,6 +220,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     last_eval: dict = {}
     window_t, window_tokens = time.perf_counter(), 0
     routed = moe_layers(raw_model)   # MoE layers: their router losses join the loss, their stats the log
+    for _, layer in routed:          # a stage's own forwards before the loop are not this loop's
+        layer.records.clear()
     raw_model.train()
     try:
         while progress() < 1.0 and stop["signal"] is None:
