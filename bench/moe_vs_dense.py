@@ -1,6 +1,7 @@
 """Dense vs mixture of experts at equal active parameters, for equal minutes and for equal FLOPs.
 
     python bench/moe_vs_dense.py runs/cpu --minutes 2
+    python bench/moe_vs_dense.py --profile      # where a training step's time goes, dense vs MoE
 
 Arms, one after another in this process (never two at once), each pretrained from scratch on
 RUN's shards with the `cpu` recipe (Muon, no midtraining, no evaluation while training):
@@ -28,6 +29,7 @@ import argparse
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -35,12 +37,13 @@ import torch
 from llmforge.config import resolve
 from llmforge.eval import bpb
 from llmforge.eval.report import draw_expert_load, expert_load_keys
-from llmforge.model.moe import batch_routing_at_eval
+from llmforge.model.moe import batch_routing_at_eval, moe_layers, router_losses
 from llmforge.model.transformer import Transformer
 from llmforge.run import RunDir
 from llmforge.stages import pretrain
 from llmforge.train.checkpoint import load_model
 from llmforge.train.loop import measured_peak_flops
+from llmforge.train.optim import build_optimizer
 
 COMMON = ["pretrain.max_steps=1000000", "pretrain.mid_fraction=0", "pretrain.eval_every=0",
           "pretrain.sample_every=0", "pretrain.ckpt_every=0", "pretrain.eval_tasks_per_task=0", "pretrain.log_every=5"]
@@ -103,6 +106,29 @@ def run_arm(source: RunDir, name: str, minutes: float, flops_budget: float | Non
     return row
 
 
+def step_profile(steps: int = 4) -> None:
+    """Seconds per training step of the `cpu` and `cpu-moe` models on random tokens (batch 16 x 256):
+    forward + backward (with the router losses) and the optimizer step, after two warm-up steps."""
+    for preset in ("cpu", "cpu-moe"):
+        cfg = resolve(preset)
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        opt = build_optimizer(model, cfg.pretrain, "cpu")
+        x = torch.randint(0, cfg.model.vocab_size, (cfg.pretrain.batch_size, cfg.pretrain.seq_len))
+        passes, updates = [], []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            _, loss = model(x, targets=x)
+            (loss + router_losses(moe_layers(model))[0]).backward()
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad()
+            if i >= 2:
+                passes.append(t1 - t0)
+                updates.append(time.perf_counter() - t1)
+        print(f"{preset:8s} forward + backward {sum(passes) / steps:.3f} s, optimizer {sum(updates) / steps:.3f} s")
+
+
 def plot(rows: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -119,11 +145,16 @@ def plot(rows: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", help="a run directory with prepared `cpu` data (llmforge data prepare); only read")
+    ap.add_argument("run", nargs="?", help="a run directory with prepared `cpu` data (llmforge data prepare); only read")
     ap.add_argument("--minutes", type=float, default=2.0, help="wall-clock pretraining minutes of the equal-time arms")
     ap.add_argument("--only", default="", help="comma-separated arms (default: all; dense always): " + ", ".join(ARMS))
     ap.add_argument("--out", default="runs/moe_vs_dense", help="folder for expert_load.png and results.json")
+    ap.add_argument("--profile", action="store_true", help="only time a training step of each model")
     args = ap.parse_args()
+    if args.profile:
+        return step_profile()
+    if not args.run:
+        ap.error("give a run directory with prepared data (or --profile)")
     names = ["dense"] + [n for n in (args.only.split(",") if args.only else ARMS) if n and n != "dense"]
     peak = measured_peak_flops(torch.device("cpu"), None)
     scratch = Path(tempfile.mkdtemp(prefix="llmforge-moe-"))

@@ -17,8 +17,8 @@ equal within 1e-4 (fp32) and greedy generations are identical, both directions.
 Export writes LlamaForCausalLM, or Qwen2ForCausalLM when the model has q/k/v biases
 (Llama's `attention_bias` would also put a bias on o_proj, which we do not have); a
 mixture-of-experts model becomes MixtralForCausalLM or Qwen2MoeForCausalLM (interop/hf_moe.py).
-Import reads Llama, Mistral, Qwen2, Mixtral and Qwen2-MoE folders: config.json, model.safetensors or sharded
-model-*.safetensors + model.safetensors.index.json, tokenizer.json and the chat template.
+Import reads Llama, Mistral, Qwen2, Mixtral and Qwen2-MoE folders: config.json, model.safetensors
+or sharded model-*.safetensors + model.safetensors.index.json, tokenizer.json and the chat template.
 """
 from __future__ import annotations
 
@@ -326,7 +326,7 @@ def model_config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfi
         vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"), n_head=n_head, n_kv_head=n_kv,
         d_model=d_model, d_ff=need("intermediate_size"), max_seq_len=n_ctx, rope_theta=float(rope_theta),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or model_type == "qwen2_moe" and hf.get("qkv_bias", True),
+        qkv_bias=model_type == "qwen2" or model_type == "qwen2_moe" and bool(hf.get("qkv_bias", True)),
         init_std=float(hf.get("initializer_range", 0.02)))
     if model_type in hf_moe.MOE_MODEL_TYPES:
         fields.update(hf_moe.config_from_hf(hf, need))
@@ -412,7 +412,8 @@ def _chat_template_of(hf_dir: Path, tok_cfg: dict) -> str | None:
 
 def import_hf(hf_dir, out, *, dtype: str = "auto", max_seq_len: int | None = None,
               add_chat_tokens: bool = True) -> Path:
-    """Convert a local Hugging Face Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE folder into a llmforge "base" checkpoint.
+    """Convert a local Hugging Face Llama / Mistral / Qwen2 / Mixtral / Qwen2-MoE folder into a llmforge
+    "base" checkpoint.
 
     dtype: "auto" keeps the stored precision (bf16 stays bf16; models load into fp32 anyway),
     or fp32 / bf16 / fp16. max_seq_len caps the context (the RoPE table and KV cache are sized
