@@ -288,8 +288,11 @@ def write(run: RunDir, cfg=None) -> str:
     ev = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
     parts = [f"# llmforge report: {run.root.name}", ""]
     if cfg is not None:
-        parts += [f"Preset `{cfg.preset}`; model {cfg.model.n_layer} layers x {cfg.model.d_model} wide, "
-                  f"context {cfg.model.max_seq_len}, vocab {cfg.model.vocab_size}.", ""]
+        m = cfg.model
+        experts = (f", {m.moe_experts} experts (top {m.moe_top_k}, {m.moe_router}) in every {m.moe_every} layer(s)"
+                   if m.moe_experts else "")
+        parts += [f"Preset `{cfg.preset}`; model {m.n_layer} layers x {m.d_model} wide{experts}, "
+                  f"context {m.max_seq_len}, vocab {m.vocab_size}.", ""]
     parts += ["## Stages", "", _table(["stage", "wall s", "tokens", "steps", "key metrics"], stage_rows(metrics)), ""]
     models = _ordered(ev.get("models", {}))
     if models:

@@ -3,6 +3,7 @@ rejection sampling -> PPO (RM) -> GRPO (verifiers) -> eval -> report.md.
 
     llmforge speedrun --preset cpu --out runs/cpu      # <= 20 minutes on 2 CPU cores
     llmforge speedrun --preset micro --out runs/micro  # <= 2 minutes: the end-to-end test
+    llmforge speedrun --preset cpu-moe --out runs/moe  # the cpu budget with mixture-of-experts MLPs
 
 A stage whose checkpoint is complete is skipped; one that was interrupted resumes from its
 last checkpoint, so re-running the command after a crash or Ctrl-C continues where it stopped.
