@@ -358,7 +358,8 @@ def _micro(c: Config) -> None:
                       ckpt_every=0, log_every=10, examples_per_task=300, eval_per_task=8,
                       spelling_examples=300)
     c.rm = RMConfig(batch_size=16, seq_len=128, lr=1e-3, warmup_steps=5, max_steps=40, eval_every=0,
-                    ckpt_every=0, log_every=10, prompts_per_task=12, samples_per_prompt=2, heldout_per_task=6)
+                    ckpt_every=0, log_every=10, prompts_per_task=12, samples_per_prompt=2, heldout_per_task=6,
+                    safety_prompts=48, safety_heldout=24)
     c.rl = RLConfig(batch_size=8, seq_len=128, lr=1e-4, max_steps=8, eval_every=0, ckpt_every=0, log_every=2,
                     eval_per_task=8)
     c.tasks = TasksConfig(max_new_tokens=40)
