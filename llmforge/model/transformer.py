@@ -181,9 +181,12 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------ forward
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
-                      positions: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+                      positions: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                      embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d). With a cache, `positions` (B, T) are the absolute
-        positions of `idx` in each row and `slots` (B,) the cache rows they belong to."""
+        positions of `idx` in each row and `slots` (B,) the cache rows they belong to. `embeds`
+        (B, T, d), when given, are the input embeddings instead of embed(idx) (model/vision.py
+        puts image patches there)."""
         B, T = idx.shape
         plan = None
         if positions is None:
@@ -197,7 +200,7 @@ class Transformer(nn.Module):
                 positions = plan.positions
             positions = positions.to(idx.device)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-        x = self.embed(idx)
+        x = self.embed(idx) if embeds is None else embeds
         for layer in self.layers:
             x = layer(x, cos, sin, cache, plan)
         return self.norm(x)

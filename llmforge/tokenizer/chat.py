@@ -27,6 +27,13 @@ Generation protocol (what infer/engine.py does with this layout):
   not valid JSON comes back as {"name": "", "arguments": RAW_TEXT} and renders back verbatim,
   so a model's malformed call can still be scored and trained on.
 
+Images: a user message's content may be a list of OpenAI parts, {"type": "text", "text": ...} and
+{"type": "image_url", "image_url": {"url": ...}} (or {"type": "image"} for an image a built-in task
+carries beside the messages). Each image renders as `image_tokens` copies of <|image|>, whose id is
+`image_id` = the language model's vocab_size (model/vision.py): it is no BPE token, so every
+tokenizer and text checkpoint keeps its ids. The vision model fills those positions with the
+image's projected patches; a text-only caller (image_tokens = 0) gets a UserError.
+
 Loss mask: 1 on the tokens the model must learn to produce: an assistant turn's content, its
 `<|tool_call|>{call}<|end|>` spans and its closing `<|end|>`. 0 on <|bos|>, every role opener
 (<|assistant|> included: the prompt/engine supplies it), system/user text and tool results.
@@ -41,6 +48,8 @@ BOS, EOT = "<|bos|>", "<|eot|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 TOOL_CALL, TOOL_RESULT, END = "<|tool_call|>", "<|tool_result|>", "<|end|>"
 SPECIALS = [BOS, EOT, SYSTEM, USER, ASSISTANT, TOOL_CALL, TOOL_RESULT, END]
+IMAGE = "<|image|>"   # the image placeholder: no BPE token, so typed as text it is just text (see above)
+IMAGE_PART_TYPES = ("image_url", "image")
 ROLES = ("system", "user", "assistant", "tool")
 OPENER = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": TOOL_RESULT}
 
@@ -119,8 +128,12 @@ def validate_messages(messages, where: str = "messages") -> None:
         content = m.get("content")
         if content is None and m["role"] == "assistant" and m.get("tool_calls"):
             content = ""
+        if isinstance(content, list) and m["role"] == "user":
+            _validate_parts(content, f"{where}[{i}]")
+            content = content_text(content)
         if not isinstance(content, str):
-            raise UserError(f"{where}[{i}]: content must be a string; fix the message")
+            raise UserError(f"{where}[{i}]: content must be a string (or, for a user, a list of text and "
+                            "image_url parts); fix the message")
         for tok in SPECIALS:
             if tok in content:
                 raise UserError(f"{where}[{i}]: content contains the reserved token {tok}; remove it")
@@ -128,16 +141,51 @@ def validate_messages(messages, where: str = "messages") -> None:
             _call_arguments(call, f"{where}[{i}]")
 
 
+def _validate_parts(parts: list, where: str) -> None:
+    for j, p in enumerate(parts):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text" and isinstance(p.get("text"), str):
+            continue
+        if kind == "image_url" and isinstance(_url_of(p), str) or kind == "image":
+            continue
+        raise UserError(f"{where}.content[{j}]: a part must be {{'type': 'text', 'text': ...}} or "
+                        "{'type': 'image_url', 'image_url': {'url': 'data:image/png;base64,...' or a file path}}")
+
+
+def _url_of(part: dict):
+    ref = part.get("image_url")
+    return ref.get("url") if isinstance(ref, dict) else ref
+
+
+def content_text(content) -> str:
+    """The text of a message's content: the string, or its text parts joined."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content or ""
+
+
+def image_parts(messages) -> list[dict]:
+    """Every image part of the conversation, in the order its <|image|> positions come."""
+    return [p for m in messages if isinstance(m.get("content"), list)
+            for p in m["content"] if isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES]
+
+
+def image_url(part: dict) -> str | None:
+    """The url (a data URI or a file path) of an image_url part; None for a carried {"type": "image"}."""
+    return _url_of(part) if part.get("type") == "image_url" else None
+
+
 def _segments(messages) -> list[tuple[str, str, bool]]:
-    """The conversation as (kind, text, trained) pieces, kind 'special' or 'text'."""
+    """The conversation as (kind, text, trained) pieces, kind 'special', 'text' or 'image'."""
     validate_messages(messages)
     out = [("special", BOS, False)]
     for m in messages:
         role, content = m["role"], m.get("content") or ""
         trained = role == "assistant"
         out.append(("special", OPENER[role], False))
-        if content:
-            out.append(("text", content, trained))
+        for kind, text in (_parts(content) if isinstance(content, list) else [("text", content)]):
+            if text:
+                out.append((kind, text, trained and kind == "text"))
         calls = m.get("tool_calls") or [] if role == "assistant" else []
         for call in calls:
             name, args = _call_arguments(call, "messages")
@@ -154,20 +202,31 @@ def render_text(messages, add_generation_prompt: bool = False) -> str:
     return text + (ASSISTANT if add_generation_prompt else "")
 
 
-def render(tok, messages) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask) of a whole conversation; mask is 1 on assistant-produced tokens."""
+def _parts(parts: list) -> list[tuple[str, str]]:
+    return [("text", p["text"]) if p["type"] == "text" else ("image", IMAGE) for p in parts]
+
+
+def render(tok, messages, image_tokens: int = 0, image_id: int | None = None) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) of a whole conversation; mask is 1 on assistant-produced tokens.
+    Each image part becomes `image_tokens` copies of `image_id` (a vision model's), mask 0."""
     ids: list[int] = []
     mask: list[int] = []
     for kind, text, trained in _segments(messages):
-        piece = [tok.token_id(text)] if kind == "special" else tok.encode(text)
+        if kind == "image":
+            if image_tokens <= 0 or image_id is None:
+                raise UserError("the messages hold an image but this model is text-only; send text only, or "
+                                "use a vision checkpoint (ckpt/vision, made by `llmforge vision`)")
+            piece = [image_id] * image_tokens
+        else:
+            piece = [tok.token_id(text)] if kind == "special" else tok.encode(text)
         ids += piece
         mask += [int(trained)] * len(piece)
     return ids, mask
 
 
-def render_prompt(tok, messages) -> list[int]:
+def render_prompt(tok, messages, image_tokens: int = 0, image_id: int | None = None) -> list[int]:
     """Token ids of the conversation so far, ending with <|assistant|> for generation."""
-    ids, _ = render(tok, messages)
+    ids, _ = render(tok, messages, image_tokens, image_id)
     return ids + [tok.token_id(ASSISTANT)]
 
 
