@@ -3,6 +3,7 @@
     llmforge speedrun --preset cpu --out runs/cpu
     llmforge data prepare --out runs/x --preset micro --set data.near_threshold=0.9
     llmforge pretrain --out runs/x --minutes 10 [--resume]
+    llmforge vision --out runs/x                 # after sft: images in, answers out
     llmforge generate runs/x --prompt "def fib(n):" --max-tokens 64
 
 Every stage verb takes --out RUN_DIR, --preset NAME, --config FILE.toml and repeatable
@@ -19,6 +20,9 @@ import sys
 from llmforge import config as config_mod
 from llmforge.errors import UserError
 from llmforge.run import RunDir, write_text_atomic
+
+
+STAGE_VERBS = ("data", "tokenizer", "pretrain", "sft", "rm", "rl", "vision", "eval", "speedrun", "scaling")
 
 
 def _stage_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         if verb != "eval":
             p.add_argument("--resume", action="store_true")
             _lora_args(p)
+    p = sub.add_parser("vision", help="teach the SFT model to see: align an image encoder, then tune on visual questions")
+    _stage_args(p)
+    p.add_argument("--resume", action="store_true")
+    _lora_args(p)
     p = sub.add_parser("rl", help="RLHF: rejection sampling, PPO, DPO or GRPO")
     _stage_args(p)
     p.add_argument("--algo", choices=["rejection", "ppo", "dpo", "grpo"], default=None)
@@ -133,7 +141,7 @@ def resolve_config(args, extra: list[str]) -> tuple[config_mod.Config, RunDir]:
         if not (item.startswith("--") and "=" in item):
             raise UserError(f"unrecognized argument '{item}'; overrides look like --set section.key=value")
         overrides.append(item[2:])
-    section = {"sft": "sft", "rm": "rm", "rl": "rl"}.get(args.verb)
+    section = {"sft": "sft", "rm": "rm", "rl": "rl", "vision": "vision"}.get(args.verb)
     for name in ("rank", "alpha", "targets", "dtype"):
         value = getattr(args, f"lora_{name}", None)
         if section and value is not None:
@@ -185,6 +193,9 @@ def run_stage(verb, args, cfg, run) -> None:
     elif verb == "rm":
         from llmforge.stages import reward
         reward.run(cfg, run, resume=args.resume)
+    elif verb == "vision":
+        from llmforge.stages import vision
+        vision.run(cfg, run, resume=args.resume)
     elif verb == "rl":
         from llmforge.stages import rl
         rl.run(cfg, run, algo=cfg.rl.algo)
@@ -206,7 +217,7 @@ def run_stage(verb, args, cfg, run) -> None:
 
 def dispatch(args, extra) -> None:
     verb = args.verb
-    if verb in ("data", "tokenizer", "pretrain", "sft", "rm", "rl", "eval", "speedrun", "scaling"):
+    if verb in STAGE_VERBS:
         if verb == "speedrun" and args.out is None:
             args.out = f"runs/{args.preset or 'cpu'}"
         cfg, run = resolve_config(args, extra)
@@ -307,7 +318,7 @@ def generate(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.verb not in ("data", "tokenizer", "pretrain", "sft", "rm", "rl", "eval", "speedrun", "scaling"):
+    if extra and args.verb not in STAGE_VERBS:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         dispatch(args, extra)

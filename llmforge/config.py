@@ -280,6 +280,12 @@ class RLConfig(TrainConfig):
     train_layers: int = 0           # > 0: train only the top k transformer layers (+ norm, heads)
 
 
+def _stage_config(stage: str, name: str):
+    """A config dataclass that lives beside its stage (stages/<stage>.py), imported when a Config is made."""
+    import importlib
+    return getattr(importlib.import_module(f"llmforge.stages.{stage}"), name)()
+
+
 def _rl_algo_config(algo: str):
     """The config dataclass that lives beside stages/rl/<algo>.py, imported when a Config is made
     (a module-level import would be circular: the stage imports this module)."""
@@ -339,6 +345,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    vision: typing.Any = field(default_factory=lambda: _stage_config("vision", "VisionConfig"))
 
 
 # ---------------------------------------------------------------- presets

@@ -24,6 +24,10 @@ Tool calls run off the batch: when a row closes a `<|tool_call|>` span its call 
 worker pool and the row is *parked* (it keeps its KV-cache slot but leaves the decode batch);
 the other rows keep decoding, and the result is fed at the first step after it arrives.
 `on_wake` (set by a scheduler) is called from the worker when a parked row becomes runnable.
+Images (a vision model, model/vision.py): `add(prompt, params, images=pixels)` with the prompt's
+<|image|> positions; the image embeddings are computed once, when the request gets its slot, and
+fill those positions in its prefill; from then on it decodes in the batch like any other row
+(no prefix cache and no speculative drafts for it: its placeholder ids do not name its content).
 With `prefix_cache_tokens` > 0 a prompt that starts like a recent one gets those leading blocks'
 keys/values copied into its slot and prefills only the rest (infer/prefix_cache.py).
 
@@ -103,6 +107,8 @@ class _Request:
     tool_future: object = None                            # a running tool call (the row is parked)
     drafter: PromptLookup | None = None                   # speculative decoding's proposer for this row
     draft: list[int] = field(default_factory=list)        # tokens proposed this step (fed after pending[0])
+    images: object = None                                 # (N, 3, S, S) pixels of its N images, until admitted
+    image_embeds: object = None                           # (N * image_tokens, d) once admitted
 
 
 @dataclass
@@ -153,6 +159,8 @@ class Engine:
         self.tool_call_id = self._special("<|tool_call|>")
         self.assistant_id = self._special("<|assistant|>")
         self.special_ids = {i for i in map(self._special, SPECIALS) if i is not None}
+        # a vision model's placeholder id (one past the text vocabulary); None for a text-only model
+        self.image_id = getattr(model, "image_token_id", None)
 
     def _special(self, name: str) -> int | None:
         try:
@@ -161,22 +169,33 @@ class Engine:
             return None
 
     # ------------------------------------------------------------ requests
-    def add(self, prompt: list[int], params: SamplingParams, constraint=None) -> int:
-        """Queue a request; it joins the batch at the next step with a free slot."""
+    def add(self, prompt: list[int], params: SamplingParams, constraint=None, images=None) -> int:
+        """Queue a request; it joins the batch at the next step with a free slot. `images`: the
+        (N, 3, S, S) pixels of the N images whose <|image|> positions the prompt holds."""
         if not prompt:
             raise ValueError("empty prompt: give at least one token (e.g. <|bos|>)")
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_len} tokens")
+        image_id = None
+        if images is not None and len(images):
+            if self.image_id is None:
+                raise ValueError("this model is text-only: it cannot take images")
+            image_id, want = self.image_id, len(images) * self.model.image_tokens
+            if prompt.count(image_id) != want:
+                raise ValueError(f"the prompt has {prompt.count(image_id)} image positions for {len(images)} "
+                                 f"images of {self.model.image_tokens} positions each")
+        else:
+            images = None
         bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int)
-                    or not 0 <= t < self.vocab_size), None)
+                    or not (0 <= t < self.vocab_size or t == image_id)), None)
         if bad is not None:
             raise ValueError(f"token id {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})")
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         with self.lock:
             rid = next(self.ids)
             req = _Request(rid, -1, list(prompt), params, random.Random(seed), constraint, pending=list(prompt),
-                           out=Completion(prompt_len=len(prompt)))
-            if self.speculate and constraint is None and not params.penalized:
+                           out=Completion(prompt_len=len(prompt)), images=images)
+            if self.speculate and constraint is None and not params.penalized and images is None:
                 req.drafter = PromptLookup(self.speculate)
             if params.chat and self.assistant_id in prompt:   # e.g. a forced <|tool_call|> after <|assistant|>
                 req.lead = prompt[len(prompt) - prompt[::-1].index(self.assistant_id):]
@@ -221,8 +240,18 @@ class Engine:
                 req.slot = self.free_slots.pop()
                 self.active[req.id] = req
                 admitted.append(req)
+        for req in admitted:   # a request's images are encoded once, when it gets its slot
+            if req.images is not None:
+                try:
+                    req.image_embeds = self.model.encode_images(req.images.to(self.device))
+                except Exception as e:   # this request's images failed: it ends alone
+                    events.append(self._fail(req, e))
+                req.images = None
+        admitted = [r for r in admitted if r.id in self.active]
         if self.prefix_cache is not None:   # a cached prefix is copied in, not computed
             for req in admitted:
+                if req.image_embeds is not None:
+                    continue
                 req.position = self.prefix_cache.restore(req.prompt, self.cache, req.slot)
                 req.pending = req.prompt[req.position:]
                 self.stats.prefix_hit_tokens += req.position
@@ -251,7 +280,8 @@ class Engine:
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(decode))
         done = [r for r in prefill + decode if r.id in logits]   # a failed forward already ended its rows
         for req in done:
-            if self.prefix_cache is not None and not req.out.tokens and len(req.pending) > 1:
+            if self.prefix_cache is not None and not req.out.tokens and len(req.pending) > 1 \
+                    and req.image_embeds is None:
                 self.prefix_cache.store(req.prompt, self.cache, req.slot)   # its prompt is in the cache now
         if done:
             events.extend(self._sample(done, logits))
@@ -330,7 +360,11 @@ class Engine:
         return idx, pos
 
     def _forward_eager(self, reqs, feeds, T, idx, pos, last_only) -> dict[int, torch.Tensor]:
-        h = self.model.hidden_states(idx.to(self.device), cache=self.cache, positions=pos, slots=[r.slot for r in reqs])
+        # the image embeddings of the rows whose prompt is in this pass, in row order
+        embeds = [r.image_embeds for r, f in zip(reqs, feeds) if r.image_embeds is not None and self.image_id in f]
+        extra = {"image_embeds": torch.cat(embeds)} if embeds else {}
+        h = self.model.hidden_states(idx.to(self.device), cache=self.cache, positions=pos, slots=[r.slot for r in reqs],
+                                     **extra)
         n = [1 if last_only else len(f) for f in feeds]
         b = [i for i, k in enumerate(n) for _ in range(k)]
         t = [j for f, k in zip(feeds, n) for j in range(len(f) - k, len(f))]
@@ -530,11 +564,13 @@ class Engine:
 
     # ------------------------------------------------------------ batch API
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 constraints=None, show_progress: bool = False) -> list[Completion]:
-        """Generate for every prompt (more prompts than slots is fine: they queue)."""
+                 constraints=None, show_progress: bool = False, images=None) -> list[Completion]:
+        """Generate for every prompt (more prompts than slots is fine: they queue); `images`: one
+        pixel tensor (or None) per prompt."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         constraints = constraints or [None] * len(prompts)
-        ids = [self.add(p, sp, c) for p, sp, c in zip(prompts, params, constraints)]
+        images = images or [None] * len(prompts)
+        ids = [self.add(p, sp, c, im) for p, sp, c, im in zip(prompts, params, constraints, images)]
         results: dict[int, Completion] = {}
         while len(results) < len(ids):
             events = self.step()

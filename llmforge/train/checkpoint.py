@@ -25,7 +25,7 @@ from llmforge.config import ModelConfig
 from llmforge.errors import UserError
 from llmforge.run import RunDir, replace_dir
 
-POLICY_KINDS = ("base", "sft", "rl")
+POLICY_KINDS = ("base", "sft", "rl", "vision")   # vision: a language model with an image encoder
 LATEST_ORDER = ("rl", "sft", "base")  # what a run directory means when given as a model
 
 
@@ -137,7 +137,8 @@ def _is_tied(model) -> bool:
 
 def load_model(path: str | os.PathLike, kinds=POLICY_KINDS, device="cpu"):
     """Load a checkpoint of one of `kinds` -> (model, config dict, folder). Policies come back
-    as a Transformer; reward/value checkpoints ("rm*", "value") as a ScalarHeadModel."""
+    as a Transformer, vision checkpoints (config "vision") as a VisionLanguageModel around one;
+    reward/value checkpoints ("rm*", "value") as a ScalarHeadModel."""
     from llmforge.model.heads import ScalarHeadModel
     from llmforge.model.transformer import Transformer
 
@@ -150,6 +151,9 @@ def load_model(path: str | os.PathLike, kinds=POLICY_KINDS, device="cpu"):
     model = Transformer(model_config_from(config))
     if config.get("head") == "scalar":
         model = ScalarHeadModel(model)
+    if config.get("vision"):
+        from llmforge.model.vision import VisionLanguageModel, VisionTowerConfig
+        model = VisionLanguageModel(model, VisionTowerConfig(**config["vision"]))
     if config.get("lora"):  # saved from a LoRA-wrapped model: load base + adapters, merge
         from llmforge.model.lora import load_lora_checkpoint_into
         load_lora_checkpoint_into(model, load_weights(folder), config["lora"])
