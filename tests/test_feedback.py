@@ -157,7 +157,7 @@ def test_unreachable_postgres_is_a_user_error():
 def test_postgres_store_exports_the_same_pairs(tmp_path):
     import psycopg
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS ratings, edits, generations, messages, conversations, schema_version CASCADE")
+        conn.execute("DROP TABLE IF EXISTS images, ratings, edits, generations, messages, conversations, schema_version CASCADE")
     store = open_store(POSTGRES_URL)
     assert store.kind == "postgresql" and store.schema_version() == MIGRATIONS[-1][0]
     ids = scripted_session(store)

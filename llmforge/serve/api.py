@@ -128,7 +128,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, user: str
         return EventSourceResponse(_guarded(_stream_chat(server, req, cid, created), _rid(request)),
                                    ping=15, sep="\n")
     answers = [Answer(server, req, i) for i in range(req.n)]
-    completions = await asyncio.gather(*[_final(server, req.prompt, p, c)
+    completions = await asyncio.gather(*[_final(server, req.prompt, p, c, req.images)
                                          for p, c in zip(req.params, req.constraints)])
     choices, usage_out = [], 0
     extension = {"generation_ids": [], "citations": req.citations, "tool_runs": [],
@@ -425,9 +425,9 @@ def create_app(server: ModelServer, api_keys: str | list[str] | dict | None = No
     return app
 
 
-async def _final(server: ModelServer, prompt, params, constraint):
+async def _final(server: ModelServer, prompt, params, constraint, images=None):
     last = None
-    async for ev in server.run(prompt, params, constraint):
+    async for ev in server.run(prompt, params, constraint, images):
         last = ev
     return last.completion
 
@@ -470,7 +470,7 @@ async def _stream_chat(server: ModelServer, req: ChatRequest, cid: str, created:
 
     async def pump(i):
         try:
-            async for ev in server.run(req.prompt, req.params[i], req.constraints[i]):
+            async for ev in server.run(req.prompt, req.params[i], req.constraints[i], req.images):
                 await queue.put((i, ev))
         except Exception as e:  # surfaces in the stream instead of killing the other choices
             await queue.put((i, e))

@@ -18,6 +18,10 @@ picks explicitly) is *chosen*, the others are discarded. Preference pairs, one J
   rating        an answer rated up  ≻  an answer rated down for the same prompt
   regeneration  the chosen regeneration  ≻  each discarded one
 
+Images (a vision model's requests): a prompt's image_url parts are stored as "sha256:<hash>" of the
+data URI, the data itself once per hash in the images table, and exported pairs carry the data
+URIs again, so the flywheel's pairs include the images.
+
 SQLite runs in WAL mode (readers never block the server's writes). The schema is created by
 numbered migrations recorded in `schema_version`, so an old database upgrades in place.
 
@@ -29,6 +33,7 @@ user cannot flood the next training set. A SQLite file is created owner-only (06
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -88,7 +93,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE conversations ADD COLUMN user_id TEXT NOT NULL DEFAULT 'local'",
         "CREATE INDEX conversations_by_user ON conversations (user_id, created_at)",
     ]),
+    (3, [   # images of prompts, once per content hash (the prompts hold "sha256:<hash>")
+        """CREATE TABLE images (
+            hash TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL)""",
+    ]),
 ]
+IMAGE_REF = "sha256:"
 
 
 class NotFoundError(UserError):
@@ -97,6 +109,24 @@ class NotFoundError(UserError):
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+def _images_by_hash(messages: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """The messages with every image_url part's URL replaced by "sha256:<its hash>", and {hash: URL}."""
+    images, out = {}, []
+    for m in messages:
+        if isinstance(m.get("content"), list):
+            parts = []
+            for p in m["content"]:
+                url = (p.get("image_url") or {}).get("url", "") if p.get("type") == "image_url" else ""
+                if url and not url.startswith(IMAGE_REF):
+                    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
+                    images[digest] = url
+                    p = {"type": "image_url", "image_url": {"url": IMAGE_REF + digest}}
+                parts.append(p)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out, images
 
 
 def _canonical(messages: list[dict]) -> str:
@@ -224,7 +254,10 @@ class FeedbackStore:
         gid = generation_id or _new_id("gen")
         now = time.time()
         position = len(prompt)
-        statements = [
+        prompt, images = _images_by_hash(prompt)
+        statements = [("INSERT INTO images (hash, url, created_at) VALUES (?, ?, ?) ON CONFLICT (hash) DO NOTHING",
+                       (digest, url, now)) for digest, url in images.items()]
+        statements += [
             ("INSERT INTO generations (id, conversation_id, position, prompt, content, model, checkpoint, "
              "params, finish_reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
              (gid, conversation_id, position, _canonical(prompt), content, model, checkpoint,
@@ -246,6 +279,22 @@ class FeedbackStore:
         self._transaction(statements)
         self._choose_continued(conversation_id, prompt)
         return gid
+
+    def with_images(self, messages: list[dict]) -> list[dict]:
+        """Stored messages with each "sha256:<hash>" image reference replaced by the image's data URI."""
+        out = []
+        for m in messages:
+            if isinstance(m.get("content"), list):
+                parts = []
+                for p in m["content"]:
+                    url = (p.get("image_url") or {}).get("url", "") if p.get("type") == "image_url" else ""
+                    if url.startswith(IMAGE_REF):
+                        rows = self._execute("SELECT url FROM images WHERE hash = ?", (url[len(IMAGE_REF):],))
+                        p = {"type": "image_url", "image_url": {"url": rows[0][0] if rows else url}}
+                    parts.append(p)
+                m = {**m, "content": parts}
+            out.append(m)
+        return out
 
     def _choose_continued(self, conversation_id: str, prompt: list[dict]) -> None:
         for position, m in enumerate(prompt):
@@ -376,7 +425,7 @@ def preference_pairs(store: FeedbackStore, users: list[str] | None = None,
     pairs: list[dict] = []
 
     def add(prompt: str, chosen: dict, rejected: dict, source: str, chosen_text: str | None = None):
-        pairs.append({"prompt": json.loads(prompt),
+        pairs.append({"prompt": store.with_images(json.loads(prompt)),
                       "chosen": chosen_text if chosen_text is not None else chosen["content"],
                       "rejected": rejected["content"], "source": source,
                       "model": rejected["model"], "checkpoint": rejected["checkpoint"], "user": rejected["user"],

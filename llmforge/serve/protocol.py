@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+import torch
+
 from llmforge.errors import UserError
 from llmforge.infer.constrain import BanTokens
+from llmforge.tokenizer.chat import image_parts
 
 if TYPE_CHECKING:
     from llmforge.serve.scheduler import ModelServer
@@ -54,6 +57,20 @@ class TextPart(_Lenient):
     text: str
 
 
+class ImageURL(_Lenient):
+    url: str = Field(description="data:image/png;base64,... (http(s) URLs are not fetched)")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Lenient):
+    """OpenAI's vision input; a vision checkpoint only (`llmforge vision`)."""
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
 class FunctionCall(_Lenient):
     name: str
     arguments: Union[str, dict[str, Any]] = "{}"
@@ -67,7 +84,7 @@ class ToolCall(_Lenient):
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[Part], None] = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -303,7 +320,7 @@ class ChatRequest:
 
     def __init__(self, server: ModelServer, body: ChatCompletionBody | dict, user: str = "local"):
         from llmforge.infer.sampling import SamplingParams
-        from llmforge.tokenizer.chat import render_prompt, validate_messages
+        from llmforge.tokenizer.chat import content_text, render_prompt, validate_messages
 
         self.server, self.user = server, user
         if isinstance(body, dict):   # tests and benches may pass a plain dict
@@ -318,8 +335,8 @@ class ChatRequest:
             validate_messages(messages)
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
-        _prompt_fits_bytes(server, [m.get("content") or "" for m in messages],
-                           "messages" if not spec.trim_history else "messages")
+        _prompt_fits_bytes(server, [content_text(m.get("content")) for m in messages], "messages")
+        pixels = self._images(messages)
         self.n = _number(body, "n", 1, 1, server.cfg.max_n, int)
         self.stream = bool(spec.stream)
         self.include_usage = bool(spec.stream_options and spec.stream_options.include_usage)
@@ -343,7 +360,11 @@ class ChatRequest:
 
         def render():
             self.prompt_messages = self._with_context(self.messages)
-            self.prompt = render_prompt(server.tok, self.prompt_messages) + self.forced_prefix
+            self.prompt = render_prompt(server.tok, self.prompt_messages, server.image_tokens,
+                                        server.image_id) + self.forced_prefix
+            # the pixels of the images still in the prompt (trim_history may have dropped some)
+            kept = [pixels[id(p)] for p in image_parts(self.prompt_messages)]
+            self.images = torch.stack(kept) if kept else None
 
         render()
         while self.citations and len(self.prompt) >= server.context - 16:   # fewer sources rather than no answer
@@ -354,6 +375,10 @@ class ChatRequest:
             while len(self.prompt) + want > server.context and self._drop_oldest_turn():
                 render()
         room = server.context - len(self.prompt)
+        if room < 1 and self.images is not None:
+            raise APIError(400, f"{len(self.images)} images of {server.image_tokens} tokens each and the text make "
+                                f"{len(self.prompt)} tokens, more than this model's context of {server.context}; "
+                                "send fewer images", param="messages", code="context_length_exceeded")
         if room < 1:
             raise APIError(400, f"this model's maximum context length is {server.context} tokens, but the prompt "
                                 f"is {len(self.prompt)} tokens; shorten the messages", param="messages",
@@ -403,14 +428,44 @@ class ChatRequest:
         self.messages = msgs[:first] + msgs[end:]
         return True
 
+    def _images(self, messages) -> dict[int, torch.Tensor]:
+        """Every image part's pixels (keyed by the part's id), checked: only a vision model takes
+        images, each must decode (data/images.py's limits), and only user messages hold them."""
+        from llmforge.data.images import load_image, to_pixels
+
+        out = {}
+        for i, m in enumerate(messages):
+            for j, part in enumerate(m["content"] if isinstance(m.get("content"), list) else []):
+                if part.get("type") != "image_url":
+                    continue
+                where = f"messages[{i}].content[{j}]"
+                if not self.server.image_tokens:
+                    raise APIError(400, f"{where} is an image, but the model '{self.server.model_name}' is text-only; "
+                                        "send text only, or serve a vision checkpoint (ckpt/vision, made by "
+                                        "`llmforge vision`)", param="messages", code="image_input_not_supported")
+                try:
+                    img = load_image(part["image_url"]["url"], where)
+                except UserError as e:
+                    raise APIError(400, str(e), param="messages", code="invalid_image") from None
+                out[id(part)] = to_pixels(img, self.server.image_size)
+        return out
+
     @staticmethod
     def _normalize(m):
-        """Accept OpenAI's content-part lists and `content: null` on tool-calling turns."""
+        """Accept OpenAI's content-part lists (a user's image parts stay, as parts) and
+        `content: null` on tool-calling turns."""
         if not isinstance(m, dict):
             return m
         m = dict(m)
-        if isinstance(m.get("content"), list):
-            m["content"] = "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))
+        parts = m.get("content")
+        if isinstance(parts, list) and m.get("role") == "user" and any(p.get("type") == "image_url" for p in parts):
+            m["content"] = [{"type": "text", "text": p["text"]} if p["type"] == "text"
+                            else {"type": "image_url", "image_url": {"url": p["image_url"]["url"]}} for p in parts]
+        elif isinstance(parts, list):
+            if any(p.get("type") == "image_url" for p in parts):
+                raise APIError(400, f"an image part in a {m.get('role')} message: images go in user messages",
+                               param="messages", code="invalid_image")
+            m["content"] = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
         if m.get("role") == "developer":
             m["role"] = "system"
         if m.get("content") is None and m.get("role") == "assistant":
@@ -425,7 +480,8 @@ class ChatRequest:
                                 "--index INDEX.sqlite (built by `llmforge index add`)", param="retrieval")
         k = retrieval.get("k", self.server.cfg.retrieval_k) if isinstance(retrieval, dict) else self.server.cfg.retrieval_k
         k = _number({"k": k}, "k", 3, 1, 20, int)
-        query = next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
+        from llmforge.tokenizer.chat import content_text
+        query = next((content_text(m["content"]) for m in reversed(self.messages) if m["role"] == "user"), "")
         return [asdict(c) for c in self.server.index.search(query, k)]
 
     def _tools(self, tools, tool_choice):

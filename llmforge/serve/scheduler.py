@@ -55,9 +55,9 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="llmforge-scheduler", daemon=True)
         self.thread.start()
 
-    def submit(self, prompt, params, constraint, on_event) -> int:
+    def submit(self, prompt, params, constraint, on_event, images=None) -> int:
         with self.cv:
-            rid = self.engine.add(prompt, params, constraint)
+            rid = self.engine.add(prompt, params, constraint, images)
             self.callbacks[rid] = on_event
             self.cv.notify()
         return rid
@@ -133,6 +133,10 @@ class ModelServer:
         self.folder = folder   # the checkpoint folder on disk (server-side only, never in a response)
         self.context = model.cfg.max_seq_len
         self.vocab_size = model.cfg.vocab_size
+        # a vision checkpoint: image tokens per image, the placeholder id and the image side (0, None: text-only)
+        self.image_tokens = getattr(model, "image_tokens", 0)
+        self.image_id = getattr(model, "image_token_id", None)
+        self.image_size = model.tower.image_size if self.image_tokens else 0
         self.engine = Engine(model, tok, max_batch=self.cfg.max_batch,
                              tool_runner=self._timed(run_tool) if self.cfg.builtin_tools else None,
                              tool_workers=self.cfg.tool_workers, prefix_cache_tokens=self.cfg.prefix_cache_tokens,
@@ -193,13 +197,14 @@ class ModelServer:
         s["step_errors"] = self.scheduler.errors
         return s
 
-    async def run(self, prompt: list[int], params, constraint=None):
-        """Async iterator over engine events of one request; cancels it if the consumer goes away."""
+    async def run(self, prompt: list[int], params, constraint=None, images=None):
+        """Async iterator over engine events of one request (`images`: its pixels, for a vision
+        model); cancels it if the consumer goes away."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         try:
             rid = self.scheduler.submit(prompt, params, constraint,
-                                        lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+                                        lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), images)
         except ValueError as e:   # the engine refused the inputs (length, token ids)
             raise APIError(400, str(e), param="prompt") from None
         finished = False
