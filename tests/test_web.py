@@ -161,3 +161,38 @@ def test_web_chat_with_a_key_shows_only_its_own_conversations_and_trims_long_cha
     page.wait_for_timeout(300)
     assert page.locator("[data-testid=conversations] li").count() == 0
     assert len(server.store.conversations(user="alice")) == 1 and server.store.conversations(user="bob") == []
+
+
+@pytest.fixture(scope="module")
+def vision_site(tmp_path_factory):
+    run = tmp_path_factory.mktemp("vrun")
+    folder = make_tiny_checkpoint(run / "ckpt" / "vision", vision=True)
+    db = run / "feedback.sqlite"
+    server = load_served(folder, cfg=ServeConfig(batch_wait_ms=0), db=str(db))
+    url, stop = run_in_thread(create_app(server))
+    yield url, db, server
+    stop()
+    server.close()
+
+
+def test_web_chat_attaches_an_image_and_the_store_keeps_it(vision_site, page, tmp_path):
+    from PIL import Image
+    url, db, server = vision_site
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "red.png")
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.wait_for_selector(f"text=model: {server.model_name}")
+    page.fill("#max-tokens", "4")
+    page.set_input_files("[data-testid=image]", str(tmp_path / "red.png"))
+    page.wait_for_selector("[data-testid=pending-image]:not([hidden])")
+    page.fill("[data-testid=input]", "What colour is this?")
+    page.click("[data-testid=send]")
+    page.wait_for_selector("[data-testid=msg-assistant] [data-testid=thumbs-up]:not([disabled])")
+    assert page.locator("[data-testid=msg-user] [data-testid=attached-image]").count() == 1
+    assert not errors and page.inner_text("[data-testid=error]") == ""
+    con = sqlite3.connect(db)
+    prompt = con.execute("SELECT prompt FROM generations").fetchone()[0]
+    (digest, stored), = con.execute("SELECT hash, url FROM images").fetchall()
+    con.close()
+    assert f"sha256:{digest}" in prompt and stored.startswith("data:image/png;base64,")

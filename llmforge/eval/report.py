@@ -282,6 +282,24 @@ def transcript_section(chats: dict[str, list]) -> list[str]:
     return lines
 
 
+def vision_section(v: dict) -> list[str]:
+    """`llmforge vision`'s held-out accuracy per visual task, the blank-image baseline and the text tasks."""
+    rows = [[t, f"{a['accuracy']:.1%} [{a['lo']:.0%}, {a['hi']:.0%}]", f"{v['blank_image'][t]['accuracy']:.1%}",
+             f"{a['chance']:.0%}", a["n"]] for t, a in v["accuracy"].items()]
+    p = v["text_paired"]
+    lines = ["## Vision (held-out images, greedy)", "",
+             f"{v['image_tokens']} image tokens per image. Intervals: Wilson 95%. The blank-image column asks "
+             "the same questions with a mid-grey image: what the model guesses without seeing.", "",
+             _table(["task", "accuracy", "blank image", "chance", "items"], rows), ""]
+    if v["mean"]["rendered"] is not None:
+        lines += [f"Mean over the rendered tasks: {v['mean']['rendered']:.1%} "
+                  f"(blank image {v['mean']['rendered_blank']:.1%}).", ""]
+    lines += [f"Text tasks ({v['text_items']} held-out items): {v['text_before']:.1%} before (SFT) -> "
+              f"{v['text_after']:.1%} after, {p['diff'] * 100:+.1f} points [{p['lo'] * 100:+.1f}, {p['hi'] * 100:+.1f}] "
+              "(paired bootstrap over prompts).", "", "![vision samples](plots/vision_samples.png)", ""]
+    return lines
+
+
 def write(run: RunDir, cfg=None) -> str:
     metrics = run.read_metrics()
     eval_path = run.root / "eval.json"
@@ -327,6 +345,9 @@ def write(run: RunDir, cfg=None) -> str:
                   ""]
     if ev.get("transcripts"):
         parts += transcript_section(ev["transcripts"])
+    vision_path = run.root / "vision.json"
+    if vision_path.is_file():
+        parts += vision_section(json.loads(vision_path.read_text()))
     target_rows = targets(ev, metrics)
     if target_rows:
         parts += ["## Targets", "", _table(["target", "measured", "status"], target_rows), ""]

@@ -56,13 +56,14 @@ def answer(model, tok, items: list[VisionItem], *, blank: bool = False, max_toke
 
 
 def accuracy(samples: list[VisualSample], task_names: list[str]) -> dict:
-    """{task: {"accuracy", "lo", "hi", "n"}} with Wilson 95% intervals."""
+    """{task: {"accuracy", "lo", "hi", "n", "chance"}} with Wilson 95% intervals."""
     out = {}
     for name in task_names:
         rewards = [s.reward for s in samples if s.item.task == name]
         hits = sum(r >= 1.0 for r in rewards)
         lo, hi = wilson_interval(hits, len(rewards))
-        out[name] = {"accuracy": hits / max(len(rewards), 1), "lo": lo, "hi": hi, "n": len(rewards)}
+        out[name] = {"accuracy": hits / max(len(rewards), 1), "lo": lo, "hi": hi, "n": len(rewards),
+                     "chance": get_vision_task(name).chance}
     return out
 
 

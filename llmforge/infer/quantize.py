@@ -65,8 +65,9 @@ def for_inference(model: nn.Module, dtype: str) -> nn.Module:
     model.eval()
     if dtype == "bf16":
         model.to(torch.bfloat16)
+        lm = getattr(model, "trunk", model)   # a vision model's language model holds the tables
         for name in ("rope_cos", "rope_sin"):   # rotary tables stay fp32 (bf16 angles drift with position)
-            setattr(model, name, getattr(model, name).float())
+            setattr(lm, name, getattr(lm, name).float())
         return model
     if dtype == "int8":
         for parent in list(model.modules()):

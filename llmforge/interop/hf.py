@@ -197,6 +197,9 @@ def load_policy(ckpt, device="cpu"):
 def load_for_export(ckpt):
     """(merged policy, config.json, folder, tokenizer.json as a dict) of a checkpoint to export."""
     model, config, folder = load_policy(ckpt)
+    if config.get("vision"):
+        raise UserError(f"checkpoint {folder} is a vision model; its export (a transformers LLaVA folder) is not "
+                        "written yet: export its language model from the checkpoint it started from (ckpt/sft)")
     for knob in ("qk_norm", "smear_layers"):
         if getattr(model.cfg, knob):
             raise UserError(f"checkpoint {folder} uses model.{knob}, which the Llama/Qwen2 exports cannot express; "

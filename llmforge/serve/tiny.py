@@ -16,7 +16,10 @@ What is 12 * 7? It is 84. Thank you! You're welcome.\n"""
 
 
 def make_tiny_checkpoint(folder, *, vocab_size: int = 320, d_model: int = 64, n_layer: int = 2,
-                         max_seq_len: int = 256, seed: int = 0, kind: str = "sft") -> Path:
+                         max_seq_len: int = 256, seed: int = 0, kind: str = "sft", vision: bool = False) -> Path:
+    """vision=True: a vision checkpoint (kind "vision": a 16x16-pixel, 4-token image tower in front)."""
+    import dataclasses
+
     from llmforge.model.transformer import Transformer
     from llmforge.tokenizer.bpe import Tokenizer
     from llmforge.train.checkpoint import save_checkpoint
@@ -26,5 +29,9 @@ def make_tiny_checkpoint(folder, *, vocab_size: int = 320, d_model: int = 64, n_
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=d_model,
                       max_seq_len=max_seq_len)
     model = Transformer(cfg)
-    return save_checkpoint(Path(folder), model, kind=kind, model_cfg=cfg, tokenizer=tok,
-                           meta={"stage": kind, "step": 0})
+    meta = {"stage": kind, "step": 0}
+    if vision:
+        from llmforge.model.vision import VisionLanguageModel, VisionTowerConfig
+        tower = VisionTowerConfig(image_size=16, patch_size=8, width=32, n_layer=1, n_head=2)
+        model, kind, meta = VisionLanguageModel(model, tower), "vision", {**meta, "vision": dataclasses.asdict(tower)}
+    return save_checkpoint(Path(folder), model, kind=kind, model_cfg=cfg, tokenizer=tok, meta=meta)

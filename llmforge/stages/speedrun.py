@@ -1,5 +1,5 @@
-"""The whole recipe in one command: data -> tokenizer -> pretrain -> SFT -> reward models ->
-rejection sampling -> PPO (RM) -> GRPO (verifiers) -> eval -> report.md.
+"""The whole recipe in one command: data -> tokenizer -> pretrain -> SFT [-> vision, when
+vision.enabled] -> reward models -> rejection sampling -> PPO (RM) -> GRPO (verifiers) -> eval -> report.md.
 
     llmforge speedrun --preset cpu --out runs/cpu      # <= 20 minutes on 2 CPU cores
     llmforge speedrun --preset micro --out runs/micro  # <= 2 minutes: the end-to-end test
@@ -31,7 +31,7 @@ def _started(run: RunDir, folder: str) -> bool:
 def run(cfg: Config, run: RunDir) -> dict:
     from llmforge.data.prepare import prepare
     from llmforge.stages import evaluation as eval_stage
-    from llmforge.stages import pretrain, reward, rl, sft
+    from llmforge.stages import pretrain, reward, rl, sft, vision
 
     steps = [
         ("data", lambda: (run.data / "manifest.json").is_file() and run.tokenizer.is_file(),
@@ -39,6 +39,8 @@ def run(cfg: Config, run: RunDir) -> dict:
         ("pretrain", lambda: _complete(run, "base"),
          lambda: pretrain.run(cfg, run, resume=_started(run, "base"))),
         ("sft", lambda: _complete(run, "sft"), lambda: sft.run(cfg, run, resume=_started(run, "sft"))),
+        *([("vision", lambda: _complete(run, "vision"), lambda: vision.run(cfg, run, resume=True))]
+          if cfg.vision.enabled else []),
         ("rm", lambda: _complete(run, "rm") and _complete(run, "rm_safety"), lambda: reward.run(cfg, run)),
         # RL stages resume mid-rollout from ckpt/<stage>_train + ckpt/<stage>_rollouts
         ("rl_rejection", lambda: _complete(run, "rl_rejection"),

@@ -118,6 +118,7 @@ class VisionTask:
 
     name = "vision"
     questions: tuple[str, ...] = ()
+    chance = 0.0                   # accuracy of a uniform guess among the possible answers
 
     def render(self, rng: random.Random, size: int, split: str):
         raise NotImplementedError
@@ -160,6 +161,7 @@ class VisionTask:
 
 class Digits(VisionTask):
     name = "digits"
+    chance = 0.1
     questions = ("What digit is this?", "Which digit is written here?", "What number is in the image?")
 
     def render(self, rng, size, split):
@@ -202,6 +204,7 @@ def _scan_hash(scan) -> str:
 
 class Count(VisionTask):
     name = "count"
+    chance = 0.2
     questions = ("How many shapes are there?", "How many shapes can you see?", "Count the shapes.")
 
     def render(self, rng, size, split):
@@ -238,16 +241,19 @@ class _OneShape(VisionTask):
 
 class Color(_OneShape):
     name = "color"
+    chance = 0.2
     questions = ("What colour is the shape?", "What color is it?", "Which colour do you see?")
 
 
 class Shape(_OneShape):
     name = "shape"
+    chance = 1 / 3
     questions = ("What shape is this?", "Which shape is drawn?", "What kind of shape is it?")
 
 
 class Read(VisionTask):
     name = "read"
+    chance = 1 / len(WORDS)
     questions = ("What word is written here?", "Read the word in the image.", "What does the image say?")
 
     def render(self, rng, size, split):
@@ -278,6 +284,7 @@ def _font_path() -> str:
 
 class Bars(VisionTask):
     name = "bars"
+    chance = (1 / 3 + 1 / 4) / 2
     questions = ("Which bar is the tallest? Count from the left.", "Which bar is highest, counting from the left?")
 
     def render(self, rng, size, split):

@@ -12,6 +12,7 @@ const state = {
   conversationId: null,
   messages: [],        // {role, content, generationId, variants: [{content, generationId, rating, edited}], v}
   controller: null,    // AbortController of the request in flight
+  pendingImage: null,  // data URI of an image attached to the next message (vision models)
 };
 
 const $ = (id) => document.getElementById(id);
@@ -151,6 +152,13 @@ function renderMessage(m, i) {
   content.className = "content";
   content.setAttribute("data-testid", "content");
   content.textContent = textOf(m);
+  if (m.image) {
+    const img = document.createElement("img");
+    img.className = "attached";
+    img.setAttribute("data-testid", "attached-image");
+    img.src = m.image;
+    div.appendChild(img);
+  }
   div.appendChild(content);
   if (m.role !== "assistant") return div;
 
@@ -238,7 +246,20 @@ function startEdit(div, m) {
 // ------------------------------------------------------------------ generation
 
 function requestMessages(upto) {
-  return state.messages.slice(0, upto).map((m) => ({role: m.role, content: textOf(m)}));
+  // a user message with an attached image goes as OpenAI content parts (text, image_url)
+  return state.messages.slice(0, upto).map((m) => ({role: m.role, content: m.image
+    ? [{type: "text", text: textOf(m)}, {type: "image_url", image_url: {url: m.image}}] : textOf(m)}));
+}
+
+function attach(file) {   // the image goes with the next message, as a data URI
+  if (!file || !file.type.startsWith("image/")) return;
+  const reader = new FileReader();
+  reader.onload = () => {
+    state.pendingImage = reader.result;
+    $("pending-image").src = reader.result;
+    $("pending-image").hidden = false;
+  };
+  reader.readAsDataURL(file);
 }
 
 async function send(text) {
@@ -250,7 +271,9 @@ async function send(text) {
       loadConversations();
     }
   } catch (e) { showError(e.message); return; }
-  state.messages.push({role: "user", content: text});
+  state.messages.push({role: "user", content: text, image: state.pendingImage || null});
+  state.pendingImage = null;
+  $("pending-image").hidden = true;
   const m = assistantMessage("", null);
   state.messages.push(m);
   await generate(m, state.messages.length - 1);
@@ -353,6 +376,11 @@ $("input").addEventListener("keydown", (e) => {
     e.preventDefault();
     $("composer").requestSubmit();
   }
+});
+$("image").addEventListener("change", (e) => { attach(e.target.files[0]); e.target.value = ""; });
+$("input").addEventListener("paste", (e) => {
+  const item = [...(e.clipboardData || {items: []}).items].find((it) => it.type.startsWith("image/"));
+  if (item) { e.preventDefault(); attach(item.getAsFile()); }
 });
 $("stop").onclick = stop;
 $("new-chat").onclick = newChat;
