@@ -248,3 +248,35 @@ def test_micro_vision_stage_beats_the_no_image_baseline(tmp_path):
     for task, chance in (("color", 0.2), ("shape", 1 / 3)):
         assert out["accuracy"][task]["accuracy"] > max(chance, out["blank_image"][task]["accuracy"]) + 0.2, out
     assert (run.plots / "vision_samples.png").is_file() and (run.root / "vision.json").is_file()
+
+
+def test_hf_llava_export_matches_logits_and_greedy_tokens(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from llmforge.interop import export_checkpoint
+    from llmforge.serve.tiny import make_tiny_checkpoint
+    from llmforge.train.checkpoint import load_model, load_tokenizer
+
+    folder = make_tiny_checkpoint(tmp_path / "ckpt" / "vision", vision=True)
+    ours, _, _ = load_model(folder)
+    for p in ours.parameters():                       # random, non-trivial weights everywhere
+        p.data.normal_(0, 0.3)
+    from llmforge.train.checkpoint import save_checkpoint
+    import dataclasses
+    save_checkpoint(folder, ours, kind="vision", model_cfg=ours.cfg, tokenizer=load_tokenizer(folder),
+                    meta={"vision": dataclasses.asdict(ours.tower)})
+    out = export_checkpoint(folder, "hf", tmp_path / "hf")
+    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    tok = load_tokenizer(folder)
+    from llmforge.tokenizer.chat import render_prompt
+    ids = render_prompt(tok, ask("What colour is it?"), ours.image_tokens, ours.image_token_id)
+    pixels = to_pixels(Image.new("RGB", (16, 16), (200, 40, 40)), 16)[None]
+    with torch.no_grad():
+        mine = ours(torch.tensor([ids]), images=pixels)
+        hf = theirs(input_ids=torch.tensor([ids]), pixel_values=pixels).logits
+    V = ours.cfg.vocab_size
+    assert hf.shape[-1] == V + 1 and (mine - hf[..., :V]).abs().max() < 1e-4
+    engine = Engine(ours, tok, max_batch=1)
+    greedy = engine.generate([ids], SamplingParams(max_tokens=8, temperature=0.0), images=[pixels])[0].tokens
+    gen = theirs.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=8, do_sample=False,
+                          eos_token_id=None, min_new_tokens=8)
+    assert gen[0, len(ids):].tolist()[:len(greedy)] == greedy

@@ -188,6 +188,9 @@ def export_gguf(ckpt, out, dtype: str = "f16") -> Path:
         out = out / f"model-{dtype}.gguf"
     from llmforge.interop.hf import load_for_export
     model, config, folder, tok_json = load_for_export(ckpt)
+    if config.get("vision"):
+        raise UserError(f"checkpoint {folder} is a vision model; GGUF export of it (llama.cpp's mmproj file for the "
+                        "image tower) is not written: export it with --format hf (LLaVA)")
     cfg: ModelConfig = model.cfg
     tok_model, tokens, types, merges = _tokenizer_fields(tok_json, cfg.vocab_size)
     specials = {t["content"]: t["id"] for t in tok_json.get("added_tokens", [])}

@@ -197,9 +197,6 @@ def load_policy(ckpt, device="cpu"):
 def load_for_export(ckpt):
     """(merged policy, config.json, folder, tokenizer.json as a dict) of a checkpoint to export."""
     model, config, folder = load_policy(ckpt)
-    if config.get("vision"):
-        raise UserError(f"checkpoint {folder} is a vision model; its export (a transformers LLaVA folder) is not "
-                        "written yet: export its language model from the checkpoint it started from (ckpt/sft)")
     for knob in ("qk_norm", "smear_layers"):
         if getattr(model.cfg, knob):
             raise UserError(f"checkpoint {folder} uses model.{knob}, which the Llama/Qwen2 exports cannot express; "
@@ -221,6 +218,8 @@ def export_hf(ckpt, out, dtype: str = "fp32") -> Path:
     out = Path(out)
     _check_out(out)
     model, config, folder, tok_json = load_for_export(ckpt)
+    vision = model if config.get("vision") else None   # written as LLaVA around the language model (llava.py)
+    model = vision.trunk if vision else model
     cfg: ModelConfig = model.cfg
     carried = config.get("hf") or {}   # what an imported model brought with it
     tok_cfg, gen_cfg = _tokenizer_and_generation_config(config, carried, tok_json, cfg)
@@ -238,9 +237,14 @@ def export_hf(ckpt, out, dtype: str = "fp32") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config_json = hf_config(cfg, bos_id=gen_cfg.get("bos_token_id"), eos_id=gen_cfg.get("eos_token_id"),
                                 pad_id=gen_cfg.get("pad_token_id"), dtype=_DTYPE_NAMES[torch_dtype])
+        if vision is not None:
+            from llmforge.interop import llava
+            weights, config_json = llava.llava_weights(vision, weights, torch_dtype), llava.llava_config(vision, config_json)
+            gen_cfg = {**gen_cfg, "suppress_tokens": [vision.image_token_id]}
+            _write_json(tmp / "preprocessor_config.json", llava.preprocessor_config(vision))
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", config_json)
         _write_json(tmp / "generation_config.json", gen_cfg)
         shutil.copyfile(folder / "tokenizer.json", tmp / "tokenizer.json")
