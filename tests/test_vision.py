@@ -2,23 +2,35 @@
 bit-identity, the engine with images, the visual tasks' split and verifiers, image input errors,
 the server's image requests and 400s, the feedback store's images, and a micro vision stage."""
 import base64
+import dataclasses
 import io
 import json
 
 import httpx
 import pytest
 import torch
+from openai import OpenAI
 from PIL import Image
 
-from llmforge.config import ModelConfig, ServeConfig
+from llmforge.config import ModelConfig, ServeConfig, resolve
 from llmforge.data.images import data_uri, load_image, to_pixels
 from llmforge.errors import UserError
 from llmforge.infer.engine import Engine
 from llmforge.infer.sampling import SamplingParams
+from llmforge.interop import export_checkpoint
 from llmforge.model.transformer import Transformer
 from llmforge.model.vision import VisionEncoder, VisionLanguageModel, VisionTowerConfig
+from llmforge.run import RunDir
+from llmforge.serve.api import create_app, load_served, run_in_thread
+from llmforge.serve.feedback import export_pairs, open_store
+from llmforge.serve.tiny import make_tiny_checkpoint
+from llmforge.stages import vision
+from llmforge.tasks import TASKS
+from llmforge.tasks.user_data import load_image_conversations
 from llmforge.tasks.vision import VISION_TASKS, ask, get_vision_task
-from llmforge.tokenizer.chat import render
+from llmforge.tokenizer.bpe import Tokenizer
+from llmforge.tokenizer.chat import render, render_prompt, render_text
+from llmforge.train.checkpoint import load_model, load_tokenizer, save_checkpoint
 
 TOWER = VisionTowerConfig(image_size=16, patch_size=4, width=32, n_layer=1, n_head=2)
 
@@ -38,8 +50,6 @@ def test_patch_embedding_and_projector_shapes():
 
 
 def test_placeholder_expands_to_k_positions_and_the_loss_skips_them(tmp_path):
-    from llmforge.serve.tiny import make_tiny_checkpoint
-    from llmforge.train.checkpoint import load_tokenizer
     tok = load_tokenizer(make_tiny_checkpoint(tmp_path / "t"))
     messages = ask("What is it?") + [{"role": "assistant", "content": "A dog."}]
     ids, mask = render(tok, messages, image_tokens=5, image_id=999)
@@ -133,7 +143,6 @@ def test_bad_images_are_refused_with_one_clear_line(tmp_path):
 
 
 def test_user_jsonl_with_a_missing_image_names_the_line(tmp_path):
-    from llmforge.tasks.user_data import load_image_conversations
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     line = lambda path: json.dumps({"messages": [                          # noqa: E731
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": path}},
@@ -150,11 +159,9 @@ def test_user_jsonl_with_a_missing_image_names_the_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    from llmforge.serve.api import create_app, load_served, run_in_thread
-    from llmforge.serve.tiny import make_tiny_checkpoint
     out = {}
-    for name, vision in (("text", False), ("vision", True)):
-        folder = make_tiny_checkpoint(tmp_path_factory.mktemp(name) / "ckpt" / name, vision=vision)
+    for name, with_vision in (("text", False), ("vision", True)):
+        folder = make_tiny_checkpoint(tmp_path_factory.mktemp(name) / "ckpt" / name, vision=with_vision)
         server = load_served(folder, cfg=ServeConfig(max_batch=4, batch_wait_ms=5),
                              db=str(folder.parent / "feedback.sqlite"))
         url, stop = run_in_thread(create_app(server))
@@ -171,7 +178,6 @@ def _image_message(url, text="What colour is this?"):
 
 
 def test_served_image_answer_and_its_400s(servers):
-    from openai import OpenAI
     server, url, _ = servers["vision"]
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     red = data_uri(Image.new("RGB", (32, 32), (220, 30, 30)))
@@ -203,7 +209,6 @@ def test_served_image_answer_and_its_400s(servers):
 
 
 def test_feedback_store_keeps_images_by_hash(tmp_path):
-    from llmforge.serve.feedback import export_pairs, open_store
     store = open_store(tmp_path / "fb.sqlite")
     conv = store.new_conversation()
     red = data_uri(Image.new("RGB", (4, 4), (255, 0, 0)))
@@ -221,13 +226,6 @@ def test_feedback_store_keeps_images_by_hash(tmp_path):
 
 @pytest.mark.slow
 def test_micro_vision_stage_beats_the_no_image_baseline(tmp_path):
-    from llmforge.config import resolve
-    from llmforge.run import RunDir
-    from llmforge.stages import vision
-    from llmforge.tokenizer.bpe import Tokenizer
-    from llmforge.tasks import TASKS
-    from llmforge.tokenizer.chat import render_text
-    from llmforge.train.checkpoint import save_checkpoint
 
     cfg = resolve("micro")
     run = RunDir(tmp_path / "run").create()
@@ -252,22 +250,16 @@ def test_micro_vision_stage_beats_the_no_image_baseline(tmp_path):
 
 def test_hf_llava_export_matches_logits_and_greedy_tokens(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from llmforge.interop import export_checkpoint
-    from llmforge.serve.tiny import make_tiny_checkpoint
-    from llmforge.train.checkpoint import load_model, load_tokenizer
 
     folder = make_tiny_checkpoint(tmp_path / "ckpt" / "vision", vision=True)
     ours, _, _ = load_model(folder)
     for p in ours.parameters():                       # random, non-trivial weights everywhere
         p.data.normal_(0, 0.3)
-    from llmforge.train.checkpoint import save_checkpoint
-    import dataclasses
     save_checkpoint(folder, ours, kind="vision", model_cfg=ours.cfg, tokenizer=load_tokenizer(folder),
                     meta={"vision": dataclasses.asdict(ours.tower)})
     out = export_checkpoint(folder, "hf", tmp_path / "hf")
     theirs = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
     tok = load_tokenizer(folder)
-    from llmforge.tokenizer.chat import render_prompt
     ids = render_prompt(tok, ask("What colour is it?"), ours.image_tokens, ours.image_token_id)
     pixels = to_pixels(Image.new("RGB", (16, 16), (200, 40, 40)), 16)[None]
     with torch.no_grad():

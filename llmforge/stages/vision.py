@@ -5,9 +5,11 @@
   stage 1, align (-> ckpt/vision_align): the language model is frozen; a fresh ViT encoder and
       the projector learn to turn an image into embeddings from which it writes the image's
       caption ("3 shapes: a red circle, ...");
-  stage 2, tune (-> ckpt/vision): visual questions ("How many shapes are there?" -> "3") with
-      vision.text_share of every batch the text SFT conversations, so the text skills are kept;
-      the language model trains too (vision.tune_lm).
+  stage 2, tune (-> ckpt/vision): visual questions ("How many shapes are there?" -> "3"). With
+      vision.tune_lm the language model trains too (LLaVA's stage 2) and vision.text_share of every
+      batch is text SFT conversations, so the text skills are kept; without it (the default: on the
+      cpu preset it cost text accuracy, README) only encoder + projector learn, and a text prompt
+      runs the SFT weights unchanged.
 Both run through the one loop (train/loop.py: DDP, LoRA, budgets, resume, metrics.jsonl, progress).
 
 Measured at the end (vision.json, report.md's vision section, plots/vision_samples.png): held-out
@@ -48,9 +50,10 @@ class VisionConfig(TrainConfig):
     """The `vision` section; the TrainConfig fields are stage 2's (tune), align_* stage 1's."""
     batch_size: int = 16
     seq_len: int = 128              # rows of packed conversations (an image is tower.num_patches tokens)
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_steps: int = 20
-    max_steps: int = 400
+    max_steps: int = 100_000        # the minutes bind
+    minutes: float = 2.5
     eval_every: int = 0
     ckpt_every: int = 0
     enabled: bool = False           # the speedrun runs this stage after SFT (off in `cpu`: it has no minutes left)
@@ -60,10 +63,11 @@ class VisionConfig(TrainConfig):
     user_data: str = ""             # JSONL of conversations with image_url parts, added to stage 2
     tower: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     align_lr: float = 3e-3          # stage 1 peak lr (AdamW; the language model is frozen)
-    align_max_steps: int = 200
-    align_minutes: float = 0.0      # 0 = no time budget for stage 1
-    tune_lm: bool = True            # stage 2 trains the language model too (LLaVA); False: encoder + projector
-    text_share: float = 0.25        # stage 2: share of every batch that is text SFT conversations
+    align_max_steps: int = 100_000
+    align_minutes: float = 1.0      # 0 = no time budget for stage 1
+    tune_lm: bool = False           # stage 2 trains the language model too (LLaVA's stage 2); False: encoder +
+                                    # projector only, so text prompts run the SFT model unchanged
+    text_share: float = 0.25        # stage 2 with tune_lm: share of every batch that is text SFT conversations
     text_examples_per_task: int = 300   # text conversations per text task for that share
     eval_per_task: int = 100        # held-out images per visual task
     text_eval_per_task: int = 30    # held-out items per text task, before and after
@@ -160,12 +164,13 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
     if vc.user_data:
         questions += load_image_conversations(vc.user_data)
     qa = ImageRows(tok, model, questions, seq_len)
+    text_share = vc.text_share if vc.tune_lm else 0.0   # text rows teach a frozen language model nothing
     text = ChatRows(tok, conversations(text_names, vc.text_examples_per_task, seed=vc.seed), seq_len) \
-        if vc.text_share > 0 else None
+        if text_share > 0 else None
     if ctx.is_main:
         print(f"vision: {len(items)} training images ({', '.join(names)}), {model.image_tokens} image tokens each; "
               f"captions in {len(captions)} rows, questions in {len(qa)} rows of {seq_len} tokens "
-              f"({qa.dropped} too long), {vc.text_share:.0%} of stage 2 rows text conversations")
+              f"({qa.dropped} too long), {text_share:.0%} of stage 2 rows text conversations")
     summary: dict = {}
     try:
         text_before = task_eval.evaluate(trunk, tok, text_names, vc.text_eval_per_task, return_samples=True,
@@ -181,7 +186,7 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
                                            tok, meta, resume, show_progress)
         # stage 2: visual questions + text conversations; the language model trains too
         model.trunk.requires_grad_(vc.tune_lm)
-        summary["tune"] = _train_part(model, vc, run, ctx, qa, text, vc.text_share, "tune", "vision", tok, meta,
+        summary["tune"] = _train_part(model, vc, run, ctx, qa, text, text_share, "tune", "vision", tok, meta,
                                       resume, show_progress)
     finally:
         distributed.teardown()

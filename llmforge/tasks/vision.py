@@ -168,7 +168,7 @@ class Digits(VisionTask):
         from PIL import Image
         scans, labels, sides = _digits()
         index = rng.choice([i for i, s in enumerate(sides) if s == split])
-        grey = Image.fromarray(scans[index]).resize((s := rng.randint(size * 5 // 8, size), s), Image.BILINEAR)
+        grey = Image.fromarray(scans[index]).resize((s := rng.randint(size * 3 // 4, size), s), Image.BILINEAR)
         img = _canvas(rng, size)
         ink = Image.new("RGB", grey.size, tuple(rng.randint(0, 80) for _ in range(3)))
         img.paste(ink, (rng.randint(0, size - s), rng.randint(0, size - s)), grey)
@@ -266,7 +266,7 @@ class Read(VisionTask):
         x = rng.randint(0, max(0, size - (x1 - x0))) - x0
         y = rng.randint(0, max(0, size - (y1 - y0))) - y0
         draw.text((x, y), word, font=font, fill=tuple(rng.randint(0, 90) for _ in range(3)))
-        return img, word, word, f"The word \"{word}\" written in black.", {}
+        return img, word, word, f"The word \"{word}\".", {}
 
     def verify(self, item, response):
         words = re.findall(r"[a-z]+", answer_text(response).lower())
