@@ -23,16 +23,19 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    make_tiny_checkpoint(run / "ckpt" / "sft", max_seq_len=512)
-    db = run / "feedback.sqlite"
-    server = load_served(run, cfg=ServeConfig(batch_wait_ms=0), db=str(db))
+def _serve(model, db):
+    server = load_served(model, cfg=ServeConfig(batch_wait_ms=0), db=str(db))
     url, stop = run_in_thread(create_app(server))
     yield url, db, server
     stop()
     server.close()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    make_tiny_checkpoint(run / "ckpt" / "sft", max_seq_len=512)
+    yield from _serve(run, run / "feedback.sqlite")
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +169,7 @@ def test_web_chat_with_a_key_shows_only_its_own_conversations_and_trims_long_cha
 @pytest.fixture(scope="module")
 def vision_site(tmp_path_factory):
     run = tmp_path_factory.mktemp("vrun")
-    folder = make_tiny_checkpoint(run / "ckpt" / "vision", vision=True)
-    db = run / "feedback.sqlite"
-    server = load_served(folder, cfg=ServeConfig(batch_wait_ms=0), db=str(db))
-    url, stop = run_in_thread(create_app(server))
-    yield url, db, server
-    stop()
-    server.close()
+    yield from _serve(make_tiny_checkpoint(run / "ckpt" / "vision", vision=True), run / "feedback.sqlite")
 
 
 def test_web_chat_attaches_an_image_and_the_store_keeps_it(vision_site, page, tmp_path):

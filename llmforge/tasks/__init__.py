@@ -2,9 +2,8 @@
 response with a reward in [0, 1]. See base.py for how train and held-out stay disjoint."""
 from __future__ import annotations
 
-from llmforge.errors import UserError
 from llmforge.tasks.arithmetic import AddSub, MultiplyWithTool
-from llmforge.tasks.base import Item, Task
+from llmforge.tasks.base import Item, Task, lookup, names_in
 from llmforge.tasks.chat import Chat
 from llmforge.tasks.extract import ExtractJSON
 from llmforge.tasks.python_doc import PythonDoc
@@ -16,19 +15,12 @@ TASKS: dict[str, Task] = {t.name: t for t in (AddSub(), MultiplyWithTool(), Coun
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise UserError(f"unknown task '{name}'; choose from {', '.join(TASKS)}")
-    return TASKS[name]
+    return lookup(TASKS, name)
 
 
 def task_names(spec: str = "") -> list[str]:
     """'' or 'all' -> every task; otherwise a comma-separated list, validated."""
-    if not spec or spec == "all":
-        return list(TASKS)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    for n in names:
-        get_task(n)
-    return names
+    return names_in(TASKS, spec)
 
 
 __all__ = ["Item", "Task", "TASKS", "get_task", "task_names"]

@@ -18,6 +18,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from llmforge.errors import UserError
 from llmforge.tokenizer.chat import final_answer
 
 HELDOUT_SEED0 = 1_000_000_000
@@ -92,6 +93,25 @@ class Task:
         but other prompts than the test set's, so selection does not tune on the test items."""
         test = frozenset(i.content_hash for i in self.heldout_items(TEST_ITEMS))
         return self._items(n, VALIDATION_SEED0, "eval", exclude=test)
+
+
+# ---------------------------------------------------------------- registries
+
+def lookup(registry: dict, name: str, what: str = "task"):
+    """registry[name], or a UserError listing the names there are."""
+    if name not in registry:
+        raise UserError(f"unknown {what} '{name}'; choose from {', '.join(registry)}")
+    return registry[name]
+
+
+def names_in(registry: dict, spec: str, what: str = "task") -> list[str]:
+    """'' or 'all' -> every name of the registry; otherwise a comma-separated list, validated."""
+    if not spec or spec == "all":
+        return list(registry)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    for n in names:
+        lookup(registry, n, what)
+    return names
 
 
 # ---------------------------------------------------------------- helpers for verifiers

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from llmforge.data.images import image_hash
 from llmforge.errors import UserError
-from llmforge.tasks.base import HELDOUT_SEED0, answer_text, ints_in
+from llmforge.tasks.base import HELDOUT_SEED0, answer_text, ints_in, lookup, names_in
 
 HELDOUT_BUCKETS = 4            # one image hash in this many is on the held-out side
 COLORS = {"red": (215, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 225), "yellow": (235, 195, 20),
@@ -311,16 +311,9 @@ RENDERED = ("count", "color", "shape", "read", "bars")   # made here (digits are
 
 
 def get_vision_task(name: str) -> VisionTask:
-    if name not in VISION_TASKS:
-        raise UserError(f"unknown visual task '{name}'; choose from {', '.join(VISION_TASKS)}")
-    return VISION_TASKS[name]
+    return lookup(VISION_TASKS, name, "visual task")
 
 
 def vision_task_names(spec: str = "") -> list[str]:
     """'' or 'all' -> every visual task; otherwise a comma-separated list, validated."""
-    if not spec or spec == "all":
-        return list(VISION_TASKS)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    for n in names:
-        get_vision_task(n)
-    return names
+    return names_in(VISION_TASKS, spec, "visual task")
