@@ -63,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("vision", help="teach the SFT model to see: align an image encoder, then tune on visual questions")
     _stage_args(p)
     p.add_argument("--resume", action="store_true")
-    _lora_args(p)
     p = sub.add_parser("rl", help="RLHF: rejection sampling, PPO, DPO or GRPO")
     _stage_args(p)
     p.add_argument("--algo", choices=["rejection", "ppo", "dpo", "grpo"], default=None)
@@ -141,7 +140,7 @@ def resolve_config(args, extra: list[str]) -> tuple[config_mod.Config, RunDir]:
         if not (item.startswith("--") and "=" in item):
             raise UserError(f"unrecognized argument '{item}'; overrides look like --set section.key=value")
         overrides.append(item[2:])
-    section = {"sft": "sft", "rm": "rm", "rl": "rl", "vision": "vision"}.get(args.verb)
+    section = {"sft": "sft", "rm": "rm", "rl": "rl"}.get(args.verb)
     for name in ("rank", "alpha", "targets", "dtype"):
         value = getattr(args, f"lora_{name}", None)
         if section and value is not None:

@@ -10,7 +10,8 @@
       batch is text SFT conversations, so the text skills are kept; without it (the default: on the
       cpu preset it cost text accuracy, README) only encoder + projector learn, and a text prompt
       runs the SFT weights unchanged.
-Both run through the one loop (train/loop.py: DDP, LoRA, budgets, resume, metrics.jsonl, progress).
+Both run through the one loop (train/loop.py: DDP, budgets, resume, metrics.jsonl, progress; LoRA is
+refused here: its adapters would wrap the image tower's q/v projections too).
 
 Measured at the end (vision.json, report.md's vision section, plots/vision_samples.png): held-out
 verified accuracy per visual task with Wilson 95% intervals, the same questions with a blank image
@@ -148,6 +149,9 @@ def _complete(run: RunDir, folder: str) -> bool:
 def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = True) -> dict:
     vc = cfg.vision
     vc.tower.validate()
+    if vc.lora_rank:
+        raise UserError("vision.lora_rank: the vision stage does not train LoRA adapters yet; set it to 0 "
+                        "(vision.tune_lm=false trains the encoder and projector alone)")
     ctx = distributed.setup()
     tok = load_run_tokenizer(run)
     trunk, _ = load_run_checkpoint(run, vc.init, ("sft", "rl", "base"), tok,
