@@ -6,10 +6,10 @@
       the projector learn to turn an image into embeddings from which it writes the image's
       caption ("3 shapes: a red circle, ...");
   stage 2, tune (-> ckpt/vision): visual questions ("How many shapes are there?" -> "3"). With
-      vision.tune_lm the language model trains too (LLaVA's stage 2) and vision.text_share of every
-      batch is text SFT conversations, so the text skills are kept; without it (the default: on the
-      cpu preset it cost text accuracy, README) only encoder + projector learn, and a text prompt
-      runs the SFT weights unchanged.
+      vision.tune_lm (the default) the language model trains too, at vision.lm_lr_scale of the lr
+      (LLaVA's stage 2), and vision.text_share of every batch is text SFT conversations, so the
+      text skills are kept; without it only encoder + projector learn (a text prompt then runs the
+      SFT weights unchanged, but the frozen model answers far worse: README).
 Both run through the one loop (train/loop.py: DDP, budgets, resume, metrics.jsonl, progress; LoRA is
 refused here: its adapters would wrap the image tower's q/v projections too).
 
@@ -53,8 +53,7 @@ class VisionConfig(TrainConfig):
     seq_len: int = 128              # rows of packed conversations (an image is tower.num_patches tokens)
     lr: float = 2e-3
     warmup_steps: int = 20
-    max_steps: int = 100_000        # the minutes bind
-    minutes: float = 2.5
+    max_steps: int = 400            # steps, not minutes: a loaded machine must not change the result
     eval_every: int = 0
     ckpt_every: int = 0
     enabled: bool = False           # the speedrun runs this stage after SFT (off in `cpu`: it has no minutes left)
@@ -64,10 +63,11 @@ class VisionConfig(TrainConfig):
     user_data: str = ""             # JSONL of conversations with image_url parts, added to stage 2
     tower: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     align_lr: float = 3e-3          # stage 1 peak lr (AdamW; the language model is frozen)
-    align_max_steps: int = 100_000
-    align_minutes: float = 1.0      # 0 = no time budget for stage 1
-    tune_lm: bool = False           # stage 2 trains the language model too (LLaVA's stage 2); False: encoder +
+    align_max_steps: int = 150
+    align_minutes: float = 0.0      # 0 = no time budget for stage 1
+    tune_lm: bool = True            # stage 2 trains the language model too (LLaVA's stage 2); False: encoder +
                                     # projector only, so text prompts run the SFT model unchanged
+    lm_lr_scale: float = 0.1        # stage 2 with tune_lm: the language model's lr is lr times this
     text_share: float = 0.25        # stage 2 with tune_lm: share of every batch that is text SFT conversations
     text_examples_per_task: int = 300   # text conversations per text task for that share
     eval_per_task: int = 100        # held-out images per visual task
@@ -190,6 +190,7 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
                                            tok, meta, resume, show_progress)
         # stage 2: visual questions + text conversations; the language model trains too
         model.trunk.requires_grad_(vc.tune_lm)
+        model.lr_scales = {id(p): vc.lm_lr_scale for p in model.trunk.parameters()}
         summary["tune"] = _train_part(model, vc, run, ctx, qa, text, text_share, "tune", "vision", tok, meta,
                                       resume, show_progress)
     finally:

@@ -81,8 +81,11 @@ def hidden_matrices(model: torch.nn.Module) -> set[int]:
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
     """Weight decay on matrices only; norms, biases and scalar heads' biases are not decayed.
-    cfg.optimizer = "muon" moves the hidden matrices to Muon at peak lr cfg.muon_lr."""
+    cfg.optimizer = "muon" moves the hidden matrices to Muon at peak lr cfg.muon_lr. A model with an
+    `lr_scales` dict {id(param): scale} trains those parameters at the schedule's lr times the scale
+    (the vision stage: the language model slower than the fresh image tower)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    scales = getattr(model, "lr_scales", None) or {}
     if cfg.optimizer == "muon":
         hidden = hidden_matrices(model)
         groups = [{"params": [p for p in params if id(p) in hidden], "weight_decay": cfg.weight_decay,
@@ -90,13 +93,25 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) 
                   {"params": [p for p in params if id(p) not in hidden and p.dim() >= 2],
                    "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if id(p) not in hidden and p.dim() < 2], "weight_decay": 0.0}]
-        return Muon([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        return Muon(_by_scale(groups, scales), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     if cfg.optimizer != "adamw":
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device_type == "cuda"  # the fused CUDA kernel; CPU uses the foreach path
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(_by_scale(groups, scales), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def _by_scale(groups: list[dict], scales: dict[int, float]) -> list[dict]:
+    """The non-empty groups, each split by its parameters' lr scale (1 unless `scales` names them)."""
+    out = []
+    for g in groups:
+        split: dict[float, list] = {}
+        for p in g["params"]:
+            split.setdefault(scales.get(id(p), 1.0), []).append(p)
+        for scale, params in split.items():
+            out.append({**g, "params": params, **({"lr_scale": g.get("lr_scale", 1.0) * scale} if scale != 1.0 else {})})
+    return out
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
