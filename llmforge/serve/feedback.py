@@ -111,22 +111,25 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
+def _map_image_urls(messages: list[dict], fn) -> list[dict]:
+    """The messages with every image_url part's URL replaced by fn(URL)."""
+    return [{**m, "content": [{"type": "image_url", "image_url": {"url": fn(p["image_url"]["url"])}}
+                              if p.get("type") == "image_url" else p for p in m["content"]]}
+            if isinstance(m.get("content"), list) else m for m in messages]
+
+
 def _images_by_hash(messages: list[dict]) -> tuple[list[dict], dict[str, str]]:
-    """The messages with every image_url part's URL replaced by "sha256:<its hash>", and {hash: URL}."""
-    images, out = {}, []
-    for m in messages:
-        if isinstance(m.get("content"), list):
-            parts = []
-            for p in m["content"]:
-                url = (p.get("image_url") or {}).get("url", "") if p.get("type") == "image_url" else ""
-                if url and not url.startswith(IMAGE_REF):
-                    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
-                    images[digest] = url
-                    p = {"type": "image_url", "image_url": {"url": IMAGE_REF + digest}}
-                parts.append(p)
-            m = {**m, "content": parts}
-        out.append(m)
-    return out, images
+    """The messages with every image URL replaced by "sha256:<its hash>", and {hash: URL}."""
+    images = {}
+
+    def ref(url: str) -> str:
+        if url.startswith(IMAGE_REF):
+            return url
+        digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
+        images[digest] = url
+        return IMAGE_REF + digest
+
+    return _map_image_urls(messages, ref), images
 
 
 def _canonical(messages: list[dict]) -> str:
@@ -282,19 +285,11 @@ class FeedbackStore:
 
     def with_images(self, messages: list[dict]) -> list[dict]:
         """Stored messages with each "sha256:<hash>" image reference replaced by the image's data URI."""
-        out = []
-        for m in messages:
-            if isinstance(m.get("content"), list):
-                parts = []
-                for p in m["content"]:
-                    url = (p.get("image_url") or {}).get("url", "") if p.get("type") == "image_url" else ""
-                    if url.startswith(IMAGE_REF):
-                        rows = self._execute("SELECT url FROM images WHERE hash = ?", (url[len(IMAGE_REF):],))
-                        p = {"type": "image_url", "image_url": {"url": rows[0][0] if rows else url}}
-                    parts.append(p)
-                m = {**m, "content": parts}
-            out.append(m)
-        return out
+        def data(url: str) -> str:
+            rows = self._execute("SELECT url FROM images WHERE hash = ?", (url[len(IMAGE_REF):],)) \
+                if url.startswith(IMAGE_REF) else []
+            return rows[0][0] if rows else url
+        return _map_image_urls(messages, data)
 
     def _choose_continued(self, conversation_id: str, prompt: list[dict]) -> None:
         for position, m in enumerate(prompt):
