@@ -75,6 +75,7 @@ def test_text_only_is_bit_identical_to_the_language_model():
     idx = torch.randint(0, 97, (2, 20))
     assert torch.equal(model(idx), model.trunk(idx))
     assert torch.equal(model.trunk.hidden_states(idx, embeds=model.trunk.embed(idx)), model.trunk.hidden_states(idx))
+    assert not torch.allclose(model.trunk.hidden_states(idx, embeds=model.trunk.embed(idx) + 1), model.trunk.hidden_states(idx))
     with pytest.raises(ValueError, match="image embeddings"):
         model.hidden_states(torch.tensor([[1, 97, 2]]))
 

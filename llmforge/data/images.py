@@ -66,15 +66,24 @@ def load_image(url: str, where: str = "image", base: Path | None = None):
         raise UserError(f"{where}: the image data is corrupt (it cannot be decoded); re-encode the image") from None
 
 
-def to_pixels(img, size: int) -> torch.Tensor:
-    """(3, size, size) float32 in [-1, 1]: resized (bilinear), rescaled by 1/255, normalised with
-    mean 0.5 and std 0.5 per channel (the SigLIP processor's defaults)."""
+def to_uint8(img, size: int) -> torch.Tensor:
+    """(3, size, size) uint8 RGB, resized (bilinear): what training stores per image."""
     from PIL import Image
 
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
-    arr = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1]: rescaled by 1/255, normalised with mean 0.5 and std 0.5
+    per channel (the SigLIP processor's defaults)."""
+    return pixels.float() / 127.5 - 1.0
+
+
+def to_pixels(img, size: int) -> torch.Tensor:
+    """(3, size, size) float32 in [-1, 1]: to_uint8, then normalize."""
+    return normalize(to_uint8(img, size))
 
 
 def image_hash(img) -> str:

@@ -112,10 +112,11 @@ def top_k_load(probs: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.bincount(probs.topk(top_k, dim=-1).indices.flatten(), minlength=E).float() / (N * top_k)
 
 
-def load_balance_loss(probs: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Switch Transformer eq. 4 (GShard's form for top-k): E * sum_e f_e P_e."""
+def load_balance_loss(probs: torch.Tensor, top_k: int, load: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer eq. 4 (GShard's form for top-k): E * sum_e f_e P_e. f_e carries no
+    gradient, so a caller that already has top_k_load(probs) passes it as `load`."""
     E = probs.shape[-1]
-    return E * (top_k_load(probs, top_k) * probs.mean(0)).sum()
+    return E * ((top_k_load(probs, top_k) if load is None else load) * probs.mean(0)).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -181,9 +182,10 @@ class MoE(nn.Module):
 
     def record(self, logits, probs, r: Routing) -> RouterRecord:
         zero = logits.new_zeros(())
-        balance = load_balance_loss(probs, self.top_k) if self.router_kind == "token_choice" else zero
+        load = top_k_load(probs.detach(), self.top_k)
+        balance = load_balance_loss(probs, self.top_k, load) if self.router_kind == "token_choice" else zero
         z = router_z_loss(logits) if self.z_coef else zero
-        return RouterRecord(self.aux_coef * balance + self.z_coef * z, top_k_load(probs.detach(), self.top_k),
+        return RouterRecord(self.aux_coef * balance + self.z_coef * z, load,
                             dropped_share(r, len(probs)), router_entropy(probs.detach()), balance.detach(), z.detach())
 
     def active_experts(self) -> float:

@@ -169,13 +169,18 @@ class VisionLanguageModel(nn.Module):
     def hidden_states(self, idx: torch.Tensor, cache=None, positions=None, slots=None,
                       image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         is_image = idx == self.image_token_id
-        n = int(is_image.sum())
-        if n == 0:
+        have = 0 if image_embeds is None else image_embeds.shape[0]
+        if idx.device.type == "cpu":   # checked exactly here; on an accelerator without a host sync per step
+            n = int(is_image.sum())
+            if n == 0:
+                return self.trunk.hidden_states(idx, cache, positions, slots)
+            if n != have:
+                raise ValueError(f"the prompt has {n} image positions but {have} image embeddings were given "
+                                 f"({self.image_tokens} per image)")
+        elif image_embeds is not None:
+            torch._assert_async(is_image.sum() == have)
+        if image_embeds is None:
             return self.trunk.hidden_states(idx, cache, positions, slots)
-        if image_embeds is None or image_embeds.shape[0] != n:
-            have = 0 if image_embeds is None else image_embeds.shape[0]
-            raise ValueError(f"the prompt has {n} image positions but {have} image embeddings were given "
-                             f"({self.image_tokens} per image)")
         x = self.trunk.embed(idx.masked_fill(is_image, 0))
         x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
         return self.trunk.hidden_states(idx, cache, positions, slots, embeds=x)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmforge.config import Config, TrainConfig
-from llmforge.data.images import to_pixels
+from llmforge.data.images import normalize, to_uint8
 from llmforge.errors import UserError
 from llmforge.eval import stats
 from llmforge.eval import tasks as task_eval
@@ -92,7 +92,7 @@ class ImageRows:
         if not seqs:
             raise UserError(f"no conversation with images fits vision.seq_len={seq_len}; raise it")
         self.ids, self.masks, _ = pack(seqs, seq_len + 1, tok.eot_id, packing=True)
-        self.pixels = torch.stack([((to_pixels(p, size) + 1) * 127.5).round().to(torch.uint8) for p in pictures])
+        self.pixels = torch.stack([to_uint8(p, size) for p in pictures])
         per_row = (self.ids == model.image_token_id).sum(1) // k
         self.starts = torch.cumsum(per_row, 0) - per_row
         self.counts = per_row
@@ -103,7 +103,7 @@ class ImageRows:
     def images(self, rows: torch.Tensor) -> torch.Tensor:
         """Float pixels in [-1, 1] of the given rows' images, in row order."""
         picks = [torch.arange(int(self.starts[r]), int(self.starts[r] + self.counts[r])) for r in rows]
-        return self.pixels[torch.cat(picks)].float() / 127.5 - 1.0
+        return normalize(self.pixels[torch.cat(picks)])
 
 
 def image_batch(g: torch.Generator, batch: int, rank: int, world: int, rows_with_images: ImageRows,
