@@ -171,3 +171,38 @@ def test_combined_reward_routes_like_llama2():
     assert out.tolist() == [-0.5, -5.0, 3.0]
     normalized = CombinedReward(helpful, {"reward_mean": 2.0, "reward_std": 0.5}, None, None)
     assert normalized([[1], [1], [1]], [False] * 3).tolist() == [-2.0, 0.0, 2.0]
+
+
+def test_initial_policy_evaluation_is_memoised_per_weights(tmp_path, monkeypatch):
+    """The RL stages start from the same SFT weights: the second one reads the first's
+    validation answer (no generation), recomputes only the reward models' score, and a policy
+    with other weights is evaluated afresh."""
+    from llmforge.eval import tasks as task_eval
+    from llmforge.stages.rl.evaluate import policy_eval
+    cfg, run, tok = make_run(tmp_path / "run", vocab_size=300)
+    policy = load_run_checkpoint(run, "base", ("base",), tok, "")[0].eval()
+    names = ["addsub", "sort_numbers"]
+    calls = {"n": 0}
+    real_sample = task_eval.sample
+
+    def counting_sample(*args, **kwargs):
+        calls["n"] += 1
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(task_eval, "sample", counting_sample)
+
+    def reward(seqs, safety):   # a stand-in reward model: longer sequences score higher
+        return torch.tensor([len(s) / 100 for s in seqs])
+
+    fresh_scored, memo_scored = [], []
+    fresh = policy_eval(policy, policy, tok, names, 4, 8, seed=3, reward=reward, scored=fresh_scored)
+    first = policy_eval(policy, policy, tok, names, 4, 8, seed=3, scored=memo_scored, memo=run)
+    assert calls["n"] == 4 and len(list((run.root / "rl_initial_eval").glob("*.json"))) == 1
+    again_scored = []
+    again = policy_eval(policy, policy, tok, names, 4, 8, seed=3, reward=reward, scored=again_scored, memo=run)
+    assert calls["n"] == 4                                     # read back, nothing generated
+    assert again == fresh and memo_scored == again_scored == fresh_scored and "eval_rm_reward" not in first
+    with torch.no_grad():
+        policy.lm_head.weight[0, 0] += 1.0
+    policy_eval(policy, policy, tok, names, 4, 8, seed=3, memo=run)
+    assert calls["n"] == 6 and len(list((run.root / "rl_initial_eval").glob("*.json"))) == 2

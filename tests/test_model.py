@@ -139,3 +139,23 @@ def test_smeared_keys_let_one_layer_copy(tiny_model_cfg):
             seq = repeats(g, 256, 11)
             acc[smear] = (model(seq[:, :-1]).argmax(-1)[:, 11:] == seq[:, 12:]).float().mean().item()
     assert acc[True] > 0.6 and acc[False] < 0.3, acc  # a run may repeat a token itself: 100% is not reachable
+
+
+def test_masked_loss_runs_the_head_on_trained_positions_only_with_the_dense_value(tiny_model_cfg):
+    """A loss mask selects the rows the head runs on; loss and gradients equal the dense
+    formula (full logits, masked mean), weights and all-zero rows included."""
+    from llmforge.model.transformer import token_cross_entropy
+    torch.manual_seed(0)
+    model = Transformer(tiny_model_cfg)
+    idx, targets = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
+    mask = (torch.rand(3, 20) < 0.6).float() * torch.tensor([[1.0], [0.5], [0.0]])
+    logits, loss = model(idx, targets=targets, loss_mask=mask)
+    assert logits.shape == (int((mask != 0).sum()), 97)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    dense = token_cross_entropy(model(idx), targets, mask)
+    dense.backward()
+    assert torch.allclose(loss, dense, atol=1e-6)
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)

@@ -206,17 +206,31 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, idx, targets=None, cache=None, positions=None, slots=None, loss_mask=None):
-        """Logits (B, T, V); with `targets`, returns (logits, mean cross-entropy over the unmasked tokens)."""
-        logits = self.lm_head(self.hidden_states(idx, cache, positions, slots))
+        """Logits (B, T, V); with `targets`, returns (logits, mean cross-entropy over the unmasked
+        tokens). With a `loss_mask` (eager), the head runs only where the mask is non-zero and the
+        logits returned are those rows, (N, V): the head and its softmax are ~30% of a small
+        model's FLOPs, and SFT trains ~60% of its positions (measured 17% off a cpu-model
+        forward + backward). Under torch.compile the dense path runs (a data-dependent shape
+        would break the graph)."""
+        hidden = self.hidden_states(idx, cache, positions, slots)
+        if targets is not None and loss_mask is not None and not torch.compiler.is_compiling():
+            keep = loss_mask.flatten() != 0
+            logits = self.lm_head(hidden.flatten(0, 1)[keep])
+            return logits, token_cross_entropy(logits, targets.flatten()[keep], loss_mask.flatten()[keep],
+                                               normalizer=loss_mask.sum())
+        logits = self.lm_head(hidden)
         if targets is None:
             return logits
-        loss = token_cross_entropy(logits, targets, loss_mask)
-        return logits, loss
+        return logits, token_cross_entropy(logits, targets, loss_mask)
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask=None) -> torch.Tensor:
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask=None,
+                        normalizer: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of logits (..., V) against targets (...), weighted by loss_mask and
+    divided by its sum (or by `normalizer`, when the rows given are a selection of a batch)."""
+    losses = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none")
     if loss_mask is None:
         return losses.mean()
     mask = loss_mask.flatten().float()
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+    total = mask.sum() if normalizer is None else normalizer.float()
+    return (losses * mask).sum() / total.clamp(min=1.0)

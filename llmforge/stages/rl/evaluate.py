@@ -4,12 +4,13 @@ verified accuracy, never by the reward the policy was trained on.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import torch
 
 from llmforge.eval import stats
-from llmforge.run import RunDir
+from llmforge.run import RunDir, write_json_atomic
 from llmforge.stages.rl.common import mean
 from llmforge.stages.rl.rollout import gather_actions, rollout_batch
 from llmforge.train import checkpoint as ckpt_io
@@ -24,12 +25,17 @@ def selection_items(names: list[str], per_task: int):
 
 @torch.no_grad()
 def policy_eval(policy, ref, tok, names: list[str], per_task: int, max_tokens: int, seed: int = 0,
-                reward=None, max_len: int | None = None, scored: list | None = None) -> dict:
+                reward=None, max_len: int | None = None, scored: list | None = None,
+                keep_samples: list | None = None, memo: RunDir | None = None) -> dict:
     """Verified accuracy of greedy answers to selection_items, plus, on temperature-1 samples of
     half of them: KL to the reference per response (Σ_t log π - log π_ref, nats), response
     length, entropy, verified reward and, when `reward` (rewards.CombinedReward) is given, the
     reward models' mean score (eval_rm_reward) — the two axes of the over-optimisation curve.
-    `scored`, when given, is filled with (task, 0/1) per selection item: what BestCheckpoint compares."""
+    `scored`, when given, is filled with (task, 0/1) per selection item: what BestCheckpoint
+    compares; `keep_samples` with the temperature-1 samples. With `memo` (the run directory;
+    RL stages pass it for the policy they start from) the answer is memoised (memoised_eval)."""
+    if memo is not None:
+        return memoised_eval(memo, policy, ref, tok, names, per_task, max_tokens, seed, reward, max_len, scored)
     from llmforge.eval import tasks as task_eval
     items = selection_items(names, per_task)
     greedy = [row[0] for row in task_eval.sample(policy, tok, items, n=1, temperature=0.0,
@@ -47,6 +53,44 @@ def policy_eval(policy, ref, tok, names: list[str], per_task: int, max_tokens: i
     if reward is not None:
         from llmforge.stages.rl.rewards import rm_scores
         out["eval_rm_reward"] = float(rm_scores(reward, samples, max_len or policy.cfg.max_seq_len).mean())
+    if keep_samples is not None:
+        keep_samples[:] = samples
+    return out
+
+
+@torch.no_grad()
+def memoised_eval(run: RunDir, policy, ref, tok, names: list[str], per_task: int, max_tokens: int,
+                  seed: int = 0, reward=None, max_len: int | None = None, scored: list | None = None) -> dict:
+    """policy_eval of the policy an RL stage starts from, memoised in the run directory. The
+    speedrun's three RL stages start from the same SFT weights and validate on the same items,
+    so the second and third read the first's answer instead of generating it again (~20 s each
+    on the cpu preset). The key is a digest of the weights and every argument that changes the
+    answer; the reward models' score, which differs per stage, is recomputed from the kept
+    samples (a forward pass, no generation)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(policy.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    device = next(policy.parameters()).device.type
+    digest.update(json.dumps([names, per_task, max_tokens, seed, device]).encode())
+    path = run.root / "rl_initial_eval" / f"{digest.hexdigest()[:24]}.json"
+    limit = max_len or policy.cfg.max_seq_len
+    if path.is_file():
+        memo = json.loads(path.read_text())
+    else:
+        kept, scored_now = [], []
+        out = policy_eval(policy, ref, tok, names, per_task, max_tokens, seed, scored=scored_now, keep_samples=kept)
+        memo = {"out": out, "scored": scored_now,
+                "samples": [{"ids": (s.prompt_ids + s.completion.tokens)[:limit], "safety": s.item.safety_relevant}
+                            for s in kept]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, memo)
+    out = dict(memo["out"])
+    if scored is not None:
+        scored[:] = [(task, value) for task, value in memo["scored"]]
+    if reward is not None:
+        seqs = [s["ids"][:limit] for s in memo["samples"]]
+        out["eval_rm_reward"] = float(reward(seqs, [s["safety"] for s in memo["samples"]]).mean())
     return out
 
 

@@ -130,7 +130,8 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
 
     def evaluate(model, step: int) -> dict:
         scored: list = []
-        out = policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed, scored=scored)
+        out = policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed, scored=scored,
+                          memo=run if step == 0 else None)
         if gc.select_best:
             best.offer(model, scored, step, {"algo": ALGO})
         return out

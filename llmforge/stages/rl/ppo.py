@@ -188,7 +188,7 @@ def train_one(cfg: Config, run: RunDir, pc: PPOConfig, name: str, reward_model, 
     def evaluate(policy_now, step: int) -> dict:
         scored: list = []
         out = policy_eval(policy_now, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed,
-                          reward=reward_model, max_len=max_len, scored=scored)
+                          reward=reward_model, max_len=max_len, scored=scored, memo=run if step == 0 else None)
         run.log(STAGE, run_name=name, **overopt.point(pc.kl_coef, step, out["eval_kl"], out["eval_rm_reward"],
                                                       out["acc_mean"]))
         best.offer(policy_now, scored, step, {"algo": ALGO, "kl_coef": pc.kl_coef, "run": name})

@@ -118,13 +118,14 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
 
     scored: list = []     # the last evaluation's (task, 0/1) per validation item
 
-    def eval_fn(model):
-        return policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed, scored=scored)
+    def eval_fn(model, initial: bool = False):
+        return policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed, scored=scored,
+                           memo=run if initial else None)
 
     best = BestCheckpoint(run, f"{STAGE}_best", tok, resume=resume, select_p=rc.select_p)
     if jc.select_best and first == 0 and not resume_round:   # the policy to beat: the one we start from
         policy.eval()
-        start = eval_fn(policy)
+        start = eval_fn(policy, initial=True)
         policy.train()
         run.log(STAGE, step=0, **start)
         best.offer(policy, scored, 0, {"algo": ALGO})   # "step" here: rounds done
