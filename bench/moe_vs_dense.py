@@ -41,7 +41,7 @@ from llmforge.model.moe import batch_routing_at_eval, moe_layers, router_losses
 from llmforge.model.transformer import Transformer
 from llmforge.run import RunDir
 from llmforge.stages import pretrain
-from llmforge.train.checkpoint import load_model
+from llmforge.train.checkpoint import load_model, load_run_tokenizer
 from llmforge.train.loop import measured_peak_flops
 from llmforge.train.optim import build_optimizer
 
@@ -60,10 +60,8 @@ ARMS = {  # name: (overrides, budget): "minutes" = M minutes, "flops" = the dens
 
 
 def heldout_bpb(model, run: RunDir) -> float:
-    tok, _, val = pretrain.load_data(run)
-    with torch.no_grad():
-        return bpb.heldout(model, val, bpb.token_bytes(tok, model.cfg.vocab_size), model.cfg.max_seq_len,
-                           eot_id=tok.eot_id)["val_bpb"]
+    """The eval stage's bits/byte: the whole validation split at the model's context."""
+    return bpb.heldout_of_run(model, run, load_run_tokenizer(run))["val_bpb"]
 
 
 def balance(records: list[dict], warmup: int) -> float | None:

@@ -90,6 +90,9 @@ def test_engine_batches_image_and_text_requests_like_one_at_a_time(no_text):
     assert [c.tokens for c in together] == [c.tokens for c in alone]
     other = Engine(model, tok, max_batch=1).generate([prompts[0]], params, images=[torch.randn(1, 3, 16, 16)])[0]
     assert other.tokens != together[0].tokens or other.logprobs != together[0].logprobs   # the image matters
+    bad = Engine(model, tok, max_batch=4).generate(prompts, params, images=[images[0], None, torch.randn(1, 3, 8, 8)])
+    assert bad[2].finish_reason == "error"                           # its tower pass fails: it ends alone,
+    assert [c.tokens for c in bad[:2]] == [c.tokens for c in alone[:2]]   # admitted with it, the others don't notice
     with pytest.raises(ValueError, match="image positions"):
         Engine(model, tok).add(prompts[0], params, images=torch.randn(2, 3, 16, 16))
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -25,8 +25,8 @@ worker pool and the row is *parked* (it keeps its KV-cache slot but leaves the d
 the other rows keep decoding, and the result is fed at the first step after it arrives.
 `on_wake` (set by a scheduler) is called from the worker when a parked row becomes runnable.
 Images (a vision model, model/vision.py): `add(prompt, params, images=pixels)` with the prompt's
-<|image|> positions; the image embeddings are computed once, when the request gets its slot, and
-fill those positions in its prefill; from then on it decodes in the batch like any other row
+<|image|> positions; the image embeddings are computed once, when the request gets its slot (the
+requests admitted in one step share one pass through the tower), and fill those positions in its prefill; from then on it decodes in the batch like any other row
 (no prefix cache and no speculative drafts for it: its placeholder ids do not name its content).
 With `prefix_cache_tokens` > 0 a prompt that starts like a recent one gets those leading blocks'
 keys/values copied into its slot and prefills only the rest (infer/prefix_cache.py).
@@ -240,13 +240,7 @@ class Engine:
                 req.slot = self.free_slots.pop()
                 self.active[req.id] = req
                 admitted.append(req)
-        for req in admitted:   # a request's images are encoded once, when it gets its slot
-            if req.images is not None:
-                try:
-                    req.image_embeds = self.model.encode_images(req.images.to(self.device))
-                except Exception as e:   # this request's images failed: it ends alone
-                    events.append(self._fail(req, e))
-                req.images = None
+        events += self._encode_images([r for r in admitted if r.images is not None])
         admitted = [r for r in admitted if r.id in self.active]
         if self.prefix_cache is not None:   # a cached prefix is copied in, not computed
             for req in admitted:
@@ -544,6 +538,29 @@ class Engine:
         self.stats.tool_calls += 1
         if self.on_wake is not None:
             req.tool_future.add_done_callback(lambda _: self.on_wake())
+
+    def _encode_images(self, reqs: list[_Request]) -> list:
+        """Encode the images of the requests just admitted, once each, in one batch through the
+        tower; if that batch fails, request by request, so a request whose images fail ends
+        alone. Returns the failure events."""
+        if not reqs:
+            return []
+        try:
+            embeds = self.model.encode_images(torch.cat([r.images for r in reqs]).to(self.device))
+            for req, part in zip(reqs, embeds.split([len(r.images) * self.model.image_tokens for r in reqs])):
+                req.image_embeds = part
+        except Exception:
+            events = []
+            for req in reqs:
+                try:
+                    req.image_embeds = self.model.encode_images(req.images.to(self.device))
+                except Exception as e:
+                    events.append(self._fail(req, e))
+            return events
+        finally:
+            for req in reqs:
+                req.images = None
+        return []
 
     def _resume(self, req: _Request) -> Event | None:
         """Feed `<|tool_result|>RESULT<|end|><|assistant|>` after the parked call; an Event if it ends here."""

@@ -36,6 +36,7 @@ import torch
 
 from llmforge.config import ModelConfig
 from llmforge.errors import UserError
+from llmforge.interop.hf_moe import mixtral_lacks
 from llmforge.run import atomic_path
 
 GGUF_DTYPES = ("f16", "f32")
@@ -97,9 +98,7 @@ def gguf_tensors(model, cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
 
 def check_mixtral_layout(cfg: ModelConfig) -> None:
     """An MoE model must fit llama.cpp's Mixtral layout (see the module docstring)."""
-    lacks = [what for what, has in (("shared experts (model.moe_shared_experts)", cfg.moe_shared_experts),
-                                    ("dense layers between MoE layers (model.moe_every > 1)", cfg.moe_every > 1),
-                                    ("q/k/v biases", cfg.qkv_bias)) if has]
+    lacks = mixtral_lacks(cfg)
     if lacks:
         raise UserError(f"GGUF export writes llama.cpp's Mixtral layout, which has no {lacks[0]}; "
                         "export this model with --format hf (Qwen2-MoE) instead")

@@ -58,11 +58,16 @@ def from_hf(rest: str, arch: str) -> str | None:
     return _rename(rest, _NAMES.get(arch, ()), 1)
 
 
+def mixtral_lacks(cfg: ModelConfig) -> list[str]:
+    """What of this MoE model the Mixtral layout (transformers' and llama.cpp's) cannot hold."""
+    return [what for what, has in (("shared experts (model.moe_shared_experts)", cfg.moe_shared_experts),
+                                   ("dense layers between MoE layers (model.moe_every > 1)", cfg.moe_every > 1),
+                                   ("q/k/v biases", cfg.qkv_bias)) if has]
+
+
 def hf_arch(cfg: ModelConfig) -> str:
     """mixtral or qwen2_moe (see the module docstring); interop/hf.py refuses expert choice before."""
-    if cfg.moe_every == 1 and not cfg.moe_shared_experts and not cfg.qkv_bias:
-        return "mixtral"
-    return "qwen2_moe"
+    return "qwen2_moe" if mixtral_lacks(cfg) else "mixtral"
 
 
 def hf_moe_config(cfg: ModelConfig, arch: str) -> dict:

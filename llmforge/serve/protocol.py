@@ -21,7 +21,7 @@ import torch
 
 from llmforge.errors import UserError
 from llmforge.infer.constrain import BanTokens
-from llmforge.tokenizer.chat import image_parts
+from llmforge.tokenizer.chat import content_text, image_parts
 
 if TYPE_CHECKING:
     from llmforge.serve.scheduler import ModelServer
@@ -320,7 +320,7 @@ class ChatRequest:
 
     def __init__(self, server: ModelServer, body: ChatCompletionBody | dict, user: str = "local"):
         from llmforge.infer.sampling import SamplingParams
-        from llmforge.tokenizer.chat import content_text, render_prompt, validate_messages
+        from llmforge.tokenizer.chat import render_prompt, validate_messages
 
         self.server, self.user = server, user
         if isinstance(body, dict):   # tests and benches may pass a plain dict
@@ -465,7 +465,7 @@ class ChatRequest:
             if any(p.get("type") == "image_url" for p in parts):
                 raise APIError(400, f"an image part in a {m.get('role')} message: images go in user messages",
                                param="messages", code="invalid_image")
-            m["content"] = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+            m["content"] = content_text(parts)
         if m.get("role") == "developer":
             m["role"] = "system"
         if m.get("content") is None and m.get("role") == "assistant":
@@ -480,7 +480,6 @@ class ChatRequest:
                                 "--index INDEX.sqlite (built by `llmforge index add`)", param="retrieval")
         k = retrieval.get("k", self.server.cfg.retrieval_k) if isinstance(retrieval, dict) else self.server.cfg.retrieval_k
         k = _number({"k": k}, "k", 3, 1, 20, int)
-        from llmforge.tokenizer.chat import content_text
         query = next((content_text(m["content"]) for m in reversed(self.messages) if m["role"] == "user"), "")
         return [asdict(c) for c in self.server.index.search(query, k)]
 

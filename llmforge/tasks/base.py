@@ -128,6 +128,11 @@ def last_int(text: str):
     return found[-1] if found else None
 
 
+def first_int(text: str):
+    found = ints_in(text)
+    return found[0] if found else None
+
+
 def answer_text(response: list[dict]) -> str:
     return final_answer(response).strip()
 

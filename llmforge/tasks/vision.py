@@ -29,7 +29,7 @@ from pathlib import Path
 
 from llmforge.data.images import image_hash
 from llmforge.errors import UserError
-from llmforge.tasks.base import HELDOUT_SEED0, answer_text, ints_in, lookup, names_in
+from llmforge.tasks.base import HELDOUT_SEED0, answer_text, first_int, lookup, names_in
 
 HELDOUT_BUCKETS = 4            # one image hash in this many is on the held-out side
 COLORS = {"red": (215, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 225), "yellow": (235, 195, 20),
@@ -180,8 +180,7 @@ class Digits(VisionTask):
         return _scan_hash(scans[meta["scan"]])
 
     def verify(self, item, response):
-        found = ints_in(answer_text(response))
-        return float(bool(found) and found[0] == item.reference)
+        return float(first_int(answer_text(response)) == item.reference)
 
 
 @functools.lru_cache(maxsize=1)
@@ -221,8 +220,7 @@ class Count(VisionTask):
         return img, n, str(n), caption, {}
 
     def verify(self, item, response):
-        found = ints_in(answer_text(response))
-        return float(bool(found) and found[0] == item.reference)
+        return float(first_int(answer_text(response)) == item.reference)
 
 
 class _OneShape(VisionTask):
@@ -302,8 +300,7 @@ class Bars(VisionTask):
         return img, tallest, str(tallest), caption, {}
 
     def verify(self, item, response):
-        found = ints_in(answer_text(response))
-        return float(bool(found) and found[0] == item.reference)
+        return float(first_int(answer_text(response)) == item.reference)
 
 
 VISION_TASKS: dict[str, VisionTask] = {t.name: t for t in (Digits(), Count(), Color(), Shape(), Read(), Bars())}
