@@ -159,3 +159,17 @@ def test_masked_loss_runs_the_head_on_trained_positions_only_with_the_dense_valu
     assert torch.allclose(loss, dense, atol=1e-6)
     for g, p in zip(grads, model.parameters()):
         assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_rmsnorm_is_llamas_formula_in_fp32():
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back (bf16 input)."""
+    from llmforge.model.transformer import RMSNorm
+    torch.manual_seed(0)
+    norm = RMSNorm(16, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+    x = (torch.randn(2, 3, 16) * 5).bfloat16()
+    xf = x.float()
+    want = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight).bfloat16()
+    got = norm(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)

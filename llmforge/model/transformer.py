@@ -29,10 +29,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalize in fp32 for stability under bf16 autocast, as Llama does
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * weight, in fp32 for stability under bf16 autocast, as Llama
+        # does; PyTorch's one op is bit-identical on CPU (forward and backward) to the five it
+        # replaces, and a decode step runs nine of these per token
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
