@@ -22,7 +22,7 @@ from llmforge.errors import UserError
 from llmforge.run import RunDir, write_text_atomic
 
 
-STAGE_VERBS = ("data", "tokenizer", "pretrain", "sft", "rm", "rl", "vision", "eval", "speedrun", "scaling")
+STAGE_VERBS = ("data", "tokenizer", "pretrain", "sft", "rm", "rl", "vision", "eval", "speedrun", "scaling", "flywheel")
 
 
 def _stage_args(p: argparse.ArgumentParser) -> None:
@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--minutes", type=float, help="wall-clock budget on this machine")
     budget.add_argument("--flops", type=float, help="compute budget C = 6 N D")
+    p = sub.add_parser("flywheel", help="rounds of serve -> users' edits and ratings -> DPO -> held-out eval")
+    _stage_args(p)
+    p.add_argument("--rounds", type=int, default=None, help="rounds to run (default flywheel.rounds); finished ones are skipped")
+    p.add_argument("--feedback-db", default=None, metavar="URL",
+                   help="train the next round on this feedback store (SQLite path or postgresql:// URL) instead of simulated users")
     p = sub.add_parser("speedrun", help="every stage in order, skipping finished ones; writes report.md")
     _stage_args(p)
     p.set_defaults(out=None)
@@ -201,6 +206,9 @@ def run_stage(verb, args, cfg, run) -> None:
     elif verb == "eval":
         from llmforge.stages import evaluation as eval_stage
         eval_stage.run(cfg, run)
+    elif verb == "flywheel":
+        from llmforge.stages import flywheel
+        flywheel.run(cfg, run, rounds=args.rounds, feedback_db=args.feedback_db)
     elif verb == "speedrun":
         from llmforge.stages import speedrun
         speedrun.run(cfg, run)

@@ -346,6 +346,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     vision: typing.Any = field(default_factory=lambda: _stage_config("vision", "VisionConfig"))
+    flywheel: typing.Any = field(default_factory=lambda: _stage_config("flywheel", "FlywheelConfig"))
 
 
 # ---------------------------------------------------------------- presets
@@ -374,6 +375,8 @@ def _micro(c: Config) -> None:
     c.ppo = dataclasses.replace(c.ppo, prompts_per_rollout=8, ppo_epochs=2, curve_points=0)
     c.grpo = dataclasses.replace(c.grpo, prompts_per_rollout=4, group_size=4, ppo_epochs=1, max_draws=3)
     c.eval = EvalConfig(eval_per_task=8, pass_k=2, bootstrap=50)
+    c.flywheel = dataclasses.replace(c.flywheel, users=4, conversations=12, concurrency=4, dpo_steps=4,
+                                     batch_size=4, eval_per_task=4, select_per_task=2)
 
 
 def _cpu(c: Config) -> None:
