@@ -300,6 +300,44 @@ def vision_section(v: dict) -> list[str]:
     return lines
 
 
+def flywheel_section(run: RunDir) -> list[str]:
+    """`llmforge flywheel`'s rounds (RUN/flywheel/round_<r>/round.json): accuracy and win rate per
+    round, pairs per source and per user, and what the defences dropped."""
+    rounds = []
+    for path in sorted((run.root / "flywheel").glob("round_*/round.json"), key=lambda p: int(p.parent.name[6:])):
+        rounds.append(json.loads(path.read_text(encoding="utf-8")))
+    if not rounds:
+        return []
+
+    def diff(v):
+        return f"{v['diff'] * 100:+.1f} [{v['lo'] * 100:+.1f}, {v['hi'] * 100:+.1f}], p={v['p']:.3f}"
+
+    rows = [[r["round"], r["source"], f"{r['before']['mean']:.1%}", f"{r['after']['mean']:.1%} "
+             f"[{r['after']['lo'] * 100:.1f}, {r['after']['hi'] * 100:.1f}]", diff(r["vs_served"]),
+             f"{r['vs_served']['win_rate']:.1%} ({r['vs_served']['wins']}-{r['vs_served']['losses']})",
+             diff(r["vs_initial"]), r["kl"], r["pairs_exported"], r["pairs_kept"],
+             ", ".join(f"{k} {v}" for k, v in r["dropped"].items()) or "-", r["seconds"]["total"]] for r in rounds]
+    users = sorted({u for r in rounds for u in r["exported_per_user"]})
+    user_rows = [[u, *[f"{r['pairs_per_user'].get(u, 0)}/{r['exported_per_user'].get(u, 0)}"
+                       + (f" (trust {r['trust'][u]['trust']:.2f})" if u in r.get("trust", {}) else "")
+                       for r in rounds]] for u in users]
+    sources = sorted({s for r in rounds for s in r["exported_per_source"]})
+    source_rows = [[s, *[f"{r['pairs_per_source'].get(s, 0)}/{r['exported_per_source'].get(s, 0)}" for r in rounds]]
+                   for s in sources]
+    tasks = rounds[0]["tasks"]
+    return ["## Flywheel (users' edits and ratings -> DPO -> next model)", "",
+            f"Held-out verified accuracy (greedy) on {', '.join(tasks)}; each round's model against the model "
+            "it was served as (paired bootstrap over prompts within tasks, 95% interval; win rate = verifier-"
+            "judged wins + half the ties) and against round 0's served model. KL: nats per response to the "
+            "served model (DPO's reference) on validation prompts.", "",
+            _table(["round", "feedback", "served acc", "next acc", "vs served (points)", "win rate (W-L)",
+                    "vs round 0 (points)", "KL", "pairs exported", "pairs trained", "dropped", "wall s"], rows), "",
+            "Pairs trained / exported per source:", "",
+            _table(["source"] + [f"round {r['round']}" for r in rounds], source_rows), "",
+            "Pairs trained / exported per user (the rejected answer's user), with the defences' trust weight:", "",
+            _table(["user"] + [f"round {r['round']}" for r in rounds], user_rows), ""]
+
+
 def write(run: RunDir, cfg=None) -> str:
     metrics = run.read_metrics()
     eval_path = run.root / "eval.json"
@@ -348,6 +386,7 @@ def write(run: RunDir, cfg=None) -> str:
     vision_path = run.root / "vision.json"
     if vision_path.is_file():
         parts += vision_section(json.loads(vision_path.read_text()))
+    parts += flywheel_section(run)
     target_rows = targets(ev, metrics)
     if target_rows:
         parts += ["## Targets", "", _table(["target", "measured", "status"], target_rows), ""]

@@ -491,13 +491,29 @@ def load_round(run: RunDir, r: int) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def initial_scores(cfg: Config, run: RunDir, names: list[str]) -> list[tuple[str, float]]:
+    """Round 0's served model on the held-out items, scored once (RUN/flywheel/initial_scores.json)."""
+    from llmforge.train.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    fc = cfg.flywheel
+    served = resolve_checkpoint(_served_folder(run, fc, 0))
+    key = {"checkpoint": str(served), "tasks": names, "per_task": fc.eval_per_task}
+    cached = run.root / "flywheel" / "initial_scores.json"
+    if cached.is_file():
+        saved = json.loads(cached.read_text(encoding="utf-8"))
+        if {k: saved.get(k) for k in key} == key:
+            return [tuple(x) for x in saved["scores"]]
+    model, _, _ = load_model(served)
+    scores = heldout_scores(model, load_tokenizer(served), names, fc.eval_per_task, cfg.tasks.max_new_tokens)
+    write_json_atomic(cached, {**key, "scores": scores})
+    return scores
+
+
 def run(cfg: Config, run: RunDir, rounds: int | None = None, feedback_db: str | None = None,
         show_progress: bool = True) -> list[dict]:
     """Rounds 0..K-1 (finished ones skipped). With `feedback_db`, one round: the next unfinished
     one, on that database's feedback."""
     from llmforge.eval import report
     from llmforge.tasks import task_names
-    from llmforge.train.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 
     fc = cfg.flywheel
     K = rounds if rounds is not None else fc.rounds
@@ -523,16 +539,8 @@ def run(cfg: Config, run: RunDir, rounds: int | None = None, feedback_db: str | 
         if records:
             baseline = list(zip(records[-1]["score_tasks"], records[-1]["scores"]))
         else:
-            served = resolve_checkpoint(_served_folder(run, fc, 0))
-            cached = run.root / "flywheel" / "initial_scores.json"
-            if cached.is_file() and json.loads(cached.read_text())["checkpoint"] == str(served):
-                baseline = [tuple(x) for x in json.loads(cached.read_text())["scores"]]
-            else:
-                model, _, _ = load_model(served)
-                baseline = heldout_scores(model, load_tokenizer(served), names, fc.eval_per_task,
-                                          cfg.tasks.max_new_tokens)
-                write_json_atomic(cached, {"checkpoint": str(served), "scores": baseline})
-        initial = [tuple(x) for x in json.loads((run.root / "flywheel" / "initial_scores.json").read_text())["scores"]]
+            baseline = initial_scores(cfg, run, names)
+        initial = initial_scores(cfg, run, names)
         rec = run_round(cfg, run, r, feedback_db if r == first else None, baseline, initial, show_progress)
         records.append(rec)
         v = rec["vs_served"]
