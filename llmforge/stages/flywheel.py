@@ -22,7 +22,8 @@ With --feedback-db URL (a SQLite path or postgresql:// URL, opened by the store'
 the next round trains on that database's feedback instead, against the latest round's model.
 
 Defences, between the export and DPO (`defend`): a pair whose prompt is a task's training item is
-kept only if the task's verifier scores its chosen side above its rejected side; a pair no verifier
+kept only if the task's verifier scores its chosen side above its rejected side (a tie teaches
+nothing and is dropped without counting against the user; the reverse is a failed check); a pair no verifier
 can judge is dropped when the other users who answered the same prompt prefer its rejected side
 (agreement); each user's trust weight is the smoothed share of their checkable pairs that passed,
 and users below `min_user_weight` lose all their pairs; each user keeps at most trust x
@@ -60,7 +61,7 @@ PERSONAS = ("accurate", "sloppy", "adversarial")
 
 @dataclass
 class FlywheelConfig:
-    """[flywheel]: `llmforge flywheel`'s knobs; DPO's loss is [dpo] (beta), its steps/lr are here."""
+    """[flywheel]: `llmforge flywheel`'s knobs; DPO's β is [dpo]'s, its steps and lr are here."""
     rounds: int = 2                 # rounds to run (--rounds overrides); finished rounds are skipped
     init: str = ""                  # ckpt/<init> served in round 0; "" = the run's latest policy (rl > sft > base)
     tasks: str = "count_letter,reverse_word,sort_numbers,extract_json,safety,chat,python_doc"  # text-answer tasks
@@ -72,14 +73,15 @@ class FlywheelConfig:
     users_per_prompt: int = 2       # users who ask each conversation: what agreement is measured on
     temperature: float = 1.0        # users' sampling temperature (the server's default chat behaviour)
     concurrency: int = 16           # users talking to the server at once (its decode batch)
-    regenerate: float = 0.5         # an accurate user regenerates a wrong answer with this probability
+    regenerate: float = 0.5         # an accurate user regenerates a wrong answer with this probability,
+    regenerations: int = 3          # up to this many times until one is right (then picks it), else edits
     sloppy_flip: float = 0.3        # a sloppy user's rating is flipped with this probability
     sloppy_edit: float = 0.5        # a sloppy user edits a wrong answer with this probability
     defences: bool = True           # verifier check, agreement, trust weights and caps (False: train on every pair)
     max_pairs_per_user: int = 120   # per-user cap (the export's --max-per-user), scaled by trust after the checks
     min_user_weight: float = 0.5    # users whose trust weight is below this lose all their pairs
-    dpo_steps: int = 120            # DPO optimizer steps per round
-    lr: float = 1e-4                # DPO peak learning rate
+    dpo_steps: int = 40             # DPO optimizer steps per round
+    lr: float = 5e-5                # DPO peak learning rate
     batch_size: int = 16            # pairs per DPO step
     eval_per_task: int = 100        # held-out items per task, scored for model r and model r+1
     select_per_task: int = 20       # validation items per task for DPO's end-of-training KL and accuracy
@@ -197,17 +199,17 @@ def converse(session: Session, user: User, items: list, rng: random.Random, seed
             value = 1 if right else -1
             if sloppy and rng.random() < fc.sloppy_flip:
                 value = -value
-            if not right and not sloppy and rng.random() < fc.regenerate:
+            tries = fc.regenerations if not right and not sloppy and rng.random() < fc.regenerate else 0
+            for k in range(1, tries + 1):
                 session.post("/v1/feedback/ratings", {"generation_id": gen, "value": -1})
-                text2, gen2 = session.ask(conv, messages, seed * 100 + t * 10 + 1)
+                text2, gen2 = session.ask(conv, messages, seed * 100 + t * 10 + k)
                 actions.append("regenerate")
                 if task.verify(item, _say(text2)) >= 1.0:
                     session.post("/v1/feedback/choices", {"generation_id": gen2})
-                    session.post("/v1/feedback/ratings", {"generation_id": gen2, "value": 1})
-                    kept, right, value = text2, True, 1
+                    gen, kept, right, value = gen2, text2, True, 1
                     actions.append("chose_regeneration")
-                else:
-                    gen, text, kept = gen2, text2, text2
+                    break
+                gen, text, kept = gen2, text2, text2
             session.post("/v1/feedback/ratings", {"generation_id": gen, "value": value})
             if not right and (not sloppy or rng.random() < fc.sloppy_edit):
                 kept = gold_text(item)
@@ -320,10 +322,13 @@ def defend(pairs: list[dict], known: ItemIndex, forbidden: ItemIndex, fc: Flywhe
         item = known.match(p["prompt"])
         if item is not None:   # the verifier applies: the chosen side must verify better
             task = get_task(item.task)
-            ok = task.verify(item, _say(p["chosen"])) > task.verify(item, _say(p["rejected"]))
-            c[0] += ok
+            vc, vr = task.verify(item, _say(p["chosen"])), task.verify(item, _say(p["rejected"]))
+            if vc == vr:   # no preference to learn (e.g. two wrong regenerations), and no fault of the user's
+                drop(p, "verifier_tie")
+                continue
+            c[0] += vc > vr
             c[1] += 1
-            if ok:
+            if vc > vr:
                 survivors.append(p)
             else:
                 drop(p, "verifier")
