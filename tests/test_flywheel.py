@@ -35,7 +35,7 @@ def test_micro_flywheel_runs_through_the_real_server_and_store(tmp_path):
     [rec] = flywheel.run(cfg, run, rounds=1, show_progress=False)
     folder = flywheel.round_dir(run, 0)
     users = set(rec["users"])
-    assert {u["persona"] for u in rec["users"].values()} == {"accurate", "adversarial"}
+    assert sorted(u["persona"] for u in rec["users"].values()) == ["accurate", "adversarial", "adversarial", "sloppy"]
     # every conversation was created through the API under its user's key
     store = open_store(folder / "feedback.sqlite")
     try:
@@ -118,9 +118,9 @@ def test_a_round_from_a_real_feedback_database(tmp_path):
     run = tiny_run(tmp_path / "run")
     db = tmp_path / "people.sqlite"
     store = open_store(db)
-    for user, answer in (("alice", "Hello! How can I help?"), ("bob", "Hi there, what do you need?")):
+    for user, answer in (("alice", "Rarely: once the soil is dry."), ("bob", "Water it every few weeks.")):
         conv = store.new_conversation(user=user)
-        prompt = [{"role": "user", "content": "hey"}]
+        prompt = [{"role": "user", "content": "How do I water a cactus?"}]
         gen = store.log_generation(conv, prompt, "zzz", model="m", checkpoint="m@1", user=user)
         store.edit(gen, answer, user=user)
     store.close()
