@@ -137,3 +137,5 @@ def test_bad_flywheel_input_is_one_clear_line(tmp_path, capsys):
     assert "nope.sqlite does not exist" in capsys.readouterr().err
     with pytest.raises(UserError, match="adversarial_share"):
         flywheel.run(micro("flywheel.adversarial_share=1.5"), run)
+    with pytest.raises(UserError, match="flywheel.turns=0 must be 1 or more"):
+        flywheel.run(micro("flywheel.turns=0"), run)

@@ -527,6 +527,10 @@ def run(cfg: Config, run: RunDir, rounds: int | None = None, feedback_db: str | 
     for name in ("sloppy_share", "adversarial_share", "regenerate", "sloppy_flip", "sloppy_edit", "min_user_weight"):
         if not 0.0 <= getattr(fc, name) <= 1.0:
             raise UserError(f"flywheel.{name}={getattr(fc, name)} must be between 0 and 1")
+    for name in ("users", "conversations", "turns", "users_per_prompt", "concurrency", "dpo_steps", "batch_size",
+                 "eval_per_task"):
+        if getattr(fc, name) < 1:
+            raise UserError(f"flywheel.{name}={getattr(fc, name)} must be 1 or more")
     if fc.sloppy_share + fc.adversarial_share > 1.0:
         raise UserError("flywheel.sloppy_share + flywheel.adversarial_share is more than 1; lower one of them")
     if feedback_db and not feedback_db.startswith(("postgresql://", "postgres://")) and not Path(feedback_db).is_file():
