@@ -23,9 +23,9 @@ the next round trains on that database's feedback instead, against the latest ro
 
 Defences, between the export and DPO (`defend`): a pair whose prompt is a task's training item is
 kept only if the task's verifier scores its chosen side above its rejected side (a tie teaches
-nothing and is dropped without counting against the user; the reverse is a failed check); a pair no verifier
-can judge is dropped when the other users who answered the same prompt prefer its rejected side
-(agreement); each user's trust weight is the smoothed share of their checkable pairs that passed,
+nothing and is dropped without counting against the user; the reverse is a failed check); a pair
+no verifier can judge is dropped when the other users who answered the same prompt prefer its
+rejected side (agreement); each user's trust weight is the smoothed share of their checkable pairs that passed,
 and users below `min_user_weight` lose all their pairs; each user keeps at most trust x
 `max_pairs_per_user` pairs (the export's cap bounds them before that). Pairs on held-out or
 validation prompts are always dropped, so evaluation never sees what training saw.
@@ -351,7 +351,7 @@ def defend(pairs: list[dict], known: ItemIndex, forbidden: ItemIndex, fc: Flywhe
     trust = {u: (passed + 1) / (n + 2) for u, (passed, n) in checked.items()}
     per_user: dict[str, int] = {}
     for p in survivors:
-        w = trust.get(p["user"], 0.5)
+        w = trust[p["user"]]
         if w < fc.min_user_weight:
             drop(p, "untrusted_user")
             continue
