@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
         if a.dest == "out":
             a.required, a.default = False, None
 
+    p = sub.add_parser("plan-memory", help="per-rank bytes of params, grads, optimizer state and activations")
+    p.add_argument("--preset", default="cpu", help=f"one of {', '.join(config_mod.PRESETS)}")
+    p.add_argument("--config", default=None, help="TOML file with config sections")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. pretrain.batch_size=8")
+    p.add_argument("--stage", choices=["pretrain", "sft", "rm"], default="pretrain", help="whose train config")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None, help="default: the stage's train.parallel")
+    p.add_argument("--world", type=int, default=1, help="ranks in all (nodes x GPUs per node)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="compute dtype of activations")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE", help="memory of one GPU, e.g. 80GiB: say if it fits")
+    p = sub.add_parser("consolidate", help="write model.safetensors of a sharded (fsdp) checkpoint")
+    p.add_argument("checkpoint", help="checkpoint folder with a sharded/ subfolder")
+
     p = sub.add_parser("generate", help="sample from a checkpoint")
     p.add_argument("model", help="checkpoint folder or run directory (latest of rl > sft > base)")
     p.add_argument("--prompt", required=True)
@@ -238,6 +250,11 @@ def dispatch(args, extra) -> None:
         else:
             with recorded_config(cfg, run, speedrun=verb == "speedrun"):
                 run_stage(verb, args, cfg, run)
+    elif verb == "plan-memory":
+        plan_memory(args)
+    elif verb == "consolidate":
+        from llmforge.train.checkpoint import consolidate
+        print(f"wrote {consolidate(args.checkpoint)}")
     elif verb == "generate":
         generate(args)
     elif verb == "chat":
@@ -264,6 +281,24 @@ def dispatch(args, extra) -> None:
     elif verb == "feedback":
         from llmforge.serve.feedback import export_cli
         export_cli(args.db, args.out, users=args.user, max_per_user=args.max_per_user)
+
+
+def plan_memory(args) -> None:
+    import dataclasses
+
+    import torch
+
+    from llmforge.train.memory import parse_bytes, plan_memory as plan, report
+    cfg = config_mod.resolve(args.preset, args.config, args.set)
+    tc = getattr(cfg, args.stage)
+    parallel = args.parallel or tc.parallel
+    gpu = parse_bytes(args.gpu_memory) if args.gpu_memory else None
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    for ac in (False, True):
+        result = plan(cfg.model, dataclasses.replace(tc, activation_checkpointing=ac), parallel, args.world, dtype)
+        print(report(result, gpu, f"{args.preset} {args.stage}, {parallel} on {args.world} rank(s), micro-batch "
+                                  f"{tc.batch_size} x {tc.seq_len}, {args.dtype}, activation checkpointing "
+                                  f"{'on' if ac else 'off'}:"))
 
 
 def _inference_args(p, default="fp32") -> None:

@@ -201,6 +201,8 @@ class TrainConfig:
     minutes: float = 0.0        # 0 = unbounded; the lr schedule is stretched to fit the time
     dtype: str = "auto"         # auto | bf16 | fp32 (auto: bf16 on CUDA and on CPUs with bf16)
     compile: bool = False
+    parallel: str = "ddp"       # ddp (every rank holds the whole model) | fsdp (FSDP2: params, grads, optimizer state sharded)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     eval_every: int = 100
     eval_batches: int = 20
     sample_every: int = 0       # 0 = no samples

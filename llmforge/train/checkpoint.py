@@ -5,8 +5,17 @@
     ckpt/KIND/tokenizer.json      the tokenizer, so a checkpoint folder is self-contained
     ckpt/KIND/train_state.safetensors + train_state.json   optimizer, schedule, RNG, loader (resume)
 
+A sharded checkpoint (train.parallel = "fsdp") holds instead, for resume:
+    ckpt/KIND/sharded/            torch.distributed.checkpoint: model + optimizer state, each rank's
+                                  slices in its own file, keyed by parameter name (so it loads on
+                                  any world size, sharded or not)
+    ckpt/KIND/train_state.*       RNG and position only
+and model.safetensors only when training finished or stopped (the whole weights, for the next stage,
+export and serving); `llmforge consolidate CKPT` writes it for a checkpoint taken mid-run.
+
 A whole checkpoint folder is written under a temporary name and renamed into place, so a
-crash at any moment leaves either the previous checkpoint or the new one, never a mix.
+crash at any moment leaves either the previous checkpoint or the new one, never a mix (a sharded
+one needs a filesystem every rank sees: all ranks write into the same temporary folder).
 """
 from __future__ import annotations
 
@@ -23,45 +32,125 @@ from safetensors.torch import load_file, save_file
 
 from llmforge.config import ModelConfig
 from llmforge.errors import UserError
-from llmforge.run import RunDir, replace_dir
+from llmforge.run import RunDir, atomic_path, replace_dir
+from llmforge.train.distributed import is_sharded
 
+SHARDED = "sharded"   # the torch.distributed.checkpoint folder inside a sharded checkpoint
 POLICY_KINDS = ("base", "sft", "rl", "vision")   # vision: a language model with an image encoder
 LATEST_ORDER = ("rl", "sft", "base")  # what a run directory means when given as a model
 
 
 def _weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    state = {}
-    seen = set()
-    for name, t in model.state_dict().items():
-        if t.data_ptr() in seen:  # tied weights are stored once
-            continue
-        seen.add(t.data_ptr())
-        state[name] = t.detach().to("cpu").contiguous()
-    return state
+    """The whole weights on the CPU, tied ones once. For an FSDP model every rank must call it (the
+    shards are gathered); rank 0 gets the weights, the others an empty dict."""
+    state = model.state_dict()
+    names, seen = [], set()
+    for name, t in state.items():
+        ptr = (t.to_local() if hasattr(t, "to_local") else t).data_ptr()
+        if ptr not in seen:  # tied weights are stored once
+            seen.add(ptr)
+            names.append(name)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {name: state[name].detach().to("cpu").contiguous() for name in names if name in state}
+
+
+def _world() -> tuple[bool, bool]:
+    """(several processes, this is rank 0)."""
+    several = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return several, not several or torch.distributed.get_rank() == 0
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, kind: str, model_cfg: ModelConfig,
-                    tokenizer=None, meta: dict | None = None, train_state: dict | None = None) -> Path:
-    """Write a checkpoint folder atomically. `train_state` = {"tensors": {...}, "json": {...}}."""
+                    tokenizer=None, meta: dict | None = None, train_state: dict | None = None,
+                    sharded_optimizer=None, full_weights: bool = True) -> Path:
+    """Write a checkpoint folder atomically. `train_state` = {"tensors": {...}, "json": {...}}.
+
+    With `sharded_optimizer` the checkpoint is sharded and every rank must call this: each writes its
+    own slices of the model and of that optimizer's state to sharded/ (torch.distributed.checkpoint,
+    get_state_dict), rank 0 the small files; model.safetensors only if `full_weights`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a checkpoint is meant to be shared
+    several, main = _world() if sharded_optimizer is not None else (False, True)
+    tmp = None
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a checkpoint is meant to be shared
+    if several:  # one temporary folder for all ranks
+        box = [tmp]
+        torch.distributed.broadcast_object_list(box, src=0)
+        tmp = box[0]
     try:
-        save_file(_weights_of(model), str(tmp / "model.safetensors"))
-        config = {"kind": kind, "model": dataclasses.asdict(model_cfg), **(meta or {})}
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
-            config["tokenizer_hash"] = tokenizer.hash
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-        if train_state is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in train_state["tensors"].items()},
-                      str(tmp / "train_state.safetensors"))
-            (tmp / "train_state.json").write_text(json.dumps(train_state["json"]), encoding="utf-8")
-        replace_dir(tmp, path)
+        if sharded_optimizer is not None:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+            model_sd, optim_sd = get_state_dict(model, sharded_optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDED, no_dist=not several)
+        weights = _weights_of(model) if full_weights else None
+        if main:
+            if weights is not None:
+                save_file(weights, str(tmp / "model.safetensors"))
+            config = {"kind": kind, "model": dataclasses.asdict(model_cfg), **(meta or {})}
+            if tokenizer is not None:
+                tokenizer.save(tmp / "tokenizer.json")
+                config["tokenizer_hash"] = tokenizer.hash
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+            if train_state is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in train_state["tensors"].items()},
+                          str(tmp / "train_state.safetensors"))
+                (tmp / "train_state.json").write_text(json.dumps(train_state["json"]), encoding="utf-8")
+        if several:
+            torch.distributed.barrier()  # every rank's shards are on disk before the folder is renamed
+        if main:
+            replace_dir(tmp, path)
+        if several:
+            torch.distributed.barrier()  # and no rank reads the old folder after this returns
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def is_sharded_checkpoint(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / SHARDED / ".metadata").is_file()
+
+
+def load_sharded(folder: str | os.PathLike, model: torch.nn.Module, optimizer) -> None:
+    """Load a sharded checkpoint's model and optimizer state into `model` (FSDP-sharded on any number
+    of ranks, or whole in one process) and `optimizer`: each rank reads the slices it owns."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=Path(folder) / SHARDED, no_dist=not _world()[0])
+    except Exception as e:  # DCP wraps a missing key or a bad file in CheckpointException
+        raise UserError(f"sharded checkpoint {folder} does not fit this model and optimizer "
+                        f"({str(e).splitlines()[0][:200]}); resume with the config it was saved with") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def consolidate(path: str | os.PathLike) -> Path:
+    """Write model.safetensors of a sharded checkpoint from its shards, in one process, whatever the
+    world size that saved it: the usual checkpoint for export, serving and the next stage."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    folder = Path(path)
+    if not is_sharded_checkpoint(folder):
+        raise UserError(f"{folder} is not a sharded checkpoint (no {SHARDED}/.metadata); pass a checkpoint "
+                        "folder written with train.parallel=fsdp")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    reader = dcp.FileSystemReader(str(folder / SHARDED))
+    weights = {key.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
+               for key, m in reader.read_metadata().state_dict_metadata.items()
+               if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    if config["model"].get("tie_embeddings"):  # stored once, as the embedding (load_into re-ties it)
+        weights = {k: v for k, v in weights.items() if not k.endswith("lm_head.weight")}
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(weights, str(tmp))
+    return folder / "model.safetensors"
 
 
 def resolve_checkpoint(path: str | os.PathLike, kinds=LATEST_ORDER) -> Path:
@@ -71,6 +160,9 @@ def resolve_checkpoint(path: str | os.PathLike, kinds=LATEST_ORDER) -> Path:
         path = path.parent
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
+    if (path / "config.json").is_file() and is_sharded_checkpoint(path):
+        raise UserError(f"{path} is a sharded checkpoint taken mid-run (no model.safetensors yet); run "
+                        f"`llmforge consolidate {path}` to write its whole weights, or resume its training")
     for kind in kinds:
         # RL policies live in ckpt/rl_<algo>; the most recently written one is the latest
         found = sorted((c for c in (path / "ckpt").glob(f"{kind}*") if _is_policy_folder(c, kind)),
@@ -92,8 +184,9 @@ def _is_policy_folder(folder: Path, kind: str) -> bool:
         return False
 
 
-def read_config(path: str | os.PathLike) -> dict:
-    path = resolve_checkpoint(path)
+def read_config(path: str | os.PathLike, sharded_ok: bool = False) -> dict:
+    """A checkpoint's config.json; `sharded_ok`: also of a sharded one without whole weights (resume)."""
+    path = Path(path) if sharded_ok and is_sharded_checkpoint(path) else resolve_checkpoint(path)
     try:
         return json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

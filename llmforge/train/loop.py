@@ -18,8 +18,14 @@ forward; the loop adds them to the stage's loss and logs per layer expert load, 
 and router entropy, so every stage trains MoE models without knowing it.
 
 The loop owns: AdamW, warmup + cosine/WSD schedule, gradient accumulation, clipping,
-bf16 autocast, torch.compile, DDP, LoRA (cfg.lora_rank > 0 wraps the model's Linears), the budget (steps / tokens / minutes), metrics.jsonl,
+bf16 autocast, torch.compile, DDP or FSDP2 (cfg.parallel, train/distributed.py), activation
+checkpointing, LoRA (cfg.lora_rank > 0 wraps the model's Linears), the budget (steps / tokens / minutes), metrics.jsonl,
 the progress bar (tokens/s, MFU, ETA), periodic atomic checkpoints and exact resume.
+
+Under FSDP (cfg.parallel = "fsdp") every rank holds 1/world of the parameters, gradients and optimizer
+state, and checkpoints are sharded (train/checkpoint.py). eval_fn and sample_fn then run inside
+distributed.gathered(): the whole parameters on every rank for the call, so they may use the
+engine and run on rank 0 alone, as under DDP.
 """
 from __future__ import annotations
 
@@ -42,7 +48,8 @@ from llmforge.model.lora import apply_lora, lora_meta, save_adapter
 from llmforge.model.moe import moe_layers, router_losses
 from llmforge.run import RunDir
 from llmforge.train import checkpoint as ckpt_io
-from llmforge.train.distributed import DistContext, all_reduce_mean
+from llmforge.train.distributed import (DistContext, all_reduce_mean, checkpoint_blocks, fsdp_setup, gathered,
+                                        is_sharded, skip_grad_sync)
 from llmforge.train.optim import build_optimizer, lr_at, set_lr
 
 
@@ -109,17 +116,26 @@ LEGACY_ADAMW = ("step", "exp_avg", "exp_avg_sq")
 
 
 def load_train_state(ck: Checkpointing, model: torch.nn.Module, optimizer) -> dict | None:
+    """Weights, optimizer state and RNG from ck.dir; a sharded checkpoint loads on any world size
+    and into a sharded or a whole model (torch.distributed.checkpoint reshards by name)."""
     folder = Path(ck.dir)
     if not (folder / "train_state.json").is_file():
         return None
-    config = ckpt_io.read_config(folder)
+    config = ckpt_io.read_config(folder, sharded_ok=True)
     if config.get("model") != dataclasses.asdict(ck.model_cfg):
         raise UserError(f"cannot resume from {folder}: it was trained with a different model config; "
                         "resume with the same config or start a new --out directory")
-    ckpt_io.load_into(model, ckpt_io.load_weights(folder), folder)
     state = json.loads((folder / "train_state.json").read_text())
     from safetensors.torch import load_file
     tensors = load_file(str(folder / "train_state.safetensors"))
+    if ckpt_io.is_sharded_checkpoint(folder):
+        ckpt_io.load_sharded(folder, model, optimizer)
+        torch.set_rng_state(tensors["rng.cpu"])
+        return state
+    if is_sharded(model):
+        raise UserError(f"cannot resume {folder} with parallel=fsdp: it was saved without sharding "
+                        "(parallel=ddp); resume it with --set <stage>.parallel=ddp")
+    ckpt_io.load_into(model, ckpt_io.load_weights(folder), folder)
     opt_state = optimizer.state_dict()
     for key, value in tensors.items():
         parts = key.split(".")
@@ -134,9 +150,10 @@ def load_train_state(ck: Checkpointing, model: torch.nn.Module, optimizer) -> di
 
 def train_state_of(optimizer, step: int, tokens: int, elapsed: float) -> dict:
     """Optimizer moments, schedule position, RNG and loader position (the step: batches are a
-    pure function of it) as flat tensors + JSON, for safetensors."""
+    pure function of it) as flat tensors + JSON, for safetensors. optimizer=None: a sharded
+    checkpoint, whose optimizer state goes to its shards."""
     tensors = {"rng.cpu": torch.get_rng_state()}
-    for pid, state in optimizer.state_dict()["state"].items():
+    for pid, state in (optimizer.state_dict()["state"] if optimizer is not None else {}).items():
         for name, value in state.items():
             tensors[f"opt.{pid}.{name}"] = torch.as_tensor(value).float() if name == "step" else value
     return {"tensors": tensors, "json": {"step": step, "tokens": tokens, "elapsed": elapsed}}
@@ -151,11 +168,19 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     device = ctx.device
     if cfg.lora_rank and lora_meta(model) is None:  # --set STAGE.lora_rank=8: train adapters only
         model = apply_lora(model, cfg)
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"{stage}.parallel='{cfg.parallel}' is not one of ddp, fsdp; set --set {stage}.parallel=fsdp "
+                        "to shard the model over the ranks, or ddp to replicate it")
     raw_model = model.to(device)
     lora = lora_meta(raw_model)
     if lora:
         ckpt.meta["lora"] = lora
     amp = autocast_dtype(cfg, device)
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(raw_model)
+    sharded_ckpt = cfg.parallel == "fsdp"     # the checkpoint format follows the setting, on any world size
+    if sharded_ckpt and ctx.enabled:          # in place: parameters become DTensor shards, before the optimizer
+        fsdp_setup(raw_model, ctx, amp)
     optimizer = build_optimizer(raw_model, cfg, device.type)
     torch.manual_seed(cfg.seed)
 
@@ -170,7 +195,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     model = raw_model
     if cfg.compile:
         model = torch.compile(model)
-    if ctx.enabled:
+    if ctx.enabled and not is_sharded(raw_model):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -190,9 +215,14 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     def elapsed() -> float:
         return prior_elapsed + time.perf_counter() - t_start
 
-    def save(complete: bool = False) -> None:
-        if ctx.is_main:  # "complete" marks the end of the budget: the speedrun skips such stages
-            meta = {**ckpt.meta, "stage": stage, "step": step, "tokens": tokens, "complete": complete}
+    def save(final: bool = False, complete: bool = False) -> None:
+        # "complete" marks the end of the budget: the speedrun skips such stages
+        meta = {**ckpt.meta, "stage": stage, "step": step, "tokens": tokens, "complete": complete}
+        if sharded_ckpt:  # every rank writes its shards; the whole weights (for the next stage) at the end
+            ckpt_io.save_checkpoint(ckpt.dir, raw_model, kind=ckpt.kind, model_cfg=ckpt.model_cfg,
+                                    tokenizer=ckpt.tokenizer, meta=meta, sharded_optimizer=optimizer,
+                                    full_weights=final, train_state=train_state_of(None, step, tokens, elapsed()))
+        elif ctx.is_main:
             ckpt_io.save_checkpoint(ckpt.dir, raw_model, kind=ckpt.kind, model_cfg=ckpt.model_cfg,
                                     tokenizer=ckpt.tokenizer, meta=meta,
                                     train_state=train_state_of(optimizer, step, tokens, elapsed()))
@@ -201,13 +231,16 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
         if eval_fn is None:
             return {}
         raw_model.eval()
-        with torch.no_grad(), autocast(device, amp):
+        with torch.no_grad(), autocast(device, amp), gathered(raw_model):
             out = eval_fn(raw_model)
         raw_model.train()
         out = {k: all_reduce_mean(v, ctx) for k, v in out.items()}
         if ctx.is_main:
             run.log(stage, step=step, tokens=tokens, **out)
         return out
+
+    def grad_sync(sync: bool):  # off for all but a step's last micro-batch; DDP reads it in forward, FSDP in backward
+        return contextlib.nullcontext() if sync else skip_grad_sync(raw_model if is_sharded(raw_model) else model)
 
     stop = {"signal": None}
 
@@ -234,13 +267,16 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                          for k, v in get_batch(step, micro, ctx).items()}
                 sync = micro == cfg.grad_accum - 1 or not ctx.enabled
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, amp):
+                with grad_sync(sync), autocast(device, amp):
                     loss, metrics = loss_fn(model, batch)
                 total = loss
                 if routed:  # the auxiliary losses the MoE layers' forwards recorded (model/moe.py)
                     aux, router_metrics = router_losses(routed)
                     total, metrics = loss + aux, {**metrics, **router_metrics}
-                (total / cfg.grad_accum).backward()
+                with grad_sync(sync):
+                    (total / cfg.grad_accum).backward()
+                for _, layer in routed:  # activation checkpointing's recompute records the routing again
+                    layer.records.clear()
                 loss_sum += loss.detach().float() / cfg.grad_accum
                 for k, v in metrics.items():
                     # kept as (detached) tensors: read only on logging steps, with the loss
@@ -249,6 +285,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in raw_model.parameters() if p.requires_grad],
                 cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; the norm of the whole gradient
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -282,10 +320,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
                     bar.total = max(step, int(step / progress()))
             if eval_fn and cfg.eval_every and step % cfg.eval_every == 0:
                 last_eval = evaluate()
-            if sample_fn and cfg.sample_every and step % cfg.sample_every == 0 and ctx.is_main:
+            if sample_fn and cfg.sample_every and step % cfg.sample_every == 0:
                 raw_model.eval()
-                with torch.no_grad(), autocast(device, amp):
-                    run.log(stage, step=step, sample=sample_fn(raw_model))
+                with torch.no_grad(), autocast(device, amp), gathered(raw_model):
+                    if ctx.is_main:
+                        run.log(stage, step=step, sample=sample_fn(raw_model))
                 raw_model.train()
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 save()
@@ -295,9 +334,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
             signal.signal(signal.SIGTERM, old_handler)
     if eval_fn and (not cfg.eval_every or step % cfg.eval_every):
         last_eval = evaluate()
-    save(complete=stop["signal"] is None)
-    if lora and ctx.is_main:  # the small file: adapters alone, with the hash of their base
-        save_adapter(raw_model, run.root / "adapters" / stage)
+    save(final=True, complete=stop["signal"] is None)
+    if lora:  # the small file: adapters alone, with the hash of their base
+        with gathered(raw_model):
+            if ctx.is_main:
+                save_adapter(raw_model, run.root / "adapters" / stage)
     summary = {"steps": step, "tokens": tokens, "elapsed_s": round(elapsed(), 2), **last_eval}
     if ctx.is_main:
         run.log(stage, event="done", **summary)

@@ -28,6 +28,17 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.T if tall else x
 
 
+def _orthogonalized_update(m: torch.Tensor, steps: int) -> torch.Tensor:
+    """orthogonalize(m), also for an FSDP-sharded matrix (a DTensor holding this rank's rows):
+    Newton-Schulz needs the whole matrix, so it is all-gathered, every rank orthogonalizes the same
+    full matrix (the compute is repeated, not split) and keeps its own rows of the result."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(m, DTensor):
+        return orthogonalize(m, steps)
+    u = orthogonalize(m.full_tensor(), steps)
+    return distribute_tensor(u, m.device_mesh, m.placements, src_data_rank=None)  # local rows, no traffic
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for groups with `muon=True`, AdamW for the others, in one optimizer (one state_dict).
 
@@ -38,7 +49,8 @@ class Muon(torch.optim.Optimizer):
         m <- mu m + (1 - mu) g;   u <- orth((1 - mu) g + mu m);   W <- W (1 - lr wd) - lr sqrt(max(1, r/c)) u
 
     It is for the hidden 2-D weights only; embeddings, the output head, norms and biases use AdamW
-    (Loshchilov & Hutter 2019) with bias-corrected moments and decoupled weight decay."""
+    (Loshchilov & Hutter 2019) with bias-corrected moments and decoupled weight decay. Under FSDP
+    the momentum stays sharded and only the orthogonalization sees whole matrices."""
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], momentum: float = 0.95,
                  ns_steps: int = 5, eps: float = 1e-8):
@@ -57,7 +69,7 @@ class Muon(torch.optim.Optimizer):
                     mu = group["momentum"]
                     buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
                     buf.lerp_(g, 1 - mu)
-                    u = orthogonalize(g.lerp(buf, mu), group["ns_steps"]).to(p.dtype)
+                    u = _orthogonalized_update(g.lerp(buf, mu), group["ns_steps"]).to(p.dtype)
                     p.mul_(1 - lr * wd).add_(u, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
                     continue
                 b1, b2 = group["betas"]
