@@ -279,9 +279,10 @@ def set_merged(model: nn.Module, merged: bool) -> None:
 
 # ---------------------------------------------------------------- adapters on disk
 
-def save_adapter(model: nn.Module, out: str | os.PathLike) -> Path:
+def save_adapter(model: nn.Module, out: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write adapter.safetensors + adapter.json (settings and the base's weights hash) to folder
-    `out`, whole or not at all."""
+    `out`, whole or not at all. `state`: the model's whole state dict, where the model itself holds
+    only its shards (FSDP)."""
     meta = lora_meta(model)
     if meta is None:
         raise UserError("this model has no LoRA adapters to save; train with --lora-rank > 0")
@@ -291,7 +292,8 @@ def save_adapter(model: nn.Module, out: str | os.PathLike) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+        adapters = lora_state_dict(model) if state is None else {k: v for k, v in state.items() if ".lora_" in k}
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapters.items()}
         save_file(tensors, str(tmp / "adapter.safetensors"), metadata={"format": ADAPTER_FORMAT})
         (tmp / "adapter.json").write_text(json.dumps({"format": ADAPTER_FORMAT, **meta}, indent=2), encoding="utf-8")
         umask = os.umask(0)

@@ -335,10 +335,10 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     if eval_fn and (not cfg.eval_every or step % cfg.eval_every):
         last_eval = evaluate()
     save(final=True, complete=stop["signal"] is None)
-    if lora:  # the small file: adapters alone, with the hash of their base
-        with gathered(raw_model):
-            if ctx.is_main:
-                save_adapter(raw_model, run.root / "adapters" / stage)
+    if lora and ctx.is_main:  # the small file: adapters alone, with the hash of their base
+        # FSDP: from the whole weights the final checkpoint just gathered
+        whole = ckpt_io.load_weights(ckpt.dir) if is_sharded(raw_model) else None
+        save_adapter(raw_model, run.root / "adapters" / stage, state=whole)
     summary = {"steps": step, "tokens": tokens, "elapsed_s": round(elapsed(), 2), **last_eval}
     if ctx.is_main:
         run.log(stage, event="done", **summary)
