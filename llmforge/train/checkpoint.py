@@ -19,11 +19,13 @@ one needs a filesystem every rank sees: all ranks write into the same temporary 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,6 +58,15 @@ def _weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: state[name].detach().to("cpu").contiguous() for name in names if name in state}
 
 
+@contextlib.contextmanager
+def _one_process_quietly(several: bool):
+    """torch.distributed.checkpoint warns that it assumes one process even when told no_dist."""
+    with warnings.catch_warnings():
+        if not several:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _world() -> tuple[bool, bool]:
     """(several processes, this is rank 0)."""
     several = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -86,7 +97,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, kind: st
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict
             model_sd, optim_sd = get_state_dict(model, sharded_optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDED, no_dist=not several)
+            with _one_process_quietly(several):
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / SHARDED, no_dist=not several)
         weights = _weights_of(model) if full_weights else None
         if main:
             if weights is not None:
@@ -123,8 +135,10 @@ def load_sharded(folder: str | os.PathLike, model: torch.nn.Module, optimizer) -
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
+    several = _world()[0]
     try:
-        dcp.load(state, checkpoint_id=Path(folder) / SHARDED, no_dist=not _world()[0])
+        with _one_process_quietly(several):
+            dcp.load(state, checkpoint_id=Path(folder) / SHARDED, no_dist=not several)
     except Exception as e:  # DCP wraps a missing key or a bad file in CheckpointException
         raise UserError(f"sharded checkpoint {folder} does not fit this model and optimizer "
                         f"({str(e).splitlines()[0][:200]}); resume with the config it was saved with") from None
@@ -145,7 +159,8 @@ def consolidate(path: str | os.PathLike) -> Path:
     weights = {key.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
                for key, m in reader.read_metadata().state_dict_metadata.items()
                if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-    dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    with _one_process_quietly(False):
+        dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
     if config["model"].get("tie_embeddings"):  # stored once, as the embedding (load_into re-ties it)
         weights = {k: v for k, v in weights.items() if not k.endswith("lm_head.weight")}
     with atomic_path(folder / "model.safetensors") as tmp:
