@@ -91,7 +91,8 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
     forward again to get the rest (non-reentrant torch.utils.checkpoint, so it composes with FSDP's
     hooks and with parameters that do not need gradients). Parameter names do not change."""
     for block in blocks_of(model):
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        if not isinstance(block.forward, functools.partial):  # a stage that trains one model twice
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def _reshard_plan(model: torch.nn.Module) -> dict[torch.nn.Module, bool]:
