@@ -211,6 +211,34 @@ def test_kill_9_mid_save_leaves_the_previous_checkpoint_usable(micro, tmp_path):
     assert [resumed[s] for s in range(3, 9)] == [single[s] for s in range(3, 9)]
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(micro, tmp_path):
+    """Slurm's preemption signals the processes; under FSDP the save is collective, so the ranks
+    agree on the step to stop at. The resumed run continues the curve."""
+    import time
+    prepared, single = micro
+    run = fresh_copy(prepared, tmp_path / "term")
+    args = ["pretrain", "--out", str(run), *STEPS, *FSDP, "--set", "pretrain.max_steps=30",
+            "--set", "pretrain.batch_size=8"]
+    agent = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "llmforge.cli", *args],
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not ((run / "metrics.jsonl").is_file() and '"loss"' in (run / "metrics.jsonl").read_text()):
+        assert time.time() < deadline and agent.poll() is None
+        time.sleep(0.05)
+    worker = int(subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()[0])
+    os.kill(worker, signal.SIGTERM)
+    err = agent.communicate(timeout=240)[1]
+    assert agent.returncode != 0 and err.count("stopped by signal 15 at step") == 2, err[-2000:]
+    stopped = json.loads((run / "ckpt" / "base" / "train_state.json").read_text())["step"]
+    assert 1 <= stopped < 30 and not json.loads((run / "ckpt" / "base" / "config.json").read_text())["complete"]
+    torchrun([*args, "--resume"])
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(1, 9):  # warmup: the lr of these steps does not depend on max_steps
+        assert resumed[step] == pytest.approx(single[step], rel=1e-4), step
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

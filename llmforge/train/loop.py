@@ -247,7 +247,18 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     def on_signal(signum, frame):  # finish the step, save, exit: nothing already trained is lost
         stop["signal"] = signum
 
-    old_handler = signal.signal(signal.SIGTERM, on_signal) if ctx.is_main else None
+    # FSDP's saves are collective, so every rank must stop at the same step: each rank listens, and
+    # one scalar all-reduce per step shares the first signal and the first rank out of budget
+    agree = sharded_ckpt and ctx.enabled
+    old_handler = signal.signal(signal.SIGTERM, on_signal) if ctx.is_main or agree else None
+
+    def keep_going() -> bool:
+        if not agree:
+            return progress() < 1.0 and stop["signal"] is None
+        flags = torch.tensor([float(stop["signal"] or 0), float(progress() >= 1.0)], device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        stop["signal"] = int(flags[0]) or None
+        return stop["signal"] is None and not flags[1]
     bar = tqdm(total=cfg.max_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True,
                disable=not (show_progress and ctx.is_main))
     last_eval: dict = {}
@@ -257,7 +268,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
         layer.records.clear()
     raw_model.train()
     try:
-        while progress() < 1.0 and stop["signal"] is None:
+        while keep_going():
             lr = lr_at(step, progress(), cfg)
             set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=device)  # stays on the device: no sync per micro-step
