@@ -154,7 +154,7 @@ def consolidate(path: str | os.PathLike) -> Path:
     if not is_sharded_checkpoint(folder):
         raise UserError(f"{folder} is not a sharded checkpoint (no {SHARDED}/.metadata); pass a checkpoint "
                         "folder written with train.parallel=fsdp")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = read_config(folder, sharded_ok=True)
     reader = dcp.FileSystemReader(str(folder / SHARDED))
     weights = {key.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
                for key, m in reader.read_metadata().state_dict_metadata.items()
