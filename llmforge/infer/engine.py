@@ -26,7 +26,8 @@ the other rows keep decoding, and the result is fed at the first step after it a
 `on_wake` (set by a scheduler) is called from the worker when a parked row becomes runnable.
 Images (a vision model, model/vision.py): `add(prompt, params, images=pixels)` with the prompt's
 <|image|> positions; the image embeddings are computed once, when the request gets its slot (the
-requests admitted in one step share one pass through the tower), and fill those positions in its prefill; from then on it decodes in the batch like any other row
+requests admitted in one step share one pass through the tower), and fill those positions in its
+prefill; from then on it decodes in the batch like any other row
 (no prefix cache and no speculative drafts for it: its placeholder ids do not name its content).
 With `prefix_cache_tokens` > 0 a prompt that starts like a recent one gets those leading blocks'
 keys/values copied into its slot and prefills only the rest (infer/prefix_cache.py).
