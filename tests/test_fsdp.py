@@ -212,13 +212,15 @@ def test_kill_9_mid_save_leaves_the_previous_checkpoint_usable(micro, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(micro, tmp_path):
-    """Slurm's preemption signals the processes; under FSDP the save is collective, so the ranks
-    agree on the step to stop at. The resumed run continues the curve."""
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(micro, tmp_path, parallel):
+    """Slurm's preemption signals the processes; under FSDP the save is collective, and under DDP
+    a rank that left alone would hang the others' all-reduce, so the ranks agree on the step to
+    stop at. The resumed run continues the curve."""
     import time
     prepared, single = micro
     run = fresh_copy(prepared, tmp_path / "term")
-    args = ["pretrain", "--out", str(run), *STEPS, *FSDP, "--set", "pretrain.max_steps=30",
+    args = ["pretrain", "--out", str(run), *STEPS, "--set", f"pretrain.parallel={parallel}", "--set", "pretrain.max_steps=30",
             "--set", "pretrain.batch_size=8"]
     agent = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "llmforge.cli", *args],
                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

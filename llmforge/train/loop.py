@@ -247,10 +247,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     def on_signal(signum, frame):  # finish the step, save, exit: nothing already trained is lost
         stop["signal"] = signum
 
-    # FSDP's saves are collective, so every rank must stop at the same step: each rank listens, and
-    # one scalar all-reduce per step shares the first signal and the first rank out of budget
-    agree = sharded_ckpt and ctx.enabled
-    old_handler = signal.signal(signal.SIGTERM, on_signal) if ctx.is_main or agree else None
+    # every rank must stop at the same step (FSDP's saves are collective; a DDP rank that stopped
+    # alone would leave the others waiting in an all-reduce): each rank listens, and one scalar
+    # all-reduce per step shares the first signal and the first rank out of its minutes budget
+    agree = ctx.enabled
+    old_handler = signal.signal(signal.SIGTERM, on_signal)
 
     def keep_going() -> bool:
         if not agree:
