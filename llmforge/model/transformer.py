@@ -207,13 +207,14 @@ class Transformer(nn.Module):
 
     def forward(self, idx, targets=None, cache=None, positions=None, slots=None, loss_mask=None):
         """Logits (B, T, V); with `targets`, returns (logits, mean cross-entropy over the unmasked
-        tokens). With a `loss_mask` (eager), the head runs only where the mask is non-zero and the
-        logits returned are those rows, (N, V): the head and its softmax are ~30% of a small
+        tokens). With a `loss_mask`, on the CPU, the head runs only where the mask is non-zero and
+        the logits returned are those rows, (N, V): the head and its softmax are ~30% of a small
         model's FLOPs, and SFT trains ~60% of its positions (measured 17% off a cpu-model
-        forward + backward). Under torch.compile the dense path runs (a data-dependent shape
-        would break the graph)."""
+        forward + backward). On a GPU, and under torch.compile, the dense path runs: the
+        selection's data-dependent shape would cost a host sync per step there, or break the graph."""
         hidden = self.hidden_states(idx, cache, positions, slots)
-        if targets is not None and loss_mask is not None and not torch.compiler.is_compiling():
+        if (targets is not None and loss_mask is not None and hidden.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
             keep = loss_mask.flatten() != 0
             logits = self.lm_head(hidden.flatten(0, 1)[keep])
             return logits, token_cross_entropy(logits, targets.flatten()[keep], loss_mask.flatten()[keep],

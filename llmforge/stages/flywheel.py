@@ -497,17 +497,17 @@ def load_round(run: RunDir, r: int) -> dict | None:
 
 
 def initial_scores(cfg: Config, run: RunDir, names: list[str]) -> list[tuple[str, float]]:
-    """Round 0's served model on the held-out items, scored once (RUN/flywheel/initial_scores.json)."""
-    from llmforge.train.checkpoint import load_model, load_tokenizer, resolve_checkpoint
+    """Round 0's served model on the held-out items, scored once per weights (RUN/flywheel/initial_scores.json)."""
+    from llmforge.train.checkpoint import load_model, load_tokenizer, resolve_checkpoint, weights_digest
     fc = cfg.flywheel
     served = resolve_checkpoint(_served_folder(run, fc, 0))
-    key = {"checkpoint": str(served), "tasks": names, "per_task": fc.eval_per_task}
+    model, _, _ = load_model(served)
+    key = {"weights": weights_digest(model), "tasks": names, "per_task": fc.eval_per_task}
     cached = run.root / "flywheel" / "initial_scores.json"
     if cached.is_file():
         saved = json.loads(cached.read_text(encoding="utf-8"))
         if {k: saved.get(k) for k in key} == key:
             return [tuple(x) for x in saved["scores"]]
-    model, _, _ = load_model(served)
     scores = heldout_scores(model, load_tokenizer(served), names, fc.eval_per_task, cfg.tasks.max_new_tokens)
     write_json_atomic(cached, {**key, "scores": scores})
     return scores
@@ -545,11 +545,8 @@ def run(cfg: Config, run: RunDir, rounds: int | None = None, feedback_db: str | 
             print(f"flywheel: round {r} already done, skipping")
             records.append(done)
             continue
-        if records:
-            baseline = list(zip(records[-1]["score_tasks"], records[-1]["scores"]))
-        else:
-            baseline = initial_scores(cfg, run, names)
         initial = initial_scores(cfg, run, names)
+        baseline = list(zip(records[-1]["score_tasks"], records[-1]["scores"])) if records else initial
         rec = run_round(cfg, run, r, feedback_db if r == first else None, baseline, initial, show_progress)
         records.append(rec)
         v = rec["vs_served"]

@@ -58,6 +58,17 @@ def _weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: state[name].detach().to("cpu").contiguous() for name in names if name in state}
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's parameter names and values: what a cached evaluation of it is keyed by
+    (a checkpoint retrained at the same path gets a new digest)."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def _one_process_quietly(several: bool):
     """torch.distributed.checkpoint warns that it assumes one process even when told no_dist."""

@@ -67,13 +67,9 @@ def memoised_eval(run: RunDir, policy, ref, tok, names: list[str], per_task: int
     on the cpu preset). The key is a digest of the weights and every argument that changes the
     answer; the reward models' score, which differs per stage, is recomputed from the kept
     samples (a forward pass, no generation)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(policy.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
     device = next(policy.parameters()).device.type
-    digest.update(json.dumps([names, per_task, max_tokens, seed, device]).encode())
-    path = run.root / "rl_initial_eval" / f"{digest.hexdigest()[:24]}.json"
+    key = json.dumps([ckpt_io.weights_digest(policy), names, per_task, max_tokens, seed, device])
+    path = run.root / "rl_initial_eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
     limit = max_len or policy.cfg.max_seq_len
     if path.is_file():
         memo = json.loads(path.read_text())
