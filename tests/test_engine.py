@@ -327,3 +327,23 @@ def test_a_slow_tool_call_is_parked_and_does_not_stall_other_rows(model, tok, th
     assert seen["other_finished_first"]
     assert tool_run.tool_calls_run == 1 and "42" in tok.decode(tool_run.tokens)
     assert len(engine.free_slots) == 4 and not engine.has_work()
+
+
+def test_max_tokens_counts_what_the_model_wrote_not_the_tool_results_the_engine_inserted(model, tok):
+    """A tool result longer than what is left of max_tokens must not end the request: the model
+    still gets its max_tokens of its own (as OpenAI counts completion tokens), so a long result
+    never cuts the answer that follows it."""
+    end, call = tok.token_id("<|end|>"), tok.token_id("<|tool_call|>")
+    forced = [call] + tok.encode('{"name":"python"}') + [end]
+    engine = Engine(model, tok, max_batch=2, tool_runner=lambda name, arguments: "the import statement")
+    budget = len(forced) + 6
+    params = SamplingParams(max_tokens=budget, temperature=0.0, stop_token_ids=[end], execute_tools=True)
+    out = engine.generate(prompts_of(tok, [4]), params, constraints=[ForcedPrefix(forced)])[0]
+    assert out.tool_calls_run == 1 and out.inserted > 6          # the result alone exceeds the 6 tokens left
+    assert 4 + len(out.tokens) < MAX_LEN                          # and the context is not what ended it
+    generated = sum(out.generated)
+    assert generated == out.n_generated == len(out.tokens) - out.inserted
+    if out.finish_reason == "length":     # the model wrote its whole budget after the result
+        assert generated == budget
+    else:                                  # or ended its answer itself, after writing some of it
+        assert out.finish_reason == "stop" and len(forced) + 1 < generated <= budget

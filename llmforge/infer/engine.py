@@ -77,6 +77,12 @@ class Completion:
     text: str = ""
     finish_reason: str | None = None                      # "stop" | "length" | "error"
     tool_calls_run: int = 0
+    inserted: int = 0                                     # how many of `tokens` the engine inserted
+
+    @property
+    def n_generated(self) -> int:
+        """Tokens the model wrote: what max_tokens limits (tool results are not generated)."""
+        return len(self.tokens) - self.inserted
 
 
 @dataclass
@@ -286,7 +292,7 @@ class Engine:
         """Draft tokens for a decode row (speculative decoding), within its token and context budget."""
         if req.drafter is None:
             return []
-        room = min(req.params.max_tokens - len(req.out.tokens) - 1, self.max_len - 1 - (req.position + 1))
+        room = min(req.params.max_tokens - req.out.n_generated - 1, self.max_len - 1 - (req.position + 1))
         if room <= 0:
             return []
         draft = req.drafter.propose(req.prompt + req.out.tokens, room)
@@ -453,7 +459,7 @@ class Engine:
                 finish = "stop"
         elif req.constraint is not None and req.constraint.is_done():
             finish = "stop"
-        if finish is None and not parked and (len(out.tokens) >= p.max_tokens
+        if finish is None and not parked and (out.n_generated >= p.max_tokens
                                               or req.position + len(req.pending) >= self.max_len):
             finish = "length"
         return self._event(req, token, finish)
@@ -573,6 +579,7 @@ class Engine:
         out.tokens.extend(inserted)
         out.generated.extend([False] * len(inserted))
         out.logprobs.extend([0.0] * len(inserted))
+        out.inserted += len(inserted)
         out.tool_calls_run += 1
         req.pending = [self.end_id] + inserted  # the sampled <|end|> has not been fed yet
         if req.position + len(req.pending) < self.max_len:

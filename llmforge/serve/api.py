@@ -141,7 +141,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, user: str
         choice = {"index": a.index, "message": message, "finish_reason": _finish_reason(comp, calls),
                   "logprobs": {"content": a.logprobs(comp), "refusal": None} if req.logprobs else None}
         choices.append(choice)
-        usage_out += sum(comp.generated)
+        usage_out += comp.n_generated
         extension["tool_runs"].append(runs)
         extension["generation_ids"].append(await run_in_threadpool(_log, server, req, f"{cid}.{a.index}", content,
                                                                    calls, comp))
@@ -182,7 +182,7 @@ async def completions(body: CompletionBody, request: Request, user: str = Depend
                       "text_offset": _offsets(server, toks, len(req.texts[k]) if req.echo else 0)}
             text = (req.texts[k] if req.echo else "") + comp.text
             choices.append({"index": k * req.n + j, "text": text, "finish_reason": comp.finish_reason, "logprobs": lp})
-    out = sum(len(c.tokens) for c in comps)
+    out = sum(c.n_generated for c in comps)
     prompt_tokens = sum(len(ids) for ids in req.prompts)
     return {"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
             "system_fingerprint": server.fingerprint, "choices": choices,
@@ -500,7 +500,7 @@ async def _stream_chat(server: ModelServer, req: ChatRequest, cid: str, created:
                 content, calls, _ = a.view(ev.completion)
                 if calls:
                     yield chunk(i, {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]})
-                usage_out += sum(ev.completion.generated)
+                usage_out += ev.completion.n_generated
                 generation_ids[i] = await run_in_threadpool(_log, server, req, f"{cid}.{i}", content, calls,
                                                             ev.completion)
                 yield chunk(i, {}, finish=_finish_reason(ev.completion, calls),
@@ -544,7 +544,7 @@ async def _stream_text(server: ModelServer, req: CompletionRequest, cid: str, cr
             delta = ev.text_delta
             done += ev.finished
             if ev.finished:
-                usage_out += len(ev.completion.tokens)
+                usage_out += ev.completion.n_generated
             if delta or ev.finished:
                 yield json.dumps({"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
                                   "choices": [{"index": i, "text": delta, "logprobs": None,

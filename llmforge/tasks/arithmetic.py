@@ -13,7 +13,7 @@ import json
 import random
 import re
 
-from llmforge.tasks.base import Item, Task, answer_text, last_int, user
+from llmforge.tasks.base import Item, Task, answer_text, last_int, tool_answer, user
 from llmforge.tasks.phrasing import compose, side, split_pool
 
 SMALL = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
@@ -57,13 +57,7 @@ def _spoken(rng: random.Random, n: int) -> str:
 
 def calculator_answer(expression: str, value: int) -> list[dict]:
     """Gold: a calculator call, its result, then the answer in a sentence."""
-    return [
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "calculator",
-                                              "arguments": json.dumps({"expression": expression})}}]},
-        {"role": "tool", "content": str(value)},
-        {"role": "assistant", "content": f"The answer is {value}."},
-    ]
+    return tool_answer("calculator", {"expression": expression}, str(value), f"The answer is {value}.")
 
 
 class AddSub(Task):

@@ -14,6 +14,7 @@ from each other, so accuracy is over distinct prompts.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -143,3 +144,14 @@ def user(text: str) -> list[dict]:
 
 def say(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
+
+
+def tool_answer(name: str, arguments: dict, result: str, final: str) -> list[dict]:
+    """Gold that works through a tool: the call, the result the engine feeds back (exactly as
+    the tool returns it), then the answer in a sentence."""
+    return [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}]},
+        {"role": "tool", "content": result},
+        {"role": "assistant", "content": final},
+    ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 
-from llmforge.tasks.base import Item, Task, answer_text, ints_in, last_int, say, user
+from llmforge.tasks.base import Item, Task, answer_text, ints_in, last_int, say, tool_answer, user
 from llmforge.tasks.phrasing import compose, pick, quote, side, split_pool
 
 WORDS = sorted(set("""apple banana cherry orange lemon mango grape melon peach plum pear berry
@@ -100,6 +100,11 @@ def spelling_drills(n: int, seed: int = 0) -> list[list[dict]]:
             for w in (rng.choice(words) for _ in range(n))]
 
 
+def python_answer(code: str, printed: str, final: str) -> list[dict]:
+    """Gold through the Python tool: the code, what it prints, then the answer in words."""
+    return tool_answer("python", {"code": code}, printed, final)
+
+
 class CountLetter(Task):
     name = "count_letter"
 
@@ -113,7 +118,8 @@ class CountLetter(Task):
         count = word.count(letter)
         core = pick(rng, COUNT_CORES, split, "count").format(l=quote(rng, letter), w=quote(rng, word))
         times = "time" if count == 1 else "times"
-        gold = say(f"Spelled out: {spelled(word)}. The letter '{letter}' appears {count} {times}.")
+        gold = python_answer(f"print('{word}'.count('{letter}'))", f"{count}\n",
+                             f"The letter '{letter}' appears {count} {times}.")
         return user(compose(rng, split, core)), count, gold
 
     def verify(self, item: Item, response) -> float:
@@ -126,7 +132,7 @@ class ReverseWord(Task):
     def make(self, rng, split):
         word = rng.choice(task_words(split))
         core = pick(rng, REVERSE_CORES, split, "reverse").format(w=quote(rng, word))
-        gold = say(f"Spelled out: {spelled(word)}. Backwards: {spelled(word[::-1])}.")
+        gold = python_answer(f"print('{word}'[::-1])", f"{word[::-1]}\n", f"Backwards: {word[::-1]}.")
         return user(compose(rng, split, core)), word[::-1], gold
 
     def verify(self, item: Item, response) -> float:
@@ -151,7 +157,8 @@ class SortNumbers(Task):
         core = pick(rng, SORT_CORES, split, "sort").format(order=rng.choice(adjectives), range=rng.choice(ranges),
                                                            nums=sep.join(map(str, numbers)))
         answer = sorted(numbers, reverse=order == "descending")
-        return user(compose(rng, split, core)), answer, say(", ".join(map(str, answer)))
+        code = f"print(sorted({numbers}{', reverse=True' if order == 'descending' else ''}))"
+        return user(compose(rng, split, core)), answer, python_answer(code, f"{answer}\n", ", ".join(map(str, answer)))
 
     def verify(self, item: Item, response) -> float:
         return float(ints_in(answer_text(response)) == item.reference)
