@@ -131,3 +131,39 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     opt.step()
     s = torch.linalg.svdvals((w.detach() - before) / 0.01)
     assert 0.6 * 2 < float(s.max()) < 1.25 * 2
+
+
+@pytest.mark.slow
+def test_a_minutes_budget_is_planned_into_steps_and_a_resume_keeps_the_plan(tmp_path):
+    """plan_after: the minutes become a step count after the first steps (so pretraining's
+    midtraining and the lr schedule follow steps); the plan is saved, so a run resumed on a
+    slower machine trains the same steps with the same losses instead of planning again."""
+    import time
+
+    def timed(seconds, crash_at=None):
+        def batches(step, micro, ctx):
+            if step == crash_at:
+                raise RuntimeError("simulated crash")
+            time.sleep(seconds)
+            return get_batch(step, micro, ctx)
+        return batches
+
+    cfg = dataclasses.replace(CFG, max_steps=10_000, minutes=3 / 60, plan_after=8, ckpt_every=9)
+    run, summary = run_train(tmp_path, cfg, batches=timed(0.002), name="full")
+    rows = run.read_metrics("pretrain")
+    planned = [r["planned_steps"] for r in rows if "planned_steps" in r]
+    assert len(planned) == 1 and 11 < planned[0] < 10_000 and summary["steps"] == planned[0]
+    last_lr = [r["lr"] for r in rows if "lr" in r][-1]   # the schedule ends where the steps end
+    assert last_lr == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=0.05)
+
+    cfg = dataclasses.replace(CFG, max_steps=10_000, minutes=3 / 60, plan_after=8, ckpt_every=9)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_train(tmp_path, cfg, batches=timed(0.002, crash_at=11), name="crashed")   # checkpoint at step 9
+    crashed = RunDir(tmp_path / "crashed")
+    first = losses(crashed)
+    plan = [r["planned_steps"] for r in crashed.read_metrics("pretrain") if "planned_steps" in r][0]
+    cfg = dataclasses.replace(CFG, max_steps=10_000, minutes=3 / 60, plan_after=8, ckpt_every=9)
+    _, summary = run_train(tmp_path, cfg, resume=True, batches=timed(0.02), name="crashed")   # slower now
+    assert summary["steps"] == plan
+    again = {r["step"]: r["loss"] for r in crashed.read_metrics("pretrain") if "loss" in r and r["step"] > 9}
+    assert again[10] == first[10]   # the same batches and schedule as before the crash

@@ -25,6 +25,23 @@ def test_gold_verifies_and_nonsense_does_not(name):
 
 
 @pytest.mark.parametrize("name", list(TASKS))
+def test_gold_tool_calls_return_what_the_gold_says_they_return(name):
+    """The gold conversations are what the engine will do: each gold call, run by the real tool,
+    returns exactly the tool message that follows it (so training never shows a result the tool
+    would not give)."""
+    from llmforge.infer.tools import run_tool
+    task, runs = get_task(name), 0
+    for item in task.train_items(15) + task.heldout_items(5):
+        for message, after in zip(item.gold, item.gold[1:]):
+            for call in message.get("tool_calls") or []:
+                fn = call["function"]
+                assert run_tool(fn["name"], json.loads(fn["arguments"])) == after["content"], item.gold
+                runs += 1
+    if name in ("addsub", "multiply_tool", "sort_numbers", "reverse_word", "count_letter"):
+        assert runs == 20, name    # these answer through a tool, every time
+
+
+@pytest.mark.parametrize("name", list(TASKS))
 def test_train_and_heldout_are_disjoint_by_seed_and_content(name):
     task = get_task(name)
     train, heldout = task.train_items(300), task.heldout_items(60)
@@ -46,7 +63,9 @@ def test_evaluation_phrasings_and_content_never_occur_in_training():
     from llmforge.tasks import extract, safety, words
     from llmforge.tasks.phrasing import split_pool
     convs = _training_conversations()
-    text = "\n".join(m.get("content") or "" for c in convs for m in c)
+    # every text a model trains on: contents, and the code and expressions inside tool calls
+    text = "\n".join([m.get("content") or "" for c in convs for m in c]
+                     + [call["function"]["arguments"] for c in convs for m in c for call in m.get("tool_calls") or []])
     lowered = text.lower()
     # 1. no held-out request is a training request
     train_requests = {m["content"] for c in convs for m in c if m["role"] == "user"}

@@ -95,7 +95,7 @@ def stream_reply(engine, rid: int, stdout):
             if ev.completion.tool_calls_run > runs_shown:   # a tool ran since the last event
                 _, runs = tool_calls_and_runs(engine.tok, ev.completion.tokens)
                 for run in runs[runs_shown:]:
-                    print(f"\n[{run['name']}({run['arguments']}) -> {run['result']}]\n", end="", file=stdout)
+                    print(f"\n[{run['name']}({run['arguments']}) -> {run['result'].rstrip()}]\n", end="", file=stdout)
                 runs_shown = len(runs)
             print(ev.text_delta, end="", file=stdout, flush=True)
             if ev.finished:

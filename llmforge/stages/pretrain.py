@@ -66,24 +66,28 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
 
     # midtraining: from mid_start on, a share of every batch is conversations (chat format, tasks'
     # train side, spelling drills) with the assistant-only loss, so the base model meets the
-    # format before SFT. Step-based, so resume and DDP stay exact.
-    mid_start = int(tc.max_steps * (1 - tc.mid_fraction)) if tc.mid_fraction > 0 else None
+    # format before SFT. Step-based, so resume and DDP stay exact; under a minutes budget the
+    # loop's plan (pretrain.plan_after) fixes max_steps, and with it mid_start, early on.
+    def mid_start() -> int:
+        return int(tc.max_steps * (1 - tc.mid_fraction))
+
     chat = None
-    if mid_start is not None:
+    if tc.mid_fraction > 0:
         chat = ChatRows(tok, conversations(task_names(cfg.tasks.names), tc.mid_examples_per_task,
                                            tc.mid_spelling_examples, seed=tc.seed, offset=2_000_000,
                                            copying=tc.mid_copy_examples), T)
         if ctx.is_main:
-            print(f"pretrain: midtraining from step {mid_start}: {tc.mid_chat_share:.0%} of rows from "
+            when = f"from step {mid_start()}" if tc.minutes <= 0 else f"for the last {tc.mid_fraction:.0%} of the steps"
+            print(f"pretrain: midtraining {when}: {tc.mid_chat_share:.0%} of rows from "
                   f"{chat.conversations} conversations")
 
     def get_batch(step, micro, ctx):
         # the global batch of this (step, micro) is fixed by the seed; each rank reads its rows
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step * 1_009 + micro)
         rows = slice(ctx.rank * B, (ctx.rank + 1) * B)
-        if mid_start is not None and step >= mid_start:
+        if chat is not None and step >= mid_start():
             return mixed_batch(g, B * ctx.world, rows, T, chat, train_data, 1 - tc.mid_chat_share,
-                               draw=(step - mid_start) * tc.grad_accum + micro, seed=tc.seed)
+                               draw=(step - mid_start()) * tc.grad_accum + micro, seed=tc.seed)
         x, y = train_data.sample_batch(B * ctx.world, T, g, rows=rows)
         return {"input_ids": x, "targets": y}
 

@@ -1,12 +1,20 @@
 """Word tasks: count a letter in a word, reverse a word, sort a short list of numbers; and the
-spelling drills that make the first two learnable.
+spelling drills.
 
-A BPE model sees "banana" as one or two tokens, not six letters, so letter-level questions
-need the spelling written out first (an intermediate step, like showing one's work):
-    "Spelled out: b-a-n-a-n-a. The letter 'a' appears 3 times."
-    "Spelled out: l-e-m-o-n. Backwards: n-o-m-e-l."
-`spelling_drills` teaches the token -> letters map on thousands of words from the corpus
-(pydoc topics), never on the words reserved for evaluation.
+A BPE model sees "mirror" as two or three tokens, not six letters, and a 4-layer model cannot
+sort in its head, so these tasks answer the way a careful person with a computer would: through
+the Python tool (infer/tools.py), then say the result in words.
+    "How many r's are in 'mirror'?"  -> python: print('mirror'.count('r'))  -> 3
+                                     -> "The letter 'r' appears 3 times."
+    "Spell lemon backwards."         -> python: print('lemon'[::-1])  -> nomel  -> "Backwards: nomel."
+    "Sort 9, 2, 7 descending."       -> python: print(sorted([9, 2, 7], reverse=True))  -> "9, 7, 2"
+What is left to the model is recognising the task and copying the word or numbers into the call.
+Measured on one base (README, Results), 500 SFT steps, 100 held-out items per task: the tool
+took reverse 0% -> 18%, sort 1% -> 15% and count 43% -> 51% against answers that spelled the
+word out letter by letter ("Spelled out: m-i-r-r-o-r. ...") and sorted in the answer itself.
+
+`spelling_drills` ("Spell 'lambda'." -> "l-a-m-b-d-a") teach the token -> letters map on words of
+the corpus (pydoc topics), never on the words reserved for evaluation.
 """
 from __future__ import annotations
 

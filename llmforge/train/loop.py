@@ -148,7 +148,7 @@ def load_train_state(ck: Checkpointing, model: torch.nn.Module, optimizer) -> di
     return state
 
 
-def train_state_of(optimizer, step: int, tokens: int, elapsed: float) -> dict:
+def train_state_of(optimizer, step: int, tokens: int, elapsed: float, planned_steps: int | None = None) -> dict:
     """Optimizer moments, schedule position, RNG and loader position (the step: batches are a
     pure function of it) as flat tensors + JSON, for safetensors. optimizer=None: a sharded
     checkpoint, whose optimizer state goes to its shards."""
@@ -156,10 +156,25 @@ def train_state_of(optimizer, step: int, tokens: int, elapsed: float) -> dict:
     for pid, state in (optimizer.state_dict()["state"] if optimizer is not None else {}).items():
         for name, value in state.items():
             tensors[f"opt.{pid}.{name}"] = torch.as_tensor(value).float() if name == "step" else value
-    return {"tensors": tensors, "json": {"step": step, "tokens": tokens, "elapsed": elapsed}}
+    plan = {"planned_steps": planned_steps} if planned_steps else {}
+    return {"tensors": tensors, "json": {"step": step, "tokens": tokens, "elapsed": elapsed, **plan}}
 
 
 # ------------------------------------------------------------------ the loop
+
+def plan_steps(step: int, now: float, since: tuple[int, float], budget_s: float, max_steps: int,
+               ctx: DistContext) -> int:
+    """A minutes budget turned into a step count: the steps that fit what is left of it at the
+    speed of the steps timed so far (from `since` = (step, elapsed) to now), at most max_steps.
+    Every rank takes the smallest plan, so all stop at the same step."""
+    per_step = (now - since[1]) / max(step - since[0], 1)
+    total = min(max_steps, step + max(int((budget_s - now) / max(per_step, 1e-9)), 0))
+    if ctx.enabled:
+        t = torch.tensor([float(total)], device=ctx.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        total = int(t.item())
+    return total
+
 
 def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, ctx: DistContext,
           get_batch: Callable, loss_fn: Callable, ckpt: Checkpointing,
@@ -185,12 +200,14 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     torch.manual_seed(cfg.seed)
 
     step, tokens, prior_elapsed = 0, 0, 0.0
+    planned = None   # the step count fixed by plan_after (a minutes budget turned into steps)
     if resume:
         state = load_train_state(ckpt, raw_model, optimizer)
         if state is None:
             raise UserError(f"--resume: {ckpt.dir} has no train_state to resume from; "
                             "run without --resume to start fresh")
         step, tokens, prior_elapsed = state["step"], state["tokens"], state["elapsed"]
+        planned = state.get("planned_steps")
 
     model = raw_model
     if cfg.compile:
@@ -200,6 +217,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     budget_s = cfg.minutes * 60 if cfg.minutes > 0 else math.inf
+    if planned:                  # resumed after its plan: the same steps, whatever this machine's speed
+        cfg.max_steps, budget_s = planned, math.inf
     flops_per_token = raw_model.flops_per_token(cfg.seq_len) if hasattr(raw_model, "flops_per_token") else \
         raw_model.trunk.flops_per_token(cfg.seq_len)
     peak = measured_peak_flops(device, amp) * ctx.world
@@ -221,11 +240,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
         if sharded_ckpt:  # every rank writes its shards; the whole weights (for the next stage) at the end
             ckpt_io.save_checkpoint(ckpt.dir, raw_model, kind=ckpt.kind, model_cfg=ckpt.model_cfg,
                                     tokenizer=ckpt.tokenizer, meta=meta, sharded_optimizer=optimizer,
-                                    full_weights=final, train_state=train_state_of(None, step, tokens, elapsed()))
+                                    full_weights=final, train_state=train_state_of(None, step, tokens, elapsed(), planned))
         elif ctx.is_main:
             ckpt_io.save_checkpoint(ckpt.dir, raw_model, kind=ckpt.kind, model_cfg=ckpt.model_cfg,
                                     tokenizer=ckpt.tokenizer, meta=meta,
-                                    train_state=train_state_of(optimizer, step, tokens, elapsed()))
+                                    train_state=train_state_of(optimizer, step, tokens, elapsed(), planned))
 
     def evaluate() -> dict:
         if eval_fn is None:
@@ -268,6 +287,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     for _, layer in routed:          # a stage's own forwards before the loop are not this loop's
         layer.records.clear()
     raw_model.train()
+    plan_from = (step, elapsed())   # the plan times the steps after the first few (allocator, caches)
     try:
         while keep_going():
             lr = lr_at(step, progress(), cfg)
@@ -305,6 +325,13 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
             tokens += step_tokens * ctx.world
             window_tokens += step_tokens * ctx.world
             bar.update(1)
+            if step == min(5, cfg.plan_after - 1):
+                plan_from = (step, elapsed())
+            if cfg.plan_after and step == cfg.plan_after and budget_s < math.inf and not planned:
+                planned = plan_steps(step, elapsed(), plan_from, budget_s, cfg.max_steps, ctx)
+                cfg.max_steps, budget_s, bar.total = planned, math.inf, planned
+                if ctx.is_main:
+                    run.log(stage, step=step, planned_steps=planned, elapsed=round(elapsed(), 2))
 
             logging_step = step % cfg.log_every == 0 or step == 1
             if logging_step or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
