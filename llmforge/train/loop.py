@@ -325,7 +325,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
             tokens += step_tokens * ctx.world
             window_tokens += step_tokens * ctx.world
             bar.update(1)
-            if step == min(5, cfg.plan_after - 1):
+            if step == min(10, cfg.plan_after // 2):
                 plan_from = (step, elapsed())
             if cfg.plan_after and step == cfg.plan_after and budget_s < math.inf and not planned:
                 planned = plan_steps(step, elapsed(), plan_from, budget_s, cfg.max_steps, ctx)
