@@ -43,7 +43,9 @@ def test_each_stage_moves_its_metric_the_right_way(speedrun):
     for stage in ("rl_rejection", "rl_ppo"):            # RL logs what reveals reward hacking
         evals = [r for r in speedrun.read_metrics(stage) if "eval_kl" in r]
         assert evals and {"acc_mean", "eval_kl", "eval_length", "eval_entropy"} <= set(evals[-1])
-        assert 0 <= evals[-1]["eval_kl"] < 10
+        # Σ log π - log π_ref over the policy's own samples: unbiased for KL >= 0, but a few dozen
+        # samples of a policy that barely moved can dip below 0 (measured: -0.04 nats)
+        assert -0.2 < evals[-1]["eval_kl"] < 10
     rounds = [r for r in speedrun.read_metrics("rl_rejection") if "round" in r]
     assert rounds and all(r["reward_max"] >= r["reward_median"] for r in rounds)
     rollouts = [r for r in speedrun.read_metrics("rl_ppo") if "rollout" in r]
