@@ -45,7 +45,8 @@ from llmforge.train.checkpoint import load_model, load_run_tokenizer
 from llmforge.train.loop import measured_peak_flops
 from llmforge.train.optim import build_optimizer
 
-COMMON = ["pretrain.max_steps=1000000", "pretrain.mid_fraction=0", "pretrain.eval_every=0",
+# no minutes unless an arm sets them, and those are exact (no plan_after: the schedule stretches to the time)
+COMMON = ["pretrain.max_steps=1000000", "pretrain.minutes=0", "pretrain.plan_after=0", "pretrain.mid_fraction=0", "pretrain.eval_every=0",
           "pretrain.sample_every=0", "pretrain.ckpt_every=0", "pretrain.eval_tasks_per_task=0", "pretrain.log_every=5"]
 MOE = ["model.moe_experts=8", "model.moe_top_k=2"]
 EC = [*MOE, "model.moe_router=expert_choice", "model.moe_capacity_factor=1.0"]

@@ -48,7 +48,7 @@ def run_variant(source: RunDir, name: str, overrides: list[str], minutes: float,
     for folder in ("data", "tokenizer"):
         if not (out.root / folder).exists():
             (out.root / folder).symlink_to((source.root / folder).resolve())
-    cfg = resolve("cpu", overrides=[*overrides, f"pretrain.minutes={minutes}", "pretrain.max_steps=1000000",
+    cfg = resolve("cpu", overrides=[*overrides, f"pretrain.minutes={minutes}", "pretrain.max_steps=1000000", "pretrain.plan_after=0",
                                     "pretrain.mid_fraction=0", "pretrain.eval_every=0", "pretrain.sample_every=0",
                                     "pretrain.ckpt_every=0", "pretrain.eval_tasks_per_task=0"])
     summary = pretrain.run(cfg, out, show_progress=True)

@@ -209,7 +209,7 @@ def point_train_config(cfg: Config, p: dict):
     else:
         steps, minutes = 10 ** 9, p["budget"]
         warmup = tc.warmup_steps
-    return dataclasses.replace(tc, lr=sc.lr or tc.lr, max_steps=steps, max_tokens=0, minutes=minutes,
+    return dataclasses.replace(tc, lr=sc.lr or tc.lr, max_steps=steps, max_tokens=0, minutes=minutes, plan_after=0,
                                warmup_steps=warmup, eval_every=0, sample_every=0, ckpt_every=0,
                                lora_rank=0, log_every=min(tc.log_every, 10))
 
