@@ -145,6 +145,88 @@ def calculate(expression: str) -> str:
     return str(value)
 
 
+# ---------------------------------------------------------------- python fast path
+
+class _NotPure(Exception):
+    pass
+
+
+MAX_PURE_LEN = 1024      # longest string or list a pure expression may hold
+_PURE_FUNCTIONS = {"sorted": sorted, "len": len, "min": min, "max": max, "sum": sum, "abs": abs,
+                   "str": str, "list": list}
+_PURE_STR_METHODS = {"count", "upper", "lower", "strip", "startswith", "endswith", "find", "index", "title"}
+
+
+def _pure(node):
+    """The value of an expression made only of literals, lists/tuples of them, indexing and
+    slicing, a few builtins (sorted(..., reverse=...), len, min, max, sum, abs, str, list) and
+    read-only str methods; anything else raises _NotPure."""
+    if isinstance(node, ast.Constant) and type(node.value) in (str, int, float, bool):
+        if isinstance(node.value, str) and len(node.value) > MAX_PURE_LEN:
+            raise _NotPure
+        if isinstance(node.value, int) and node.value.bit_length() > 64:
+            raise _NotPure
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)) and len(node.elts) <= MAX_PURE_LEN:
+        items = [_pure(e) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        value = _pure(node.operand)
+        if type(value) not in (int, float):
+            raise _NotPure
+        return -value
+    if isinstance(node, ast.Subscript):
+        value = _pure(node.value)
+        if not isinstance(value, (str, list, tuple)):
+            raise _NotPure
+        if isinstance(node.slice, ast.Slice):
+            bounds = [None if b is None else _pure(b) for b in (node.slice.lower, node.slice.upper, node.slice.step)]
+            if any(b is not None and type(b) is not int for b in bounds):
+                raise _NotPure
+            return value[slice(*bounds)]
+        index = _pure(node.slice)
+        if type(index) is not int:
+            raise _NotPure
+        return value[index]
+    if isinstance(node, ast.Call):
+        args = [_pure(a) for a in node.args]
+        kwargs = {k.arg: _pure(k.value) for k in node.keywords}
+        if isinstance(node.func, ast.Name) and node.func.id in _PURE_FUNCTIONS:
+            if kwargs and (node.func.id != "sorted" or set(kwargs) != {"reverse"}
+                           or type(kwargs["reverse"]) is not bool):
+                raise _NotPure
+            return _PURE_FUNCTIONS[node.func.id](*args, **kwargs)
+        if (isinstance(node.func, ast.Attribute) and node.func.attr in _PURE_STR_METHODS and not kwargs
+                and all(isinstance(a, (str, int)) for a in args)):
+            target = _pure(node.func.value)
+            if isinstance(target, str):
+                return getattr(target, node.func.attr)(*args)
+    raise _NotPure
+
+
+def pure_print(code: str) -> str | None:
+    """What the sandbox would print for code that is one `print(EXPR)` of a pure expression
+    (`print(sorted([9, 2, 7]))`, `print('mirror'[::-1])`, `print('mirror'.count('r'))`), computed
+    in-process in microseconds instead of ~130 ms for a sandboxed interpreter; None for any
+    other code, and for an expression that fails (the sandbox then shows the real traceback).
+    Nothing it accepts can reach a name, an attribute other than those str methods, or I/O."""
+    try:
+        tree = ast.parse(code.strip(), mode="exec")
+    except (SyntaxError, ValueError):
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
+        return None
+    call = tree.body[0].value
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "print"
+            and len(call.args) == 1 and not call.keywords):
+        return None
+    try:
+        printed = f"{_pure(call.args[0])}\n"
+    except (_NotPure, TypeError, ValueError, IndexError, RecursionError):
+        return None
+    return printed if len(printed.encode("utf-8")) <= SandboxLimits.output_bytes else None
+
+
 # ---------------------------------------------------------------- python sandbox
 
 @dataclass
@@ -428,9 +510,13 @@ def _call_cgroup(limits: SandboxLimits, isolation: str) -> Cgroup | None:
 
 def run_python(code: str, limits: SandboxLimits | None = None, isolation: str | None = None) -> str:
     """Run `code` in a fresh interpreter inside the sandbox; return its output and fate.
-    `isolation` forces "python-guard" (tests); by default the strongest available is used."""
+    `isolation` forces "python-guard" (tests); by default the strongest available is used.
+    `print(EXPR)` of a pure expression on literals is answered in-process (pure_print)."""
     if not isinstance(code, str) or not code.strip():
         return "error: 'code' must be a non-empty string of Python source"
+    printed = pure_print(code)
+    if printed is not None:
+        return printed
     limits = limits or SandboxLimits()
     isolation = isolation or sandbox_isolation()
     group = _call_cgroup(limits, isolation)
