@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="terminal chat with streaming")
     p.add_argument("model")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
     _inference_args(p)
     p = sub.add_parser("serve", help="OpenAI-compatible API + web chat")
     p.add_argument("model")
@@ -259,7 +261,8 @@ def dispatch(args, extra) -> None:
         generate(args)
     elif verb == "chat":
         from llmforge.serve.chat_cli import chat_cli
-        chat_cli(args.model, inference=_load_for_inference(args), speculate=args.speculate, compile=args.compile)
+        chat_cli(args.model, inference=_load_for_inference(args), speculate=args.speculate, compile=args.compile,
+                 temperature=args.temperature, top_p=args.top_p)
     elif verb == "serve":
         from llmforge.serve.api import serve
         if args.dtype is not None:

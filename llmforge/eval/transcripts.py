@@ -53,7 +53,7 @@ def render_response(response: list[dict]) -> str:
             fn = call.get("function", {})
             parts.append(f"[calls {fn.get('name') or '?'}({fn.get('arguments', '')})]")
         if m["role"] == "tool":
-            parts.append(f"[result: {m.get('content', '')}]")
+            parts.append(f"[result: {(m.get('content') or '').strip()}]")
         elif m.get("content"):
             parts.append(m["content"])
     return " ".join(parts).strip()
