@@ -63,8 +63,8 @@ def test_form_problems_name_what_is_wrong():
 
 
 def test_pairs_from_samples_are_tagged_and_verifier_pairs_are_right():
-    item = next(i for i in _items(40) if not i.safety_relevant and prefs._NUMERIC.search(final_answer(i.gold))
-                and not i.gold[0].get("tool_calls"))
+    # a task that answers through a tool and ends in a number (addsub): the wrong answer keeps the call
+    item = next(i for i in _items(40) if not i.safety_relevant and prefs._NUMERIC.search(final_answer(i.gold)))
     gold = final_answer(item.gold)
     m = list(prefs._NUMBER.finditer(gold))[-1]
     wrong = item.gold[:-1] + _say(gold[:m.start()] + str(int(m[0]) + 1) + gold[m.end():])
