@@ -325,13 +325,14 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
             tokens += step_tokens * ctx.world
             window_tokens += step_tokens * ctx.world
             bar.update(1)
-            if step == min(10, cfg.plan_after // 2):
-                plan_from = (step, elapsed())
-            if cfg.plan_after and step == cfg.plan_after and budget_s < math.inf and not planned:
-                planned = plan_steps(step, elapsed(), plan_from, budget_s, cfg.max_steps, ctx)
-                cfg.max_steps, budget_s, bar.total = planned, math.inf, planned
-                if ctx.is_main:
-                    run.log(stage, step=step, planned_steps=planned, elapsed=round(elapsed(), 2))
+            if cfg.plan_after and budget_s < math.inf and not planned:   # a minutes budget still to plan
+                if step == min(10, cfg.plan_after // 2):
+                    plan_from = (step, elapsed())
+                if step == cfg.plan_after:
+                    planned = plan_steps(step, elapsed(), plan_from, budget_s, cfg.max_steps, ctx)
+                    cfg.max_steps, budget_s, bar.total = planned, math.inf, planned
+                    if ctx.is_main:
+                        run.log(stage, step=step, planned_steps=planned, elapsed=round(elapsed(), 2))
 
             logging_step = step % cfg.log_every == 0 or step == 1
             if logging_step or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
