@@ -200,8 +200,9 @@ class TrainConfig:
     max_tokens: int = 0         # 0 = unbounded
     minutes: float = 0.0        # 0 = unbounded; the lr schedule is stretched to fit the time
     plan_after: int = 0         # > 0 with minutes: after this many steps, fix max_steps to what fits the minutes at
-                                # their speed; the schedule (and midtraining) then follow steps: deterministic
-                                # given the plan, which is saved for resume (pretrain's midtraining needs it)
+                                # their speed, evaluations included (one is timed then); the schedule (and
+                                # midtraining) then follow steps: deterministic given the plan, which is saved
+                                # for resume (pretrain's midtraining needs it)
     dtype: str = "auto"         # auto | bf16 | fp32 (auto: bf16 on CUDA and on CPUs with bf16)
     compile: bool = False
     parallel: str = "ddp"       # ddp (every rank holds the whole model) | fsdp (FSDP2: params, grads, optimizer state sharded)

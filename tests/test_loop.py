@@ -133,6 +133,19 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert 0.6 * 2 < float(s.max()) < 1.25 * 2
 
 
+def test_the_plan_pays_for_the_evaluations_within_the_minutes():
+    """50 steps in 25 s (0.5 s each) of a 480 s budget, 30 s spent: 900 more steps on step time
+    alone; an evaluation of 6 s every 250 steps adds 0.024 s per step and one final evaluation:
+    step + (480 - 30 - 6) / 0.524 = 50 + 847."""
+    from llmforge.train.distributed import DistContext
+    from llmforge.train.loop import plan_steps
+    ctx = DistContext()
+    assert plan_steps(50, 30.0, 0.5, 480.0, 10_000, ctx) == 950
+    assert plan_steps(50, 30.0, 0.5, 480.0, 10_000, ctx, eval_s=6.0, eval_every=250) == 50 + 847
+    assert plan_steps(50, 30.0, 0.5, 480.0, 600, ctx) == 600          # max_steps caps the plan
+    assert plan_steps(50, 500.0, 0.5, 480.0, 10_000, ctx) == 50       # over budget: stop now
+
+
 @pytest.mark.slow
 def test_a_minutes_budget_is_planned_into_steps_and_a_resume_keeps_the_plan(tmp_path):
     """plan_after: the minutes become a step count after the first steps (so pretraining's

@@ -92,6 +92,22 @@ def test_evaluation_phrasings_and_content_never_occur_in_training():
         assert train and heldout and not set(train) & set(heldout), salt
 
 
+def test_json_training_items_ask_to_copy_names_no_list_could_hold():
+    """Half the extraction items a model trains on name a made-up person and place, so what
+    pays is copying the name in the sentence, not recalling one of the few training names; and
+    the gold always writes every name and city exactly as the request does."""
+    from llmforge.tasks import extract
+    items = get_task("extract_json").train_items(600)
+    names = [i.reference["name"] for i in items]
+    made_up = {n for n in names if n.capitalize() not in extract.NAMES}
+    assert 0.35 < sum(n.capitalize() not in extract.NAMES for n in names) / len(names) < 0.65
+    assert len(made_up) > 200
+    for item in items:
+        for key in ("name", "city"):
+            if key in item.reference:
+                assert item.reference[key] in item.prompt[-1]["content"], (key, item.prompt)
+
+
 def test_copy_drills_answer_with_the_string_asked_and_invent_no_task_word():
     from llmforge.tasks.copying import _task_vocabulary, copy_drills
     drills = copy_drills(500, seed=3)

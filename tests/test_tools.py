@@ -149,7 +149,8 @@ def test_sandbox_process_count_is_limited():
 
 PURE = ["print(sorted([9, 2, 7]))", "print(sorted([9, 2, 7], reverse=True))", "print('mirror'[::-1])",
         "print('mirror'.count('r'))", "print(len('abc'))", "print(-3)", "print([1, 2, 3][1:])",
-        "print(max([3, 9, 1]))", "print('Hello'.upper())", "print(sum([1.5, 2]))", "print(('a', 1))"]
+        "print(max([3, 9, 1]))", "print('Hello'.upper())", "print(sum([1.5, 2]))", "print(('a', 1))",
+        "# descending\nprint(sorted([9, 2, 7], reverse=True))"]
 NOT_PURE = ["import os\nprint(os.getcwd())", "print(open('/etc/passwd').read())", "print(().__class__)",
             "print('x'.__class__)", "print(1, 2)", "print(sorted([3, 1], key=len))", "x = 1\nprint(x)",
             "print('ab'[5])", "print(sorted([1, 'a']))", "print(min([]))", "print(__import__('os'))",

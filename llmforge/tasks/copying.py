@@ -37,11 +37,23 @@ def _task_vocabulary() -> frozenset[str]:
     return frozenset(w.lower() for w in (*NAMES, *CITIES, *WORDS))
 
 
-def made_up_word(rng: random.Random) -> str:
+def made_up_word(rng: random.Random, syllables: tuple[int, int] = (1, 4), capital: float = 0.5) -> str:
+    """A pronounceable string no task draws from ("Dovika"), capitalised with probability `capital`."""
     while True:
-        word = "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(1, 4)))
+        word = "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(*syllables)))
         if word not in _task_vocabulary():
-            return word.capitalize() if rng.random() < 0.5 else word
+            return word.capitalize() if rng.random() < capital else word
+
+
+def made_up_name(rng: random.Random) -> str:
+    """A made-up proper name whose first letter is any of A-Z ("Jupeka", "Ovira"): names in a
+    sentence start with a space-glued capital (" J", "u", "pe", "ka") and in a JSON string with a
+    bare one ("J", ...), so copying a name needs that map for every letter, not only for the
+    consonants made_up_word starts with."""
+    while True:
+        name = rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") + made_up_word(rng, (1, 2), capital=0.0)
+        if name.lower() not in _task_vocabulary():
+            return name
 
 
 def _digits(rng: random.Random) -> str:

@@ -1,11 +1,20 @@
-"""Extract fields from a sentence into a JSON object."""
+"""Extract fields from a sentence into a JSON object.
+
+The held-out items name people and cities from the evaluation side of the pools (a dozen
+names). Half the training items use made-up names and places ("Jupeka", "Ovira") instead of
+the training side's ~40: with only those, a small model learns to write one of the names it has
+seen ("Alice" for every person) rather than to copy the one in the sentence, and its held-out
+JSON accuracy flipped between 56% and 0% from one SFT run to the next.
+"""
 from __future__ import annotations
 
 import json
 import re
 
 from llmforge.tasks.base import Item, Task, answer_text, say, user
+from llmforge.tasks.copying import made_up_name
 from llmforge.tasks.phrasing import compose, pick
+from llmforge.tasks.words import WORDS
 
 NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Hugo", "Irene", "Jack",
          "Karen", "Liam", "Maya", "Noah", "Olga", "Paul", "Rosa", "Sam", "Tara", "Victor",
@@ -31,6 +40,24 @@ SENTENCES = [
     ("Happy birthday to {name}, now {age}!", ("name", "age")),
     ("{city} is where {name} studies.", ("name", "city")),
     ("{name} just celebrated turning {age}.", ("name", "age")),
+    # the name after a word for a person: with only the sentences above (the name first or after a
+    # verb) the model copied the word before the name in "My neighbour Julia ..." ("Noeighby")
+    ("My {rel} {name} is {age} and lives in {city}.", ("name", "age", "city")),
+    ("Our {rel} {name}, {age}, comes from {city}.", ("name", "age", "city")),
+    ("I met my {rel} {name} ({age}) in {city}.", ("name", "age", "city")),
+    ("Yesterday my {rel} {name} turned {age} in {city}.", ("name", "age", "city")),
+    ("Say hi to my {rel} {name}: {age} years old, from {city}.", ("name", "age", "city")),
+    ("The {rel} {name} is {age} and works in {city}.", ("name", "city")),
+    ("My {rel} {name} moved to {city}.", ("name", "city")),
+    ("{name} from {city} is {age} years old.", ("name", "age", "city")),
+    ("Meet {name}: {age}, living in {city}.", ("name", "age", "city")),
+    ("Everyone in {city} knows {name}, who is {age}.", ("name", "age", "city")),
+    ("{name} has lived in {city} since turning {age}.", ("name", "age", "city")),
+    ("Name: {name}. Age: {age}. Home: {city}.", ("name", "age", "city")),
+    ("{name} ({city}) just turned {age}.", ("name", "age", "city")),
+    ("At {age} years old, {name} still lives in {city}.", ("name", "city")),
+    ("Our new hire, {name}, is {age} and came from {city}.", ("name", "age", "city")),
+    ("{name}, who grew up in {city}, is now {age}.", ("name", "age")),
 ]
 CORES = [
     "Extract {fields} as JSON: {s}", "Turn this into JSON with the keys {fields}: {s}",
@@ -39,7 +66,18 @@ CORES = [
     "Convert to a JSON record with {fields}: {s}", "Parse {fields} out of this text as JSON: {s}",
     "{s} Please write that as JSON with {fields}.", "Make a JSON object of {fields} from this: {s}",
     "I need the {fields} from \"{s}\" as a JSON object.", "JSON with {fields}, please: {s}",
+    "Write {fields} from this as a JSON object: {s}", "Here is a sentence: {s} Give me its {fields} as JSON.",
+    "Please produce JSON with the fields {fields}. Text: {s}", "Could you encode {fields} from \"{s}\" in JSON?",
+    "Fill a JSON object with {fields} using: {s}", "Output only JSON with {fields}: {s}",
+    "What would \"{s}\" look like as JSON with {fields}?", "Structure this as JSON ({fields}): {s}",
 ]
+
+
+MADE_UP_SHARE = 0.5   # training items whose name and city are made up
+# Words for a person ("my cousin Ravi"), split between training and evaluation like every pool.
+# None is a word the letter tasks use, so none can leak into or from their evaluation.
+RELATIONS = ["friend", "cousin", "colleague", "boss", "sister", "brother", "aunt", "uncle", "classmate",
+             "landlord", "dentist", "coach", "roommate", "grandmother", "tutor", "mentor", "barber", "plumber"]
 
 
 def _fields(fields: tuple[str, ...]) -> str:
@@ -52,10 +90,15 @@ class ExtractJSON(Task):
     def make(self, rng, split):
         values = {"name": pick(rng, NAMES, split, "names"), "age": rng.randint(18, 90),
                   "city": pick(rng, CITIES, split, "cities")}
+        if split == "train" and rng.random() < MADE_UP_SHARE:   # copy, do not recall
+            values["name"], values["city"] = made_up_name(rng), made_up_name(rng)
         sentence, fields = pick(rng, SENTENCES, split, "sentences")
-        record = {f: values[f] for f in fields}
+        sentence = sentence.replace("{rel}", pick(rng, [r for r in RELATIONS if r not in WORDS], split, "relations"))
         core = pick(rng, CORES, split, "extract").format(fields=_fields(fields), s=sentence.format(**values))
-        return user(compose(rng, split, core)), record, say(json.dumps(record))
+        text = compose(rng, split, core)
+        # a casual request lower-cases its first letter, which may be the name's: copy it as written
+        record = {f: values[f] if str(values[f]) in text else values[f][:1].lower() + values[f][1:] for f in fields}
+        return user(text), record, say(json.dumps(record))
 
     def verify(self, item: Item, response) -> float:
         match = re.search(r"\{.*?\}", answer_text(response), re.S)

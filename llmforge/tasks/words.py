@@ -9,12 +9,19 @@ the Python tool (infer/tools.py), then say the result in words.
     "Spell lemon backwards."         -> python: print('lemon'[::-1])  -> nomel  -> "Backwards: nomel."
     "Sort 9, 2, 7 descending."       -> python: print(sorted([9, 2, 7], reverse=True))  -> "9, 7, 2"
 What is left to the model is recognising the task and copying the word or numbers into the call.
+The code opens with a comment that names the task ("# reverse", "# descending"): the choice is
+made first, while the model reads the request, and the flag that follows it (`[::-1]` or
+`.count(`, `reverse=True` or not) then copies a word two tokens back. Without it, "from low to
+high" had to steer `reverse=True` from far away, after the numbers were copied (the 866-step
+run's sort answers were in the wrong order in half of its failures).
 Measured on one base (README, Results), 500 SFT steps, 100 held-out items per task: the tool
 took reverse 0% -> 18%, sort 1% -> 15% and count 43% -> 51% against answers that spelled the
 word out letter by letter ("Spelled out: m-i-r-r-o-r. ...") and sorted in the answer itself.
 
+Half the training items ask about a corpus word (pydoc topics) rather than one of the ~150
+training words, so copying the word, not remembering it, is what the training rewards.
 `spelling_drills` ("Spell 'lambda'." -> "l-a-m-b-d-a") teach the token -> letters map on words of
-the corpus (pydoc topics), never on the words reserved for evaluation.
+the corpus, never on the words reserved for evaluation.
 """
 from __future__ import annotations
 
@@ -55,6 +62,15 @@ COUNT_CORES = [
     "Tell me how many {l} letters {w} has.", "What is the count of {l} in {w}?",
     "How many copies of the letter {l} does {w} have?", "Letter {l} in {w}: how many?",
     "Can you count every {l} in {w}?", "I want to know how many times {l} is in {w}.",
+    "Count the {l} letters in {w}, please.", "{w}: how many {l}?", "How many times is {l} used in {w}?",
+    "Tell me the number of {l} in {w}.", "If you spell {w}, how many {l} do you write?",
+    "What's the number of times {l} appears in {w}?", "Find how many {l} are in the word {w}.",
+    "Check {w} for the letter {l}: how many are there?", "Give me the count of {l} in {w}.",
+    "How many {l} can you find in {w}?", "In {w}, count the {l}.",
+    "Could you tell me how often the letter {l} occurs in {w}?", "Quick count: {l} in {w}?",
+    "Is {l} in {w}? Count them.", "How frequently does {l} appear in the word {w}?",
+    "Please count occurrences of {l} in {w}.", "Work out how many times {w} contains {l}.",
+    "What number of {l} letters appear in {w}?", "Count every {l} you see in {w}.",
 ]
 REVERSE_CORES = [
     "Reverse the word {w}.", "Spell {w} backwards.", "Write {w} in reverse order.",
@@ -62,6 +78,13 @@ REVERSE_CORES = [
     "How do you spell {w} in reverse?", "Flip the word {w} around.", "Give me {w} reversed.",
     "Write the letters of {w} from last to first.", "What does {w} look like backwards?",
     "Turn {w} around, letter by letter.", "Read {w} from right to left.",
+    "Write {w} backwards.", "Please reverse {w}.", "What's {w} in reverse?", "Reverse this word: {w}",
+    "Spell the word {w} from the end to the start.", "Show me {w} written backwards.",
+    "How does {w} read in reverse?", "Could you turn {w} back to front?", "Mirror the letters of {w}.",
+    "{w} backwards, please.", "Give me the reverse of {w}.", "Invert the order of the letters in {w}.",
+    "What do you get if you reverse {w}?", "Reverse {w} for me.", "Write the word {w} right to left.",
+    "Backwards, how is {w} spelled?", "Take {w} and reverse it.", "Can you spell {w} in reverse order?",
+    "Print {w} reversed.", "I need {w} spelled backwards.",
 ]
 SORT_CORES = [
     "Sort in {order} order: {nums}", "Put these numbers in {order} order: {nums}.",
@@ -70,6 +93,14 @@ SORT_CORES = [
     "List {nums} from {range}.", "Rank these numbers from {range}: {nums}.",
     "Please order {nums} ({order}).", "Sort these: {nums}. I want them {order}.",
     "Rearrange {nums} so they go from {range}.", "Put {nums} in order, {range}.",
+    "Sort {nums} in {order} order.", "Put {nums} in {order} order, please.",
+    "Can you order these numbers from {range}? {nums}", "{nums}: sort them, {order}.",
+    "Arrange these from {range}: {nums}.", "I have {nums}. Sort them from {range}.", "Sort {nums} from {range}.",
+    "Give me {nums} sorted in {order} order.", "Line up {nums} from {range}.", "What is {nums} in {order} order?",
+    "Order the numbers {nums}, {order}.", "Reorder {nums} from {range}.", "Sort this list, {order}: {nums}",
+    "Help me sort {nums} from {range}.", "Rank {nums} in {order} order.",
+    "Please sort the numbers {nums} from {range}.", "Could you put {nums} in {order} order?",
+    "Organise {nums} from {range}.", "List these in {order} order: {nums}.", "Sort, {order}: {nums}",
 ]
 ORDER_WORDS = {"ascending": (["ascending", "increasing"], ["smallest to largest", "low to high", "least to greatest"]),
                "descending": (["descending", "decreasing"], ["largest to smallest", "high to low", "greatest to least"])}
@@ -83,6 +114,18 @@ def task_words(split: str) -> list[str]:
     """The letter tasks' words on one side (salt shared by both letter tasks, so a word held
     out for counting is never reversed in training either)."""
     return split_pool(WORDS, split, "words")
+
+
+CORPUS_WORD_SHARE = 0.5   # training items of the letter tasks that take a corpus word instead
+
+
+def letter_task_word(rng, split: str) -> str:
+    """The word a letter task asks about. Half the training items take one of the ~2,800 corpus
+    words instead of the ~150 training words, so the model copies the word it is asked about
+    into its tool call rather than one it remembers (never an evaluation word either way)."""
+    if split == "train" and rng.random() < CORPUS_WORD_SHARE:
+        return rng.choice(corpus_words())
+    return rng.choice(task_words(split))
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,7 +160,7 @@ class CountLetter(Task):
     name = "count_letter"
 
     def make(self, rng, split):
-        word = rng.choice(task_words(split))
+        word = letter_task_word(rng, split)
         # a balanced mix of answers (0, 1, 2+), so that always saying "1" scores poorly
         repeated = sorted({c for c in word if word.count(c) > 1})
         absent = sorted(set(ALPHABET) - set(word))
@@ -126,7 +169,7 @@ class CountLetter(Task):
         count = word.count(letter)
         core = pick(rng, COUNT_CORES, split, "count").format(l=quote(rng, letter), w=quote(rng, word))
         times = "time" if count == 1 else "times"
-        gold = python_answer(f"print('{word}'.count('{letter}'))", f"{count}\n",
+        gold = python_answer(f"# count\nprint('{word}'.count('{letter}'))", f"{count}\n",
                              f"The letter '{letter}' appears {count} {times}.")
         return user(compose(rng, split, core)), count, gold
 
@@ -138,9 +181,9 @@ class ReverseWord(Task):
     name = "reverse_word"
 
     def make(self, rng, split):
-        word = rng.choice(task_words(split))
+        word = letter_task_word(rng, split)
         core = pick(rng, REVERSE_CORES, split, "reverse").format(w=quote(rng, word))
-        gold = python_answer(f"print('{word}'[::-1])", f"{word[::-1]}\n", f"Backwards: {word[::-1]}.")
+        gold = python_answer(f"# reverse\nprint('{word}'[::-1])", f"{word[::-1]}\n", f"Backwards: {word[::-1]}.")
         return user(compose(rng, split, core)), word[::-1], gold
 
     def verify(self, item: Item, response) -> float:
@@ -165,7 +208,7 @@ class SortNumbers(Task):
         core = pick(rng, SORT_CORES, split, "sort").format(order=rng.choice(adjectives), range=rng.choice(ranges),
                                                            nums=sep.join(map(str, numbers)))
         answer = sorted(numbers, reverse=order == "descending")
-        code = f"print(sorted({numbers}{', reverse=True' if order == 'descending' else ''}))"
+        code = f"# {order}\nprint(sorted({numbers}{', reverse=True' if order == 'descending' else ''}))"
         return user(compose(rng, split, core)), answer, python_answer(code, f"{answer}\n", ", ".join(map(str, answer)))
 
     def verify(self, item: Item, response) -> float:
