@@ -41,6 +41,20 @@ def test_gold_tool_calls_return_what_the_gold_says_they_return(name):
         assert runs == 20, name    # these answer through a tool, every time
 
 
+def test_word_task_code_names_the_task_before_the_code_that_depends_on_it():
+    """The choice comes first ("# descending"), and the code after it follows the choice: a
+    sort is reversed exactly when its comment says descending and its answer is descending."""
+    for name, first_lines in [("count_letter", {"# count"}), ("reverse_word", {"# reverse"}),
+                              ("sort_numbers", {"# ascending", "# descending"})]:
+        for item in get_task(name).train_items(40) + get_task(name).heldout_items(20):
+            code = json.loads(item.gold[0]["tool_calls"][0]["function"]["arguments"])["code"]
+            comment, body = code.split("\n", 1)
+            assert comment in first_lines, code
+            if name == "sort_numbers":
+                descending = item.reference == sorted(item.reference, reverse=True)
+                assert ("reverse=True" in body) == descending == (comment == "# descending"), code
+
+
 @pytest.mark.parametrize("name", list(TASKS))
 def test_train_and_heldout_are_disjoint_by_seed_and_content(name):
     task = get_task(name)
