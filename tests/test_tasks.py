@@ -53,6 +53,10 @@ def test_word_task_code_names_the_task_before_the_code_that_depends_on_it():
             if name == "sort_numbers":
                 descending = item.reference == sorted(item.reference, reverse=True)
                 assert ("reverse=True" in body) == descending == (comment == "# descending"), code
+                from llmforge.tasks.words import ORDER_WORDS
+                asked = [w for adjectives, ranges in ORDER_WORDS.values() for w in adjectives + ranges]
+                if not any(w in item.prompt[-1]["content"].lower() for w in asked):   # no order asked
+                    assert comment == "# ascending", item.prompt
 
 
 @pytest.mark.parametrize("name", list(TASKS))

@@ -23,45 +23,65 @@ INTRO = (f"I'm {NAME}, a small AI assistant. I can do arithmetic with a calculat
 GREETINGS = ["Hi!", "Hello!", "Hey there!", "Good morning!", "Hi there.", "Hello, anyone there?", "Hey!",
              "Good evening!", "Howdy!", "Hiya!", "Greetings!", "Hello assistant.", "Hi, how are you?",
              "Hey, what's up?", "Good afternoon.", "Yo, hello!", "Morning!", "Hi hi!", "Hello friend!",
-             "Hey, nice to meet you."]
+             "Hey, nice to meet you.", "Hello there!", "Hi, good to see you.", "Heya!", "Hello, is this thing on?", "Hi, hope you are well.", "Good day!", "Hey hey!", "Hi again.", "Hello, nice to meet you.", "Salutations!"]
 GREETING_REPLIES = ["Hello! How can I help you today?", "Hi! What can I do for you?",
                     "Hey! I'm happy to help. What do you need?"]
 WHO = ["Who are you?", "What are you?", "What's your name?", "Are you a human?", "Tell me about yourself.",
        "Introduce yourself.", "Are you a robot?", "What should I call you?", "Who made you?",
        "What kind of program are you?", "Are you ChatGPT?", "Hi, who is this?", "Who am I talking to?",
-       "Are you a person or a bot?", "Describe yourself in a sentence.", "What is your job?"]
+       "Are you a person or a bot?", "Describe yourself in a sentence.", "What is your job?",
+       "Who am I chatting with?", "What is this assistant?", "Do you have a name?", "Are you an AI?",
+       "Who is answering me?", "What exactly are you?", "Tell me who you are.", "Are you a real person?",
+       "Which assistant is this?", "Say something about yourself."]
 CAN_DO = ["What can you do?", "How can you help me?", "What are you good at?", "What do you know how to do?",
           "What tasks can you handle?", "What are your skills?", "Can you help me with math?",
           "What kinds of questions can you answer?", "What should I ask you?", "Are you useful?",
-          "What can I use you for?", "List what you can do."]
+          "What can I use you for?", "List what you can do.",
+          "What are you able to do?", "How could you help me today?", "What jobs can you do for me?",
+          "What can you help with?", "Which things can you do?", "Tell me what you can do.",
+          "What kind of help do you offer?", "What are you for?", "Show me what you can do.",
+          "What do you do?"]
 # things it cannot do, and the key word its answer must contain
 CANNOT = [("Can you browse the web?", "internet"), ("Can you look things up online?", "internet"),
           ("Can you see pictures?", "text"), ("Can you read images?", "text"),
           ("Can you remember our last chat?", "remember"), ("Do you remember what I told you yesterday?", "remember"),
           ("Can you send an email for me?", "email"), ("Can you email my boss?", "email"),
           ("Can you check today's news?", "internet"), ("What's the weather today?", "internet"),
-          ("Can you play music?", "text"), ("Can you make a phone call?", "text")]
+          ("Can you play music?", "text"), ("Can you make a phone call?", "text"),
+          ("Can you search Google for me?", "internet"), ("Can you open a website?", "internet"),
+          ("Can you look at this photo?", "text"), ("Can you hear me?", "text"),
+          ("Do you recall our previous conversation?", "remember"), ("Will you remember this tomorrow?", "remember"),
+          ("Could you send a message to my friend?", "email"), ("Can you mail this letter for me?", "email")]
 CANNOT_REPLIES = {"internet": "No, I can't access the internet; I only know what I learned in training.",
                   "text": "No, I only read and write text.",
                   "remember": "No, I don't remember earlier chats; each conversation starts fresh.",
                   "email": "No, I can't send email, but I can help you write one."}
 THANKS = ["Thanks!", "Thank you!", "Thanks a lot.", "Great, thank you.", "Cheers!", "Thanks, that helped.",
           "Awesome, thanks!", "Perfect, thank you so much.", "Much appreciated.", "Thank you kindly.",
-          "Nice, thanks!", "That's great, thanks."]
+          "Nice, thanks!", "That's great, thanks.",
+          "Thank you so much!", "Thanks, you're great.", "Ok thanks.", "Thanks for the help!", "Many thanks!",
+          "Cool, thank you.", "Thanks, perfect.", "Appreciate it, thanks!"]
 THANKS_REPLIES = ["You're welcome! Anything else?", "You're welcome!", "Glad I could help!"]
 BYES = ["Bye!", "Goodbye.", "See you later!", "That's all, bye.", "Good night!", "Talk to you later.",
-        "I'm done, goodbye!", "Catch you later.", "Have a nice day!", "Bye for now."]
+        "I'm done, goodbye!", "Catch you later.", "Have a nice day!", "Bye for now.",
+        "See ya!", "Goodbye for today.", "I have to go now, bye.", "Later!", "That is all for now, goodbye.",
+        "Take care, bye!", "Signing off, bye.", "So long!"]
 BYE_REPLIES = ["Goodbye! Have a great day.", "Bye! Come back any time.", "See you! Take care."]
 VAGUE = ["Can you help me with something?", "I have a question.", "Sort these numbers.", "Reverse this word.",
          "Count the letters.", "I need help.", "Do the thing.", "Make it JSON.", "Can you calculate something?",
          "What is it?", "Help me with my homework.", "Fix this.", "Add them up.", "Translate it.",
-         "Can you explain it?", "Check this for me."]
+         "Can you explain it?", "Check this for me.",
+         "Can you do that thing?", "Help!", "Sort them.", "Calculate it.", "What about this one?",
+         "Can you do it again?", "I need an answer.", "Tell me."]
 VAGUE_REPLIES = ["Sure! What would you like me to do? Please give me the details.",
                  "Of course. Which one do you mean? Please share the details."]
 FOLLOWUPS = ["Now add {c} to that.", "And if you add {c} more?", "What if I add {c}?", "Plus {c}?",
              "Add {c} to the result.", "OK, and that plus {c}?", "Now increase it by {c}.",
              "Then add another {c}.", "Great. Add {c} to it.", "What do I get with {c} more?",
-             "Take that and add {c}.", "And after adding {c}?"]
+             "Take that and add {c}.", "And after adding {c}?",
+             "Add {c} to that number.", "Now plus {c}?", "What is that plus {c}?", "Increase that by {c}.",
+             "And with {c} added?", "Add another {c}, please.", "Then plus {c}.", "Now add {c} more.",
+             "What if you add {c} to it?", "Could you add {c} to the answer?"]
 
 KINDS = ("greeting", "who", "can_do", "cannot", "thanks", "bye", "vague", "followup")
 

@@ -101,6 +101,9 @@ SORT_CORES = [
     "Help me sort {nums} from {range}.", "Rank {nums} in {order} order.",
     "Please sort the numbers {nums} from {range}.", "Could you put {nums} in {order} order?",
     "Organise {nums} from {range}.", "List these in {order} order: {nums}.", "Sort, {order}: {nums}",
+    # no order asked: ascending, as `sorted` and people do by default
+    "Sort these numbers: {nums}", "Can you sort {nums}?", "Put {nums} in order.", "Sort {nums}.",
+    "Please sort this list: {nums}", "Could you order these numbers: {nums}?",
 ]
 ORDER_WORDS = {"ascending": (["ascending", "increasing"], ["smallest to largest", "low to high", "least to greatest"]),
                "descending": (["descending", "decreasing"], ["largest to smallest", "high to low", "greatest to least"])}
@@ -202,11 +205,11 @@ class SortNumbers(Task):
             # the set of numbers is on one side: no held-out list is ever sorted in training
             if len(set(numbers)) == len(numbers) and side(tuple(sorted(numbers)), "sort") == split:
                 break
-        order = rng.choice(["ascending", "descending"])
+        core = pick(rng, SORT_CORES, split, "sort")
+        order = rng.choice(["ascending", "descending"]) if "{order}" in core or "{range}" in core else "ascending"
         adjectives, ranges = ORDER_WORDS[order]
         sep = rng.choice([", ", ", ", " ", "; "])
-        core = pick(rng, SORT_CORES, split, "sort").format(order=rng.choice(adjectives), range=rng.choice(ranges),
-                                                           nums=sep.join(map(str, numbers)))
+        core = core.format(order=rng.choice(adjectives), range=rng.choice(ranges), nums=sep.join(map(str, numbers)))
         answer = sorted(numbers, reverse=order == "descending")
         code = f"# {order}\nprint(sorted({numbers}{', reverse=True' if order == 'descending' else ''}))"
         return user(compose(rng, split, core)), answer, python_answer(code, f"{answer}\n", ", ".join(map(str, answer)))
