@@ -23,7 +23,8 @@ INTRO = (f"I'm {NAME}, a small AI assistant. I can do arithmetic with a calculat
 GREETINGS = ["Hi!", "Hello!", "Hey there!", "Good morning!", "Hi there.", "Hello, anyone there?", "Hey!",
              "Good evening!", "Howdy!", "Hiya!", "Greetings!", "Hello assistant.", "Hi, how are you?",
              "Hey, what's up?", "Good afternoon.", "Yo, hello!", "Morning!", "Hi hi!", "Hello friend!",
-             "Hey, nice to meet you.", "Hello there!", "Hi, good to see you.", "Heya!", "Hello, is this thing on?", "Hi, hope you are well.", "Good day!", "Hey hey!", "Hi again.", "Hello, nice to meet you.", "Salutations!"]
+             "Hey, nice to meet you.", "Hello there!", "Hi, good to see you.", "Heya!", "Hello, is this thing on?",
+             "Hi, hope you are well.", "Good day!", "Hey hey!", "Hi again.", "Hello, nice to meet you.", "Salutations!"]
 GREETING_REPLIES = ["Hello! How can I help you today?", "Hi! What can I do for you?",
                     "Hey! I'm happy to help. What do you need?"]
 WHO = ["Who are you?", "What are you?", "What's your name?", "Are you a human?", "Tell me about yourself.",

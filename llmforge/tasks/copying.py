@@ -46,7 +46,7 @@ def made_up_word(rng: random.Random, syllables: tuple[int, int] = (1, 4), capita
 
 
 def made_up_name(rng: random.Random) -> str:
-    """A made-up proper name whose first letter is any of A-Z ("Jupeka", "Ovira"): names in a
+    """A made-up proper name whose first letter is any of A-Z ("Osove", "Ynugi", "Hkamu"): names in a
     sentence start with a space-glued capital (" J", "u", "pe", "ka") and in a JSON string with a
     bare one ("J", ...), so copying a name needs that map for every letter, not only for the
     consonants made_up_word starts with."""

@@ -1,7 +1,7 @@
 """Extract fields from a sentence into a JSON object.
 
 The held-out items name people and cities from the evaluation side of the pools (a dozen
-names). Half the training items use made-up names and places ("Jupeka", "Ovira") instead of
+names). Half the training items use made-up names and places ("Osove", "Ynugi") instead of
 the training side's ~40: with only those, a small model learns to write one of the names it has
 seen ("Alice" for every person) rather than to copy the one in the sentence, and its held-out
 JSON accuracy flipped between 56% and 0% from one SFT run to the next.
