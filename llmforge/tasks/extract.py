@@ -76,8 +76,9 @@ CORES = [
 MADE_UP_SHARE = 0.5   # training items whose name and city are made up
 # Words for a person ("my cousin Ravi"), split between training and evaluation like every pool.
 # None is a word the letter tasks use, so none can leak into or from their evaluation.
-RELATIONS = ["friend", "cousin", "colleague", "boss", "sister", "brother", "aunt", "uncle", "classmate",
-             "landlord", "dentist", "coach", "roommate", "grandmother", "tutor", "mentor", "barber", "plumber"]
+RELATIONS = [r for r in ["friend", "cousin", "colleague", "boss", "sister", "brother", "aunt", "uncle", "classmate",
+                          "landlord", "dentist", "coach", "roommate", "grandmother", "tutor", "mentor", "barber",
+                          "plumber"] if r not in WORDS]
 
 
 def _fields(fields: tuple[str, ...]) -> str:
@@ -93,7 +94,7 @@ class ExtractJSON(Task):
         if split == "train" and rng.random() < MADE_UP_SHARE:   # copy, do not recall
             values["name"], values["city"] = made_up_name(rng), made_up_name(rng)
         sentence, fields = pick(rng, SENTENCES, split, "sentences")
-        sentence = sentence.replace("{rel}", pick(rng, [r for r in RELATIONS if r not in WORDS], split, "relations"))
+        sentence = sentence.replace("{rel}", pick(rng, RELATIONS, split, "relations"))
         core = pick(rng, CORES, split, "extract").format(fields=_fields(fields), s=sentence.format(**values))
         text = compose(rng, split, core)
         # a casual request lower-cases its first letter, which may be the name's: copy it as written

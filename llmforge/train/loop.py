@@ -285,6 +285,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=stage, unit="step", dynamic_ncols=True,
                disable=not (show_progress and ctx.is_main))
     last_eval: dict = {}
+    evaluated_at = None   # the step the last evaluation ran at (one per step at most)
     window_t, window_tokens = time.perf_counter(), 0
     routed = moe_layers(raw_model)   # MoE layers: their router losses join the loss, their stats the log
     for _, layer in routed:          # a stage's own forwards before the loop are not this loop's
@@ -336,7 +337,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
                     eval_s = 0.0
                     if eval_fn and cfg.eval_every:   # time one evaluation: the plan pays for them too
                         eval_s = -elapsed()
-                        last_eval = evaluate()
+                        last_eval, evaluated_at = evaluate(), step
                         eval_s += elapsed()
                     planned = plan_steps(step, elapsed(), per_step, budget_s, cfg.max_steps, ctx,
                                          eval_s=eval_s, eval_every=cfg.eval_every)
@@ -368,8 +369,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
                 # time budgets move the finish line: show the projected number of steps
                 if budget_s < math.inf and progress() > 0:
                     bar.total = max(step, int(step / progress()))
-            if eval_fn and cfg.eval_every and step % cfg.eval_every == 0:
-                last_eval = evaluate()
+            if eval_fn and cfg.eval_every and step % cfg.eval_every == 0 and evaluated_at != step:
+                last_eval, evaluated_at = evaluate(), step
             if sample_fn and cfg.sample_every and step % cfg.sample_every == 0:
                 raw_model.eval()
                 with torch.no_grad(), autocast(device, amp), gathered(raw_model):
@@ -382,7 +383,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
         bar.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-    if eval_fn and (not cfg.eval_every or step % cfg.eval_every):
+    if eval_fn and evaluated_at != step and (not cfg.eval_every or step % cfg.eval_every):
         last_eval = evaluate()
     save(final=True, complete=stop["signal"] is None)
     if lora and ctx.is_main:  # the small file: adapters alone, with the hash of their base
