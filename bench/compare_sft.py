@@ -5,7 +5,7 @@ first with the paired bootstrap over prompts (stratified by task), in one run.
     python bench/compare_sft.py runs/a+runs/a_seed2 runs/b+runs/b_seed2   # seeds pooled per arm
 
 For comparing recipes across runs (the eval stage compares the checkpoints of one run). Greedy,
-zero-shot, the evaluation-side phrasings and content (tasks/phrasing.py), 64 new tokens, as
+zero-shot, the evaluation-side phrasings and content (tasks/phrasing.py), 96 new tokens, as
 `llmforge eval`. The README's smeared-keys and SFT-steps rows come from this script.
 
 Training seeds move SFT accuracy by a few points (two seeds of one recipe on one base: 26.8%
@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from llmforge.config import TasksConfig
 from llmforge.eval import stats
 from llmforge.eval import tasks as task_eval
 from llmforge.run import RunDir
@@ -33,6 +34,8 @@ def main() -> None:
                                             "the first is the reference")
     ap.add_argument("--per-task", type=int, default=100, help="held-out items per task")
     ap.add_argument("--folder", default="sft", help="checkpoint folder under each run's ckpt/")
+    ap.add_argument("--max-tokens", type=int, default=TasksConfig.max_new_tokens,
+                    help="longest answer sampled (tool calls count, their results do not)")
     args = ap.parse_args()
     names = task_names("")
     items = task_eval.heldout(names, args.per_task)
@@ -44,7 +47,8 @@ def main() -> None:
         for seed_run in path.split("+"):
             run = RunDir(seed_run)
             model, _, _ = load_model(run.ckpt(args.folder))
-            rows = task_eval.sample(model.eval(), load_run_tokenizer(run), items, n=1, temperature=0.0, max_tokens=64)
+            rows = task_eval.sample(model.eval(), load_run_tokenizer(run), items, n=1, temperature=0.0,
+                                       max_tokens=args.max_tokens)
             per_run.append([float(row[0].reward >= 1.0) for row in rows])
         scores[path] = [sum(col) / len(col) for col in zip(*per_run)]
         lo, hi = stats.bootstrap_interval(scores[path], strata)

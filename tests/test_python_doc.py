@@ -66,7 +66,7 @@ def test_every_kind_appears_and_gold_is_short(train, heldout):
     for item in train + heldout:
         json.dumps(item.reference)
         render_text(item.conversation)
-        assert len(item.gold[0]["content"]) <= 160
+        assert len(item.gold[-1]["content"]) <= 160
 
 
 def test_heldout_functions_never_appear_in_training(train, heldout):
@@ -76,7 +76,8 @@ def test_heldout_functions_never_appear_in_training(train, heldout):
     seen_eval = {f"{i.reference['module']}.{i.reference['name']}" for i in heldout}
     assert seen_train <= train_fns and seen_eval <= eval_fns
     assert len(seen_eval) >= 100 and len(seen_train) >= 300
-    texts = [m["content"] for i in train for m in i.prompt + i.gold]
+    texts = [m["content"] for i in train for m in i.prompt + i.gold] + \
+        [c["function"]["arguments"] for i in train for m in i.gold for c in m.get("tool_calls") or []]
     blob = "\n".join(texts)
     leaked = [q for q in eval_fns if pd.mentions(blob, q)]
     assert not leaked
@@ -112,6 +113,17 @@ def _cores(text):
     return [text] + [text[len(o) + 1:] for o in OPENERS if text.lower().startswith(o.lower() + " ")]
 
 
+def test_lookups_print_in_the_real_sandbox_what_the_gold_says(heldout):
+    """The gold's tool result is what the Python tool really prints for its code, so a model
+    that writes the lookup reads the answer it was trained to copy."""
+    from llmforge.infer.tools import run_python
+    looked_up = [i for i in heldout if i.reference["kind"] != "module"]
+    assert {i.reference["kind"] for i in looked_up} == {"signature", "doc", "usage"}
+    for item in looked_up[:12]:
+        code = json.loads(item.gold[0]["tool_calls"][0]["function"]["arguments"])["code"]
+        assert run_python(code) == item.gold[1]["content"], code
+
+
 def test_heldout_items_are_many_and_distinct():
     items = TASK.heldout_items(150)
     assert len(items) == 150 and len({i.content_hash for i in items}) == 150
@@ -137,7 +149,7 @@ def _item(kind, qualname):
     f = next(f for f in pd.functions() if f.qualname == qualname)
     reference = {"kind": kind, "module": f.module, "name": f.name, "params": [list(p) for p in f.params],
                  "doc": f.doc}
-    return Item("python_doc", 0, [], reference, say(pd.gold_answer(kind, f)))
+    return Item("python_doc", 0, [], reference, pd.gold_answer(kind, f))
 
 
 def test_module_verifier():
@@ -158,7 +170,7 @@ def test_module_verifier():
 
 def test_signature_verifier():
     item = _item("signature", "textwrap.indent")
-    assert item.gold[0]["content"] == "textwrap.indent(text, prefix, predicate=None)"
+    assert item.gold[-1]["content"] == "textwrap.indent(text, prefix, predicate=None)"
     assert TASK.verify(item, say("indent( text,prefix , predicate )")) == 1.0    # defaults, spaces free
     assert TASK.verify(item, say("It is textwrap.indent(text, prefix, predicate=...).")) == 1.0
     assert TASK.verify(item, say("textwrap.indent(text, prefix)")) == 0.0       # a parameter missing
@@ -180,7 +192,7 @@ def test_doc_verifier_uses_content_word_f1():
 
 def test_usage_verifier_binds_the_call_to_the_signature():
     item = _item("usage", "textwrap.indent")
-    assert item.gold[0]["content"] == "import textwrap\ntextwrap.indent(text, prefix)"
+    assert item.gold[-1]["content"] == "import textwrap\ntextwrap.indent(text, prefix)"
     assert TASK.verify(item, say("```python\nfrom textwrap import indent\nprint(indent(s, '> '))\n```")) == 1.0
     assert TASK.verify(item, say("Like this: textwrap.indent(s, prefix='  ', predicate=None)")) == 1.0
     assert TASK.verify(item, say("textwrap.indent(s)")) == 0.0                   # required argument missing

@@ -96,9 +96,9 @@ def test_evaluation_phrasings_and_content_never_occur_in_training():
         assert not re.search(rf"(?<![a-z]-){words.spelled(w)}(?!-[a-z])", lowered), w
     for name in split_pool(extract.NAMES, "eval", "names") + split_pool(extract.CITIES, "eval", "cities"):
         assert not re.search(rf"\b{name}\b", text), name
-    for request in split_pool(safety.HARMFUL, "eval", "harmful"):
-        assert request not in text, request
-    for request, _, _ in split_pool(safety.BENIGN, "eval", "benign"):
+    harmful, benign = safety.requests("eval")
+    assert len(harmful) > 50 and len(benign) > 50
+    for request in harmful + benign:       # whole requests, and (act, person) pairs
         assert request not in text, request
     # 3. phrasing pools are split: no evaluation template or wrapper is a training one
     from llmforge.tasks import arithmetic, phrasing

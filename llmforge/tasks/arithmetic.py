@@ -33,6 +33,20 @@ ADDSUB_CORES = [
     ("What is {a} take away {b}?", "-"), ("Take {b} away from {a}. What remains?", "-"),
     ("A train has {a} seats and {b} are taken. How many are free?", "-"),
     ("What is {b} less than {a}?", "-"), ("Reduce {a} by {b}.", "-"),
+    ("Could you do {a} {op} {b}?", "+-"), ("Quick maths: {a} {op} {b}", "+-"), ("I need {a} {opw} {b}.", "+-"),
+    ("Result of {a} {op} {b}?", "+-"), ("Do the sum {a} {op} {b}.", "+-"), ("Please calculate {a} {op} {b}.", "+-"),
+    ("{a} {opw} {b} is what?", "+-"), ("What number is {a} {opw} {b}?", "+-"), ("Give me {a} {op} {b}.", "+-"),
+    ("What is {a} and {b} added together?", "+"), ("Find the total of {a} and {b}.", "+"),
+    ("What's the total when you add {a} and {b}?", "+"), ("Increase {a} by {b}.", "+"),
+    ("What is {b} more than {a}?", "+"), ("I scored {a} points and then {b} more. What is my score?", "+"),
+    ("Please add up {a} and {b}.", "+"), ("Give me the sum of {a} and {b}.", "+"),
+    ("There are {a} cats and {b} dogs. How many animals are there altogether?", "+"),
+    ("Combine {a} and {b}. What is the total?", "+"), ("A shelf has {a} books and I add {b}. How many now?", "+"),
+    ("Take {b} from {a}.", "-"), ("How much is left if I take {b} from {a}?", "-"), ("Decrease {a} by {b}.", "-"),
+    ("I had {a} stickers and gave away {b}. How many do I have now?", "-"),
+    ("What do you get when you subtract {b} from {a}?", "-"), ("Lower {a} by {b}.", "-"),
+    ("A shop had {a} eggs and sold {b}. How many are left?", "-"), ("What remains of {a} after removing {b}?", "-"),
+    ("Please subtract {b} from {a}.", "-"), ("{a} take away {b}?", "-"),
 ]
 MULTIPLY_CORES = [
     "Use the calculator: what is {a} * {b}?", "Multiply {a} by {b}.", "What is {a} times {b}?",
@@ -42,6 +56,11 @@ MULTIPLY_CORES = [
     "A crate holds {b} bottles. How many bottles are in {a} crates?",
     "Each of {a} boxes has {b} items. How many items in all?", "Find the product of {a} and {b}.",
     "Tell me what {a} times {b} is.", "What is {a} multiplied by {b}?", "Evaluate {a}*{b}.",
+    "Times {a} by {b}.", "What do you get if you multiply {a} by {b}?", "{a} groups of {b}: how many in total?",
+    "Each seat costs {b} dollars. How much do {a} seats cost?", "Calculate the product of {a} and {b}.",
+    "Please multiply {a} and {b}.", "How many is {a} lots of {b}?", "{a} by {b} is what?",
+    "A field has {a} rows of {b} trees. How many trees are there?", "I have {a} packs of {b} cards. How many cards?",
+    "Multiply these: {a} and {b}.", "What's {a} multiplied with {b}?", "Give me {a} * {b}.", "Product of {a} and {b}?",
 ]
 
 

@@ -155,3 +155,8 @@ def tool_answer(name: str, arguments: dict, result: str, final: str) -> list[dic
         {"role": "tool", "content": result},
         {"role": "assistant", "content": final},
     ]
+
+
+def python_answer(code: str, printed: str, final: str) -> list[dict]:
+    """Gold through the Python tool: the code, what it prints, then the answer in words."""
+    return tool_answer("python", {"code": code}, printed, final)

@@ -9,21 +9,30 @@ signature, names sorted, only the docstring's first sentence kept, so the table 
 on any CPython 3.11+ (as far as the modules' own docstrings and signatures are). `os.path` is
 read from `posixpath` on every platform.
 
-Four kinds of question, each with its own verifier (reference = the source's own facts):
+Four kinds of question, each with its own verifier (reference = the source's own facts). A
+model this small cannot hold the standard library in its weights, so three kinds are answered
+the way a person at a Python prompt would: look it up with the Python tool (`lookup`), then
+answer with what it printed. Held-out functions are ones the model never saw asked about.
 
     module     "Which module is `dedent` in?"          -> "`dedent` is in the `textwrap` module."
-               1 if the right module is named and no other module of the table is.
-               Asked only of names that exactly one module of the table defines.
-    signature  "What arguments does textwrap.dedent take?" -> "textwrap.dedent(text)"
+               From memory (a search would import every module). 1 if the right module is
+               named and no other module of the table is. Asked only of names that exactly one
+               module of the table defines.
+    signature  "What arguments does textwrap.dedent take?"
+               -> python: import inspect, textwrap / print(inspect.signature(textwrap.dedent))
+               -> "(text)" -> "textwrap.dedent(text)"
                1 if the first parenthesised parameter list in the answer (after the function's
                name, if it is there) has exactly the source's parameter names, in order.
-               Defaults and whitespace are not graded.
-    doc        "What does textwrap.dedent do?"         -> the docstring's first sentence (<= 20 words)
-               1 if the token F1 against that sentence is >= DOC_F1 (0.5), after normalising:
-               lower case, words only, a short list of stop words removed (so "the" and
-               "return" earn nothing). An exact copy scores 1; another function's sentence
-               almost never does (tests/test_python_doc.py measures it).
-    usage      "How do I call textwrap.dedent?"        -> "import textwrap\\ntextwrap.dedent(text)"
+               Defaults and whitespace are not graded. Asked of functions whose printed
+               signature is short and has no object addresses in it.
+    doc        "What does textwrap.dedent do?"
+               -> python: print(inspect.getdoc(textwrap.dedent).splitlines()[0]) -> that line
+               1 if the token F1 against the docstring's first sentence (<= 20 words) is >=
+               DOC_F1 (0.5), after normalising: lower case, words only, a short list of stop
+               words removed (so "the" and "return" earn nothing). An exact copy scores 1;
+               another function's sentence almost never does (tests/test_python_doc.py).
+    usage      "How do I call textwrap.dedent?"        -> the signature looked up as above, then
+               "import textwrap\ntextwrap.dedent(text)" (the required arguments only)
                1 if the answer contains a Python call of the function (by its qualified name,
                or its bare name after `from module import name`) whose arguments bind to the
                source's signature (inspect.Signature.bind): required ones present, no unknown
@@ -45,7 +54,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from llmforge.tasks.base import Item, Task, answer_text, say, user
+from llmforge.tasks.base import Item, Task, answer_text, python_answer, say, user
 from llmforge.tasks.phrasing import compose, pick, quote, split_pool
 
 # Pure-Python standard-library modules read for the table (label as users import it).
@@ -213,6 +222,10 @@ CORES = {
         "Which stdlib module has a function called {n}?", "Tell me which module {n} belongs to.",
         "I want to call {n}. Which module is it from?", "{n}: which module?",
         "Which Python module contains the function {n}?", "What's the module for {n}?",
+        "Which module should I import for {n}?", "Where is {n} defined?", "{n} comes from which module?",
+        "Which library module has {n}?", "Who provides {n} in the standard library?", "Module of {n}?",
+        "What's the import for {n}?", "Which part of the stdlib is {n} in?", "Where can I import {n} from?",
+        "Which module do I need for {n}?",
     ],
     "signature": [
         "What arguments does {f} take?", "What is the signature of {f}?", "What parameters does {f} accept?",
@@ -221,6 +234,10 @@ CORES = {
         "What does the parameter list of {f} look like?", "Give me the parameters of {f}, in order.",
         "{f} takes which arguments?", "What are the parameter names of {f}?",
         "Signature of {f}?", "Remind me of the arguments {f} expects.",
+        "What goes in the parentheses when calling {f}?", "Arguments of {f}?", "How many parameters does {f} have, and what are they?",
+        "What inputs does {f} take?", "Parameters of {f}, please.", "Spell out the signature of {f}.",
+        "What can I pass into {f}?", "Which parameters does {f} define?", "Print the signature of {f}.",
+        "Tell me the arguments of {f}.",
     ],
     "doc": [
         "What does {f} do?", "Explain {f} in one sentence.", "What is {f} for?", "Describe what {f} does.",
@@ -228,6 +245,9 @@ CORES = {
         "Tell me what {f} does.", "In a sentence, what does {f} do?", "What is the job of the function {f}?",
         "Give me a one-line description of {f}.", "I found {f} in some code. What does it do?",
         "What does the docstring of {f} say?", "Explain the function {f}.",
+        "What is {f} used for?", "Can you explain what {f} does?", "Describe {f} briefly.",
+        "What does calling {f} do?", "Summarise {f} for me.", "What's {f} good for?", "Tell me about {f}.",
+        "What does the function {f} do, in short?", "Quick summary of {f}?", "I don't know {f}. What does it do?",
     ],
     "usage": [
         "How do I call {f}?", "Show me how to use {f}.", "Give me a short example that calls {f}.",
@@ -235,6 +255,10 @@ CORES = {
         "Can you show an example call of {f}?", "What's the usage of {f}?", "Show a minimal call to {f}.",
         "Example of {f}, please.", "Write a snippet using {f}.", "How is {f} called?", "Demonstrate {f}.",
         "Show me code that uses {f}.", "I need to use {f}. What does the call look like?",
+        "Give me an example of calling {f}.", "How do I use {f}?", "Write a call to {f}.",
+        "Show a typical call of {f}.", "What does a call to {f} look like?", "Code example for {f}?",
+        "How would I invoke {f}?", "Sample usage of {f}, please.", "Call {f} in one line of code.",
+        "Show me {f} in action.",
     ],
 }
 
@@ -249,14 +273,41 @@ def usage_line(f: Function) -> str:
     return f"import {f.module}\n{f.qualname}({', '.join(args)})"
 
 
-def gold_answer(kind: str, f: Function) -> str:
-    if kind == "module":
-        return f"`{f.name}` is in the `{f.module}` module."
-    if kind == "signature":
-        return f.signature
+def _object(f: Function):
+    return getattr(importlib.import_module(IMPORT_AS.get(f.module, f.module)), f.name)
+
+
+def lookup(kind: str, f: Function) -> tuple[str, str] | None:
+    """(code, what it prints): the Python tool call that reads the answer from the interpreter
+    itself, for the kinds it can (signature, doc, usage); None for "module", which would mean
+    importing every module to search them."""
+    imports = "inspect" if f.module == "inspect" else f"inspect, {f.module}"
+    if kind in ("signature", "usage"):
+        return (f"# {kind}\nimport {imports}\nprint(inspect.signature({f.qualname}))",
+                f"{inspect.signature(_object(f))}\n")
     if kind == "doc":
-        return f.doc
-    return usage_line(f)
+        return (f"# doc\nimport {imports}\nprint(inspect.getdoc({f.qualname}).splitlines()[0])",
+                f"{inspect.getdoc(_object(f)).splitlines()[0]}\n")
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _plainly_printed() -> frozenset:
+    """Qualified names whose printed signature is short and the same in every process (no
+    object reprs with addresses): the ones signature and usage questions are asked about."""
+    return frozenset(f.qualname for f in functions()
+                     if len(printed := str(inspect.signature(_object(f)))) <= MAX_SIGNATURE_CHARS
+                     and " at 0x" not in printed)
+
+
+def gold_answer(kind: str, f: Function) -> list[dict]:
+    """Module questions are answered from memory; the others look the answer up with the
+    Python tool and answer with what it printed (a usage line keeps the required arguments)."""
+    if kind == "module":
+        return say(f"`{f.name}` is in the `{f.module}` module.")
+    code, printed = lookup(kind, f)
+    final = {"signature": f"{f.qualname}{printed.strip()}", "doc": printed.strip(), "usage": usage_line(f)}[kind]
+    return python_answer(code, printed, final)
 
 
 class PythonDoc(Task):
@@ -267,12 +318,14 @@ class PythonDoc(Task):
         candidates = pool(split)
         if kind == "module":
             candidates = [f for f in candidates if f.name in _unique_names()]
+        elif kind in ("signature", "usage"):
+            candidates = [f for f in candidates if f.qualname in _plainly_printed()]
         f = rng.choice(candidates)
         template = pick(rng, CORES[kind], split, salt=f"python_doc:{kind}")
         core = template.format(n=quote(rng, f.name), f=quote(rng, f.qualname))
         reference = {"kind": kind, "module": f.module, "name": f.name, "params": [list(p) for p in f.params],
                      "doc": f.doc}
-        return user(compose(rng, split, core)), reference, say(gold_answer(kind, f))
+        return user(compose(rng, split, core)), reference, gold_answer(kind, f)
 
     def verify(self, item: Item, response) -> float:
         ref, text = item.reference, answer_text(response)

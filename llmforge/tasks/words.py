@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import re
 
-from llmforge.tasks.base import Item, Task, answer_text, ints_in, last_int, say, tool_answer, user
+from llmforge.tasks.base import Item, Task, answer_text, ints_in, last_int, python_answer, say, user
 from llmforge.tasks.phrasing import compose, pick, quote, side, split_pool
 
 WORDS = sorted(set("""apple banana cherry orange lemon mango grape melon peach plum pear berry
@@ -152,11 +152,6 @@ def spelling_drills(n: int, seed: int = 0) -> list[list[dict]]:
     asks = ["Spell {w}.", "How do you spell {w}?", "Spell out {w} letter by letter.", "Letters of {w}?"]
     return [user(rng.choice(asks).format(w=quote(rng, w))) + say(spelled(w))
             for w in (rng.choice(words) for _ in range(n))]
-
-
-def python_answer(code: str, printed: str, final: str) -> list[dict]:
-    """Gold through the Python tool: the code, what it prints, then the answer in words."""
-    return tool_answer("python", {"code": code}, printed, final)
 
 
 class CountLetter(Task):
