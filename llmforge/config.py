@@ -176,8 +176,8 @@ class TokenizerConfig:
 class TasksConfig:
     """The verifiable tasks every alignment stage trains and evaluates on (llmforge/tasks)."""
     names: str = ""                 # comma-separated task names; "" = all
-    max_new_tokens: int = 96        # longest answer sampled for a task prompt (SFT eval, RM pairs, RL, eval); a
-                                    # looked-up Python answer (tool code, then the answer) takes 65-80
+    max_new_tokens: int = 128       # ceiling on each task's own answer budget (Task.max_new_tokens): the longest
+                                    # answer sampled for a task prompt (SFT eval, RM pairs, RL, eval)
 
 
 @dataclass

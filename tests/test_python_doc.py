@@ -114,14 +114,14 @@ def _cores(text):
 
 
 def test_lookups_print_in_the_real_sandbox_what_the_gold_says(heldout):
-    """The gold's tool result is what the Python tool really prints for its code, so a model
-    that writes the lookup reads the answer it was trained to copy."""
+    """The gold's tool result is what the Python tool really prints for its code, in-process
+    and in the sandbox, so a model that writes the look-up reads the answer it was trained to copy."""
     from llmforge.infer.tools import run_python
     looked_up = [i for i in heldout if i.reference["kind"] != "module"]
     assert {i.reference["kind"] for i in looked_up} == {"signature", "doc", "usage"}
     for item in looked_up[:12]:
         code = json.loads(item.gold[0]["tool_calls"][0]["function"]["arguments"])["code"]
-        assert run_python(code) == item.gold[1]["content"], code
+        assert run_python(code) == run_python(code + "\npass") == item.gold[1]["content"], code   # fast path, sandbox
 
 
 def test_heldout_items_are_many_and_distinct():

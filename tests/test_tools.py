@@ -157,6 +157,34 @@ NOT_PURE = ["import os\nprint(os.getcwd())", "print(open('/etc/passwd').read())"
             "print(' ' * 10 ** 9)", "print(list(range(10 ** 9)))", "print(9 ** 9 ** 9)"]
 
 
+LOOKUPS = ["# signature\nimport inspect, textwrap\nprint(inspect.signature(textwrap.dedent))",
+           "# doc\nimport inspect, os.path\nprint(inspect.getdoc(os.path.join).splitlines()[0])",
+           "import inspect\nprint(inspect.signature(inspect.getmro))",
+           "import inspect, json\nprint(inspect.getdoc(json.dumps))"]
+NOT_LOOKUPS = ["import inspect, os\nprint(inspect.signature(os.system))",             # os itself is not listed
+               "import inspect, textwrap\nprint(inspect.signature(textwrap._wrap))",   # private
+               "import inspect\nprint(inspect.signature(textwrap.dedent))",            # not imported
+               "import inspect, textwrap\nprint(inspect.signature(textwrap.nope))",    # fails: real traceback
+               "import inspect, textwrap\nprint(inspect.signature(textwrap.dedent).splitlines()[0])",
+               "import inspect, textwrap\nprint(textwrap.dedent('  x'))",              # a call of the function
+               "import inspect, textwrap\nprint(inspect.signature(textwrap.dedent))\nimport os"]
+
+
+@pytest.mark.parametrize("code", LOOKUPS)
+def test_doc_lookup_answers_exactly_what_the_sandbox_prints(code):
+    """python_doc's look-ups are answered in-process (~µs instead of a ~150 ms interpreter):
+    an optimisation only, the same text."""
+    from llmforge.infer.tools import doc_lookup
+    fast = doc_lookup(code)
+    assert fast is not None and fast == run_python(code + "\npass")
+
+
+@pytest.mark.parametrize("code", NOT_LOOKUPS)
+def test_doc_lookup_leaves_everything_else_to_the_sandbox(code):
+    from llmforge.infer.tools import doc_lookup
+    assert doc_lookup(code) is None
+
+
 @pytest.mark.parametrize("code", PURE)
 def test_pure_print_answers_exactly_what_the_sandbox_prints(code):
     """The in-process fast path (~µs instead of ~130 ms) is an optimisation only: same text."""

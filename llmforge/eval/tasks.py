@@ -61,7 +61,8 @@ def sample(model, tok, items: list[Item], *, n: int = 1, temperature: float = 1.
             room = engine.max_len - len(ids) - 1
         for j in range(n):
             prompts.append(ids)
-            params.append(SamplingParams(max_tokens=min(max_tokens, room), temperature=temperature,
+            budget = min(max_tokens, get_task(item.task).max_new_tokens, room)
+            params.append(SamplingParams(max_tokens=budget, temperature=temperature,
                                          seed=seed * 1_000_003 + i * 1009 + j, stop_token_ids=stops,
                                          execute_tools=True))
     completions = engine.generate(prompts, params)

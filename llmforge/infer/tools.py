@@ -38,10 +38,13 @@ from __future__ import annotations
 import ast
 import atexit
 import functools
+import importlib
+import inspect
 import json
 import math
 import operator
 import os
+import re
 import resource
 import select
 import shutil
@@ -223,6 +226,48 @@ def pure_print(code: str) -> str | None:
     try:
         printed = f"{_pure(call.args[0])}\n"
     except (_NotPure, TypeError, ValueError, IndexError, RecursionError):
+        return None
+    return printed if len(printed.encode("utf-8")) <= SandboxLimits.output_bytes else None
+
+
+# ---------------------------------------------------------------- documentation look-up fast path
+
+# Pure-Python standard-library modules whose import has no side effect beyond defining the
+# module: the ones an in-process look-up may import, and the ones the python_doc task asks about.
+INSPECTABLE_MODULES = tuple("""abc ast base64 bz2 calendar code codeop codecs collections compileall
+concurrent.futures contextlib copy copyreg dataclasses difflib dis doctest email email.header email.iterators
+email.utils enum filecmp fileinput fnmatch functools getopt getpass glob gzip heapq hmac html imaplib importlib
+importlib.util inspect ipaddress json linecache logging lzma mimetypes os.path pickletools pkgutil platform
+plistlib pprint py_compile quopri random re reprlib runpy secrets shlex shutil smtplib socket statistics string
+subprocess symtable sysconfig tabnanny tarfile tempfile textwrap threading timeit tokenize tomllib traceback
+types typing unittest.mock urllib.parse urllib.request uuid warnings wsgiref.util xml.dom.minidom
+xml.etree.ElementTree xml.sax.saxutils zipapp zipfile zoneinfo""".split())
+_LOOKUP = re.compile(r"(?:# [a-z]+\n)?import inspect(?:, ([A-Za-z_][\w.]*))?\n"
+                     r"print\(inspect\.(signature|getdoc)\(([A-Za-z_][\w.]*)\.([A-Za-z]\w*)\)(\.splitlines\(\)\[0\])?\)")
+
+
+def doc_lookup(code: str) -> str | None:
+    """What the sandbox would print for a documentation look-up of a public function of an
+    INSPECTABLE_MODULES module, computed in-process (the python_doc task's answers):
+
+        # signature\nimport inspect, textwrap\nprint(inspect.signature(textwrap.dedent))
+        # doc\nimport inspect, textwrap\nprint(inspect.getdoc(textwrap.dedent).splitlines()[0])
+
+    Nothing else is accepted: no other statement, module, or private name; no call of the
+    function itself. None where the look-up would fail, so the sandbox shows the traceback."""
+    m = _LOOKUP.fullmatch(code.strip())
+    if m is None:
+        return None
+    imported, what, module, name, first_line = m.groups()
+    if module not in INSPECTABLE_MODULES or module != (imported or "inspect") or (what == "signature" and first_line):
+        return None
+    try:
+        obj = getattr(importlib.import_module(module), name)
+        value = inspect.signature(obj) if what == "signature" else inspect.getdoc(obj)
+        if value is None:
+            return None
+        printed = f"{value.splitlines()[0] if first_line else value}\n"
+    except (AttributeError, ImportError, TypeError, ValueError, IndexError):
         return None
     return printed if len(printed.encode("utf-8")) <= SandboxLimits.output_bytes else None
 
@@ -511,10 +556,13 @@ def _call_cgroup(limits: SandboxLimits, isolation: str) -> Cgroup | None:
 def run_python(code: str, limits: SandboxLimits | None = None, isolation: str | None = None) -> str:
     """Run `code` in a fresh interpreter inside the sandbox; return its output and fate.
     `isolation` forces "python-guard" (tests); by default the strongest available is used.
-    `print(EXPR)` of a pure expression on literals is answered in-process (pure_print)."""
+    `print(EXPR)` of a pure expression on literals, and a documentation look-up of a stdlib
+    function, are answered in-process (pure_print, doc_lookup)."""
     if not isinstance(code, str) or not code.strip():
         return "error: 'code' must be a non-empty string of Python source"
     printed = pure_print(code)
+    if printed is None:
+        printed = doc_lookup(code)
     if printed is not None:
         return printed
     limits = limits or SandboxLimits()

@@ -53,6 +53,7 @@ class Task:
     and verify(item, response) -> reward in [0, 1]."""
 
     name = "task"
+    max_new_tokens = 64     # answer budget: tool calls count, tool results do not; the gold's longest is well inside
 
     def make(self, rng: random.Random, split: str):
         raise NotImplementedError
