@@ -176,7 +176,7 @@ class TokenizerConfig:
 class TasksConfig:
     """The verifiable tasks every alignment stage trains and evaluates on (llmforge/tasks)."""
     names: str = ""                 # comma-separated task names; "" = all
-    max_new_tokens: int = 128       # ceiling on each task's own answer budget (Task.max_new_tokens): the longest
+    max_new_tokens: int = 96        # ceiling on each task's own answer budget (Task.max_new_tokens): the longest
                                     # answer sampled for a task prompt (SFT eval, RM pairs, RL, eval)
 
 

@@ -98,7 +98,7 @@ def _first_question(rng, split) -> tuple[list[dict], int]:
 
 class Chat(Task):
     name = "chat"
-    max_new_tokens = 80     # the capabilities answer is the longest, ~64 tokens
+    max_new_tokens = 72     # the capabilities answer is the longest, ~64 tokens
 
     def make(self, rng, split):
         kind = rng.choice(KINDS)

@@ -307,7 +307,7 @@ def gold_answer(kind: str, f: Function) -> list[dict]:
 
 class PythonDoc(Task):
     name = "python_doc"
-    max_new_tokens = 112    # a looked-up answer: the tool code, then what it printed (up to ~92 tokens)
+    max_new_tokens = 96     # a looked-up answer: the tool code, then what it printed (up to ~92 tokens)
 
     def make(self, rng: random.Random, split: str):
         kind = rng.choice(KINDS)
