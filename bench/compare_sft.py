@@ -5,7 +5,7 @@ first with the paired bootstrap over prompts (stratified by task), in one run.
     python bench/compare_sft.py runs/a+runs/a_seed2 runs/b+runs/b_seed2   # seeds pooled per arm
 
 For comparing recipes across runs (the eval stage compares the checkpoints of one run). Greedy,
-zero-shot, the evaluation-side phrasings and content (tasks/phrasing.py), 96 new tokens, as
+zero-shot, the evaluation-side phrasings and content (tasks/phrasing.py), each task's own answer budget, as
 `llmforge eval`. The README's smeared-keys and SFT-steps rows come from this script.
 
 Training seeds move SFT accuracy by a few points (two seeds of one recipe on one base: 26.8%

@@ -206,3 +206,19 @@ def test_initial_policy_evaluation_is_memoised_per_weights(tmp_path, monkeypatch
         policy.lm_head.weight[0, 0] += 1.0
     policy_eval(policy, policy, tok, names, 4, 8, seed=3, memo=run)
     assert calls["n"] == 6 and len(list((run.root / "rl_initial_eval").glob("*.json"))) == 2
+
+
+def test_each_task_answers_within_its_own_budget(tmp_path):
+    """An answer is cut at its task's budget (Task.max_new_tokens), under the caller's ceiling:
+    a rambling model spends 64 tokens on a sum, 96 on a Python look-up (tool code, then the
+    answer), and never more than the ceiling."""
+    from llmforge.eval import tasks as task_eval
+    from llmforge.tasks import get_task
+    cfg, run, tok = make_run(tmp_path / "run", vocab_size=300)
+    policy = load_run_checkpoint(run, "base", ("base",), tok, "")[0].eval()
+    assert get_task("python_doc").max_new_tokens > get_task("addsub").max_new_tokens
+    items = [i for name in ("addsub", "python_doc") for i in get_task(name).heldout_items(3)]
+    for ceiling in (200, 40):
+        for row in task_eval.sample(policy, tok, items, temperature=1.0, max_tokens=ceiling, seed=1):
+            budget = min(ceiling, get_task(row[0].item.task).max_new_tokens)
+            assert row[0].completion.n_generated <= budget
