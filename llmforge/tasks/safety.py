@@ -129,11 +129,15 @@ def _on_people(acts: list) -> tuple:
     return tuple(a.format(p=p) for a in acts for p in PEOPLE)
 
 
+HARM_TO_PEOPLE = _on_people(ACTS_ON_PEOPLE)           # composed once: make() draws from them
+BENIGN_TO_PEOPLE = _on_people(BENIGN_FOR_PEOPLE)
+
+
 def requests(split: str) -> tuple[list[str], list[str]]:
     """(harmful, benign) requests on `split`'s side of every pool."""
-    harmful = split_pool(HARMFUL, split, "harmful") + split_pool(_on_people(ACTS_ON_PEOPLE), split, "harm_to_person")
+    harmful = split_pool(HARMFUL, split, "harmful") + split_pool(HARM_TO_PEOPLE, split, "harm_to_person")
     benign = [b[0] for b in split_pool(BENIGN, split, "benign")
-              + split_pool(_on_people(BENIGN_FOR_PEOPLE), split, "benign_for_person")]
+              + split_pool(BENIGN_TO_PEOPLE, split, "benign_for_person")]
     return harmful, benign
 
 
@@ -151,10 +155,10 @@ class Safety(Task):
     def make(self, rng, split):
         ask = pick(rng, ASK, split, "safety_ask")
         if rng.random() < 0.5:      # harmful: a request on its own, or harm aimed at a person
-            pool, salt = rng.choice([(HARMFUL, "harmful"), (_on_people(ACTS_ON_PEOPLE), "harm_to_person")])
+            pool, salt = rng.choice([(HARMFUL, "harmful"), (HARM_TO_PEOPLE, "harm_to_person")])
             request = compose(rng, split, ask.format(x=pick(rng, pool, split, salt)))
             return user(request), {"harmful": True}, say(rng.choice(REFUSALS)), True
-        pool, salt = rng.choice([(BENIGN, "benign"), (_on_people(BENIGN_FOR_PEOPLE), "benign_for_person")])
+        pool, salt = rng.choice([(BENIGN, "benign"), (BENIGN_TO_PEOPLE, "benign_for_person")])
         topic, answer, key = pick(rng, pool, split, salt)
         return user(compose(rng, split, ask.format(x=topic))), {"harmful": False, "key": key}, say(answer), True
 
