@@ -242,7 +242,7 @@ class SFTConfig(TrainConfig):
     examples_per_task: int = 2000   # train conversations generated per task
     spelling_examples: int = 3000   # "Spell 'word'." drills on corpus words (never the eval words)
     copy_examples: int = 0          # "Repeat exactly: 55278" drills on random strings (tasks/copying.py)
-    text_share: float = 0.2         # share of each batch's rows that are pretraining text (no forgetting)
+    text_share: float = 0.2         # share of rows that are pretraining text (no forgetting), exact over the run
     eval_per_task: int = 50         # held-out items per task for verified accuracy
     user_data: str = ""             # JSONL conversations in the `messages` format
     packing: bool = True
@@ -412,6 +412,11 @@ def _cpu(c: Config) -> None:
       "477*74" for 358 + 47); with whole-number tokens the SFT model copies the last operand
       ("What is 12 + 85?" -> "42+85") after 600 steps, the first not yet;
     - copying is learned by SFT optimizer steps, so SFT runs at batch 8 (2x the steps/minute);
+    - on a machine that fits ~1,490 SFT steps in the 4 minutes, 4,000 examples per task instead of
+      2,000 (each conversation seen ~0.7 times, not ~1.4) took held-out accuracy 62.1% -> 65.4%
+      (+3.3 [+0.4, +6.4], 900 items; 8,000: +1.0 [-1.8, +4.2]), and 18% text rows instead of one
+      row in 8 kept bits/byte after SFT within 1.15x of the base model's (1.43 -> 1.35) at -0.4
+      [-3.4, +2.6] points (25%: 1.29, but -3.6 [-6.8, -0.4]);
     - 4 x 192 trains at ~5.2k tok/s in fp32 here, 4 x 256 at ~3.3k: the wider model would see
       40% fewer tokens and steps in the same minutes."""
     c.model = ModelConfig(vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=192, max_seq_len=256)
@@ -423,8 +428,8 @@ def _cpu(c: Config) -> None:
                                 mid_fraction=0.3, mid_chat_share=0.5, eval_tasks_per_task=10)
     # alignment stages: wall-clock budgets (train.minutes) so the speedrun fits 20 minutes
     c.sft = SFTConfig(batch_size=8, seq_len=256, lr=2e-3, optimizer="muon", muon_lr=0.02, warmup_steps=20,
-                      max_steps=5000, minutes=4.0, eval_every=0, ckpt_every=0, examples_per_task=2000,
-                      eval_per_task=30, text_share=0.15, copy_examples=3000)
+                      max_steps=5000, minutes=4.0, eval_every=0, ckpt_every=0, examples_per_task=4000,
+                      eval_per_task=30, text_share=0.18, copy_examples=3000)
     c.rm = RMConfig(batch_size=16, lr=5e-4, warmup_steps=10, max_steps=300, minutes=0.4, eval_every=0,
                     ckpt_every=0, prompts_per_task=24, samples_per_prompt=4, heldout_per_task=15,
                     safety_prompts=96, safety_heldout=100)

@@ -138,6 +138,29 @@ def test_chat_rows_are_drawn_without_replacement_and_reproducibly():
     assert chat_data.epoch_order(size, 0, size, seed=6).tolist() != stream[:size].tolist()
 
 
+def test_text_share_holds_over_batches_and_chat_rows_follow_on():
+    class Text:   # every text row is all -1, so it is told apart from chat rows
+        def sample_batch(self, n, seq_len, g):
+            return torch.full((n, seq_len), -1), torch.full((n, seq_len), -1)
+
+    class Chat:
+        ids = torch.arange(40)[:, None].expand(40, 5).clone()
+        masks = torch.ones(40, 5)
+
+        def __len__(self):
+            return 40
+
+    def batch(draw, share):
+        return chat_data.mixed_batch(torch.Generator(), 8, slice(0, 8), 4, Chat(), Text(), share, draw=draw, seed=3)
+
+    for share, text_rows in ((0.15, 12), (0.2, 16), (0.25, 20)):   # 80 rows; per-batch rounding gave 8, 16, 16
+        batches = [batch(d, share)["input_ids"] for d in range(10)]
+        assert sum(int((b[:, 0] == -1).sum()) for b in batches) == text_rows
+        chat_rows = torch.cat([b[b[:, 0] != -1, 0] for b in batches])
+        assert sorted(chat_rows[:40].tolist()) == list(range(40))   # the first epoch: every row once
+        assert chat_rows.tolist() == chat_data.epoch_order(40, 0, 80 - text_rows, seed=3).tolist()   # no gap
+
+
 def test_rollout_batch_keeps_only_sampled_tokens_as_actions():
     from llmforge.eval.tasks import Sample
     from llmforge.infer.engine import Completion

@@ -10,6 +10,7 @@ micro) so resume is exact and DDP ranks read their own rows of one global batch.
 """
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -94,21 +95,28 @@ def epoch_order(size: int, start: int, n: int, seed: int) -> torch.Tensor:
     return out
 
 
+def text_rows(draws: int, n_rows: int, share: float) -> int:
+    """Text rows in the first `draws` batches of n_rows: floor(draws * n_rows * share), so the
+    share holds over the run exactly, not rounded per batch (0.15 of 8 rows was 1 row, 12.5%,
+    and 0.2 was 2 rows, 25%: the knob moved in steps of 1/8)."""
+    return math.floor(draws * n_rows * share + 1e-9)
+
+
 def mixed_batch(g: torch.Generator, n_rows: int, rows: slice, seq_len: int, chat: ChatRows | None,
                 text=None, text_share: float = 0.0, *, draw: int, seed: int) -> dict:
-    """Global batch number `draw` of n_rows: the first round(text_share * n_rows) are random text
-    windows from the `text` shards (every token trained, drawn with `g`), the rest the next chat
-    rows in `epoch_order` (assistant tokens trained); this rank keeps `rows` of it. Every
-    rank builds the whole batch, so ranks stay in step."""
-    n_text = round(text_share * n_rows) if text is not None else 0
-    if chat is None:
-        n_text = n_rows
+    """Global batch number `draw` of n_rows: the first text_rows(...) are random text windows
+    from the `text` shards (every token trained, drawn with `g`), the rest the next chat rows in
+    `epoch_order` (assistant tokens trained); this rank keeps `rows` of it. Every rank builds
+    the whole batch, so ranks stay in step."""
+    share = 1.0 if chat is None else text_share if text is not None else 0.0
+    n_text = text_rows(draw + 1, n_rows, share) - text_rows(draw, n_rows, share)
     parts_x, parts_y, parts_m = [], [], []
     if n_text:
         x, y = text.sample_batch(n_text, seq_len, g)
         parts_x.append(x), parts_y.append(y), parts_m.append(torch.ones_like(y, dtype=torch.float))
     if n_rows - n_text:
-        pick = epoch_order(len(chat), draw * (n_rows - n_text), n_rows - n_text, seed)
+        chat_before = draw * n_rows - text_rows(draw, n_rows, share)   # chat rows the earlier batches took
+        pick = epoch_order(len(chat), chat_before, n_rows - n_text, seed)
         r, m = chat.ids[pick], chat.masks[pick]
         parts_x.append(r[:, :-1]), parts_y.append(r[:, 1:]), parts_m.append(m[:, 1:])
     x, y, m = torch.cat(parts_x)[rows], torch.cat(parts_y)[rows], torch.cat(parts_m)[rows]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 
-from llmforge.tasks.arithmetic import calculator_answer
+from llmforge.tasks.arithmetic import AddSub, calculator_answer
 from llmforge.tasks.base import Item, Task, answer_text, last_int, say, user
-from llmforge.tasks.phrasing import pick, side
+from llmforge.tasks.phrasing import pick
 from llmforge.tasks.safety import is_refusal
 
 NAME = "llmforge"
@@ -88,12 +88,12 @@ KINDS = ("greeting", "who", "can_do", "cannot", "thanks", "bye", "vague", "follo
 
 
 def _first_question(rng, split) -> tuple[list[dict], int]:
-    """A solved earlier turn for follow-ups: 'What is a + b?' answered through the calculator."""
-    while True:
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        if side((a, b), "chat_followup") == split:
-            break
-    return user(f"What is {a} + {b}?") + calculator_answer(f"{a}+{b}", a + b), a + b
+    """A solved earlier turn for thanks and follow-ups: an add/sub question of the same split,
+    asked any of its ways and answered through the calculator. (With only "What is a + b?" the
+    model added to the question's second number, not to the answer, when asked "What is 127
+    plus 58?" and then "Now add 10 to that".)"""
+    prompt, value, gold = AddSub().make(rng, split)
+    return prompt + gold, value
 
 
 class Chat(Task):
