@@ -139,3 +139,15 @@ def test_bad_flywheel_input_is_one_clear_line(tmp_path, capsys):
         flywheel.run(micro("flywheel.adversarial_share=1.5"), run)
     with pytest.raises(UserError, match="flywheel.turns=0 must be 1 or more"):
         flywheel.run(micro("flywheel.turns=0"), run)
+
+
+def test_users_ask_only_what_the_store_can_keep_whole():
+    """The store keeps an answer's final text, not its tool calls: users get no tool-using items."""
+    fc = micro().flywheel
+    convs = flywheel.round_items(fc, ["count_letter", "chat", "python_doc"], 0)
+    items = [item for conv in convs for item in conv]
+    assert items and all(flywheel.plain_text(item) for item in items)
+    assert {item.task for item in items} == {"chat", "python_doc"}   # counting always calls Python
+    assert not flywheel.plain_text(get_task("count_letter").train_items(1)[0])
+    with pytest.raises(UserError, match="through a tool"):
+        flywheel.round_items(fc, ["count_letter", "sort_numbers"], 0)

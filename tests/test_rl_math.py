@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from llmforge.stages.rl.objectives import (AdaptiveKL, FixedKL, best_of_n, bradley_terry_loss, dpo_loss, gae,
-                                           grpo_advantages, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss,
+from llmforge.stages.rl.objectives import (AdaptiveKL, FixedKL, best_of_n, bradley_terry_loss, chosen_nll, dpo_loss,
+                                           gae, grpo_advantages, kl_penalized_rewards, ppo_policy_loss, ppo_value_loss,
                                            token_entropy, whiten)
 
 
@@ -115,6 +115,12 @@ def test_dpo_loss_closed_form():
     assert torch.allclose(rejected_reward, torch.tensor([-0.5, 0.25]))
     # at the reference policy the loss is log 2
     assert dpo_loss(rc, rr, rc, rr, beta=0.1)[0].item() == pytest.approx(math.log(2))
+
+
+def test_chosen_nll_is_per_token_and_averaged_over_pairs():
+    # two chosen answers: summed log-probs -6 over 3 tokens and -2 over 4 -> NLL 2.0 and 0.5 per token
+    assert chosen_nll(torch.tensor([-6.0, -2.0]), torch.tensor([3.0, 4.0])).item() == pytest.approx(1.25)
+    assert chosen_nll(torch.tensor([0.0]), torch.tensor([0.0])).item() == 0.0   # an empty answer adds nothing
 
 
 def test_grpo_advantages_normalize_within_each_group():

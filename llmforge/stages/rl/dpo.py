@@ -19,7 +19,7 @@ from llmforge.stages import prefs
 from llmforge.stages.common import lm_batch
 from llmforge.stages.rl import common
 from llmforge.stages.rl.evaluate import policy_eval
-from llmforge.stages.rl.objectives import dpo_loss
+from llmforge.stages.rl.objectives import chosen_nll, dpo_loss
 from llmforge.tasks import task_names
 from llmforge.tokenizer.chat import render
 from llmforge.train.loop import Checkpointing, train
@@ -32,6 +32,7 @@ STAGE = "rl_dpo"
 class DPOConfig:
     """[dpo]: DPO's own knobs; the loop's (lr, batch_size, grad_accum, max_steps, ...) are in [rl]."""
     beta: float = 0.1               # β: strength of the implicit KL to the reference (DPO eq. 7)
+    nll_coef: float = 0.0           # α of RPO's NLL term on the chosen answers (0 = plain DPO; see chosen_nll)
 
 
 CONFIG = DPOConfig
@@ -71,8 +72,10 @@ def run(cfg: Config, run: RunDir, show_progress: bool = True, resume: bool = Fal
         chosen, rejected = common.sequence_logprob(model, batch).chunk(2)
         loss, r_chosen, r_rejected = dpo_loss(chosen, rejected, batch["ref_logp"][:, 0], batch["ref_logp"][:, 1],
                                               dc.beta)
-        return loss, {"reward_acc": (r_chosen > r_rejected).float().mean(),
-                      "reward_margin": (r_chosen - r_rejected).mean().detach()}
+        nll = chosen_nll(chosen, batch["loss_mask"].chunk(2)[0].sum(1))
+        return loss + dc.nll_coef * nll, {"dpo_loss": loss.detach(), "chosen_nll": nll.detach(),
+                                          "reward_acc": (r_chosen > r_rejected).float().mean(),
+                                          "reward_margin": (r_chosen - r_rejected).mean().detach()}
 
     def eval_fn(model):
         return policy_eval(model, ref, tok, names, rc.eval_per_task, cfg.tasks.max_new_tokens, rc.seed)

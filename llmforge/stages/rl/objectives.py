@@ -121,6 +121,14 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     return loss, chosen_reward.detach(), rejected_reward.detach()
 
 
+def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Mean per-token negative log-likelihood of the chosen responses: the term RPO adds to DPO
+    (Pang et al. 2024, eq. 3: L = L_DPO + α · -log π(y_w|x) / |y_w|). DPO alone only widens the
+    margin, and may do so by lowering the chosen answer's probability as well as the rejected
+    one's; the NLL term keeps the chosen answer likely."""
+    return (-policy_chosen / chosen_tokens.clamp(min=1)).mean()
+
+
 # ---------------------------------------------------------------- GRPO (Shao et al. 2024, DeepSeekMath)
 
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
