@@ -60,6 +60,7 @@ def test_send_edit_rate_regenerate_reaches_the_database(site, page):
     # the stream finishes when the rating buttons become enabled (they need the generation id)
     page.wait_for_selector("[data-testid=msg-assistant] [data-testid=thumbs-up]:not([disabled])")
     assert page.inner_text("[data-testid=msg-user] [data-testid=content]") == "Hello, who are you?"
+    page.wait_for_selector("[data-testid=conversations] li")   # the sidebar reloads on its own, after the stream
     assert page.locator("[data-testid=conversations] li").count() == 1
 
     page.click("[data-testid=edit]")
