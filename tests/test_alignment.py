@@ -153,7 +153,7 @@ def test_text_share_holds_over_batches_and_chat_rows_follow_on():
     def batch(draw, share):
         return chat_data.mixed_batch(torch.Generator(), 8, slice(0, 8), 4, Chat(), Text(), share, draw=draw, seed=3)
 
-    for share, text_rows in ((0.15, 12), (0.2, 16), (0.25, 20)):   # 80 rows; per-batch rounding gave 8, 16, 16
+    for share, text_rows in ((0.15, 12), (0.2, 16), (0.25, 20)):   # of 80 rows; per-batch rounding gave 10, 20, 20
         batches = [batch(d, share)["input_ids"] for d in range(10)]
         assert sum(int((b[:, 0] == -1).sum()) for b in batches) == text_rows
         chat_rows = torch.cat([b[b[:, 0] != -1, 0] for b in batches])
