@@ -60,6 +60,7 @@ from pathlib import Path
 
 from llmforge.errors import UserError
 from llmforge.infer.cgroup import Cgroup, remove_stale
+from llmforge.tasks.python_doc import MODULES as PYTHON_DOC_MODULES
 
 
 class UnknownToolError(UserError):
@@ -233,15 +234,8 @@ def pure_print(code: str) -> str | None:
 # ---------------------------------------------------------------- documentation look-up fast path
 
 # Pure-Python standard-library modules whose import has no side effect beyond defining the
-# module: the ones an in-process look-up may import, and the ones the python_doc task asks about.
-INSPECTABLE_MODULES = tuple("""abc ast base64 bz2 calendar code codeop codecs collections compileall
-concurrent.futures contextlib copy copyreg dataclasses difflib dis doctest email email.header email.iterators
-email.utils enum filecmp fileinput fnmatch functools getopt getpass glob gzip heapq hmac html imaplib importlib
-importlib.util inspect ipaddress json linecache logging lzma mimetypes os.path pickletools pkgutil platform
-plistlib pprint py_compile quopri random re reprlib runpy secrets shlex shutil smtplib socket statistics string
-subprocess symtable sysconfig tabnanny tarfile tempfile textwrap threading timeit tokenize tomllib traceback
-types typing unittest.mock urllib.parse urllib.request uuid warnings wsgiref.util xml.dom.minidom
-xml.etree.ElementTree xml.sax.saxutils zipapp zipfile zoneinfo""".split())
+# module: the ones the python_doc task asks about, and the only ones a look-up may import in-process.
+INSPECTABLE_MODULES = frozenset(PYTHON_DOC_MODULES)
 _LOOKUP = re.compile(r"(?:# [a-z]+\n)?import inspect(?:, ([A-Za-z_][\w.]*))?\n"
                      r"print\(inspect\.(signature|getdoc)\(([A-Za-z_][\w.]*)\.([A-Za-z]\w*)\)(\.splitlines\(\)\[0\])?\)")
 

@@ -54,14 +54,21 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from llmforge.infer.tools import INSPECTABLE_MODULES
 from llmforge.tasks.base import Item, Task, answer_text, python_answer, say, user
 from llmforge.tasks.phrasing import compose, pick, quote, split_pool
 
-# Pure-Python standard-library modules read for the table (label as users import it): the ones
-# the Python tool may also import in-process to answer a look-up (infer/tools.doc_lookup).
-# Modules deprecated for removal (PEP 594) and platform-only ones are left out.
-MODULES = list(INSPECTABLE_MODULES)
+# Pure-Python standard-library modules read for the table (label as users import it), whose
+# import has no side effect beyond defining the module: the Python tool may import them
+# in-process to answer a look-up (infer/tools.doc_lookup). Modules deprecated for removal
+# (PEP 594) and platform-only ones are left out.
+MODULES = """abc ast base64 bz2 calendar code codeop codecs collections compileall concurrent.futures
+contextlib copy copyreg dataclasses difflib dis doctest email email.header email.iterators email.utils
+enum filecmp fileinput fnmatch functools getopt getpass glob gzip heapq hmac html imaplib importlib
+importlib.util inspect ipaddress json linecache logging lzma mimetypes os.path pickletools pkgutil
+platform plistlib pprint py_compile quopri random re reprlib runpy secrets shlex shutil smtplib socket
+statistics string subprocess symtable sysconfig tabnanny tarfile tempfile textwrap threading timeit
+tokenize tomllib traceback types typing unittest.mock urllib.parse urllib.request uuid warnings
+wsgiref.util xml.dom.minidom xml.etree.ElementTree xml.sax.saxutils zipapp zipfile zoneinfo""".split()
 IMPORT_AS = {"os.path": "posixpath"}    # read os.path from posixpath everywhere: same table on any OS
 
 MAX_PARAMS = 6          # longer signatures make answers too long for a ~48-token greedy reply
