@@ -50,10 +50,13 @@ def engine_generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -
 
 
 def weight_bytes_of(model) -> int:
-    """Bytes a decode step reads: every parameter and buffer but the rotary tables, a tied head once."""
+    """Bytes a decode step reads: every parameter and buffer but the rotary tables, a tied head once,
+    and not an input embedding the head does not share (a lookup reads one row of it)."""
+    head = {t.data_ptr() for t in model.lm_head.state_dict().values() if t is not None}
     seen, total = set(), 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t is None or "rope" in name or t.data_ptr() in seen:
+        if t is None or "rope" in name or t.data_ptr() in seen or (name.endswith("embed.weight")
+                                                                    and t.data_ptr() not in head):
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()

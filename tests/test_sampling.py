@@ -104,3 +104,23 @@ def test_decode_writes_the_kv_cache_in_place_without_reallocating(no_text):
     plan = engine.cache.plan(torch.tensor([[5], [5]]), [0, 1])
     assert plan.mask is None and plan.write_at == slice(5, 6)   # same position: no mask, a slice write
     assert KVCache.plan(engine.cache, torch.tensor([[5], [3]]), [0, 2]).mask is not None
+
+
+def test_one_write_for_all_layers_equals_each_layers_update():
+    """KVCache.write (the compiled step's store) puts what KVCache.update puts, and the compiled
+    step's read-only view (_overlay) sees what the cache holds once written."""
+    from llmforge.infer.compiled import _overlay
+    torch.manual_seed(0)
+    L, S, H, M, D, B, T = 3, 4, 2, 16, 8, 2, 3
+    a, b = KVCache(L, S, H, M, D), KVCache(L, S, H, M, D)
+    for c in (a, b):
+        c.k.normal_(generator=torch.Generator().manual_seed(1))
+    positions, slots = torch.tensor([[4, 5, 6], [0, 1, 2]]), torch.tensor([3, 1])
+    k, v = torch.randn(L, B, H, T, D), torch.randn(L, B, H, T, D)
+    seen = [_overlay(b.k[layer][slots], k[layer], positions[:, :1]) for layer in range(L)]
+    plan = a.plan(positions, slots)
+    for layer in range(L):
+        a.update(layer, k[layer], v[layer], plan)
+    b.write(k, v, positions, slots)
+    assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    assert all(torch.equal(seen[layer], b.k[layer][slots]) for layer in range(L))

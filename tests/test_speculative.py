@@ -77,7 +77,12 @@ def test_accept_reject_keeps_the_target_distribution(draft_token):
 
 @pytest.mark.slow
 def test_greedy_output_is_identical_compiled_and_uncompiled(model, no_text):
-    params = SamplingParams(max_tokens=12, temperature=0.0)
-    plain = Engine(model, no_text, max_batch=1).generate(prompts()[:1], params)
-    compiled = Engine(model, no_text, max_batch=1, compile=True, speculate=2).generate(prompts()[:1], params)
-    assert compiled[0].tokens == plain[0].tokens   # one batch size, one draft depth: one compile (~30 s)
+    """Rows at different positions that finish at different steps: the batch shrinks 3 -> 2 -> 1,
+    so the compiled step runs padded (3 rows in the bucket of 4) and in the buckets 2 and 1."""
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in (12, 8, 4)]
+    plain = Engine(model, no_text, max_batch=4, speculate=2).generate(prompts(), params)
+    engine = Engine(model, no_text, max_batch=4, compile=True, speculate=2)
+    k, ptr = engine.cache.k, engine.cache.k.data_ptr()
+    compiled = engine.generate(prompts(), params)
+    assert [o.tokens for o in compiled] == [o.tokens for o in plain]
+    assert engine.cache.k is k and k.data_ptr() == ptr   # written in place, never reallocated

@@ -3,41 +3,100 @@
     engine = Engine(model, tok, max_batch=8, compile=True)    # llmforge generate ... --compile
 
 A decode step of a small model is hundreds of tiny kernels; Inductor fuses the norms, rotary
-embedding, cache writes and activations into a few C++ loops, and `cpp_wrapper` calls them from
-C++ rather than Python. For that the step needs shapes that do not change every token, so it
-uses the cache's static plan (KVCache.static_plan): every row attends to all max_len positions
-under the causal mask, and rows are selected by index. Shapes then depend only on the batch
-size: the first step compiles (about 20 s here), and once more when the batch size first changes
-(dynamo then marks that dimension dynamic). Prefill stays eager;
-with speculative decoding the drafts are padded to the full depth so T stays fixed too.
+embedding and activations into a few C++ loops, and `cpp_wrapper` calls them from C++ rather
+than Python. Three choices keep the compiled step fast (bench/generate_vs_peers.py measures it):
+
+- Static shapes, bucketed batches. Every row attends to all max_len cache positions under the
+  causal mask (KVCache.static_plan) and feeds T = 1 + the speculation depth tokens, so shapes
+  depend only on the batch size, which is padded up to a power of two (1, 2, 4, ... max_batch;
+  CUDA-graph batch sizes in vLLM work the same way). One compile per bucket (seconds each, then
+  cached on disk by Inductor), never a dynamic-shape graph: measured here, a dynamic batch made
+  the step 3x slower than eager.
+- The cache is read inside the graph and written after it. Writing it inside (index_put_ on a
+  buffer the graph also reads) made Inductor copy every slot of the layer's cache each step, a
+  cost that grew with max_batch (at batch 8 the compiled step was 2.5x slower than eager). The
+  step instead attends to each row's cached keys with the new ones laid over their positions
+  (`_overlay`), returns the new keys/values, and one index_put per tensor stores them for all
+  layers (KVCache.write).
+- Pad rows of a bucket read slot 0 and are never written or returned.
+Prefill stays eager. With speculative decoding the drafts are padded to the full depth.
 """
 from __future__ import annotations
 
 import torch
+import torch._dynamo.config as dynamo_config
+
+from llmforge.model.kv_cache import KVCache
 
 
-class _StaticCache:
-    """The engine's cache, planned without host reads (so the traced step has no graph break)."""
+def _overlay(cached: torch.Tensor, new: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """cached (B, H, S, D) with new (B, H, T, D) in place of positions first .. first + T - 1 of
+    each row (first (B, 1)), out of place: what the cache will hold once this step is written."""
+    B, H, S, D = cached.shape
+    offset = torch.arange(S, device=cached.device)[None, :] - first   # (B, S): index into new
+    inside = (offset >= 0) & (offset < new.shape[2])
+    picked = new.gather(2, offset.clamp(0, new.shape[2] - 1)[:, None, :, None].expand(B, H, S, D))
+    return torch.where(inside[:, None, :, None], picked.to(cached.dtype), cached)
 
-    def __init__(self, cache):
+
+class _ReadOnlyCache:
+    """The engine's cache as the traced step sees it: planned without host reads (so the graph has
+    no break), read with this step's keys/values laid over it, and not written (they are kept in
+    `new`, for KVCache.write after the step)."""
+
+    def __init__(self, cache: KVCache):
         self.cache = cache
+        self.new: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def plan(self, positions, slots):
         return self.cache.static_plan(positions, slots)
 
     def update(self, layer, k, v, plan):
-        return self.cache.update(layer, k, v, plan)
+        self.new.append((k, v))
+        first = plan.positions[:, :1]
+        return (_overlay(self.cache.k[layer][plan.rows], k, first),
+                _overlay(self.cache.v[layer][plan.rows], v, first))
 
 
-def compiled_decode(model, cache):
-    """A function (idx (B, T), positions (B, T), slots (B,)) -> logits (B, T, V), writing the
-    step's keys/values into `cache` in place; compiled on first use per (B, T). The engine always
-    feeds T = 1 + its speculation depth (drafts padded), so a batch size compiles once."""
-    static = _StaticCache(cache)
+def bucket(batch: int, max_batch: int) -> int:
+    """The compiled batch size that serves `batch` rows: the next power of two, at most max_batch."""
+    return min(1 << (batch - 1).bit_length(), max_batch)
 
-    def step(idx, positions, slots):
-        return model.lm_head(model.hidden_states(idx, cache=static, positions=positions, slots=slots))
 
-    options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
-    # the batch dimension becomes dynamic after the first size change (one more compile, not one per size)
-    return torch.compile(step, options=options)
+class CompiledDecode:
+    """`decode(idx (B, T), positions (B, T), slots (B,))` -> logits (B, T, V): one decode step of
+    `model` under torch.compile, its keys/values written into `cache` (see the module docstring)."""
+
+    def __init__(self, model, cache: KVCache, max_batch: int):
+        self.cache, self.max_batch = cache, max_batch
+
+        def step(idx, positions, slots):
+            view = _ReadOnlyCache(cache)
+            logits = model.lm_head(model.hidden_states(idx, cache=view, positions=positions, slots=slots))
+            return logits, torch.stack([k for k, _ in view.new]), torch.stack([v for _, v in view.new])
+
+        options = {"cpp_wrapper": True} if cache.k.device.type == "cpu" else {}
+        self._step = torch.compile(step, options=options, dynamic=False)
+        # every engine's step is one code object to dynamo, whose graphs count against one limit
+        # (8 by default: fewer than two engines' buckets)
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+
+    def __call__(self, idx: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        B = idx.shape[0]
+        pad = bucket(B, self.max_batch) - B
+        if pad:   # pad rows: token 0 at positions 0.., reading slot 0; their outputs are dropped
+            idx = torch.cat([idx, idx.new_zeros(pad, idx.shape[1])])
+            positions = torch.cat([positions, torch.arange(idx.shape[1], device=idx.device).expand(pad, -1)])
+            slots = torch.cat([slots, slots.new_zeros(pad)])
+        # contiguous inputs: dynamo guards on strides, so an expanded tensor would compile anew
+        logits, k, v = self._step(idx.contiguous(), positions.contiguous(), slots.contiguous())
+        self.cache.write(k[:, :B], v[:, :B], positions[:B], slots[:B])
+        return logits[:B]
+
+    def warm(self, depth: int) -> None:
+        """Compile every bucket now (a server's start-up) rather than on the first batch of each
+        size. Runs on an idle engine: the dummy rows' keys land where no request is."""
+        device = self.cache.k.device
+        for size in sorted({bucket(b, self.max_batch) for b in range(1, self.max_batch + 1)}):
+            positions = torch.arange(1 + depth, device=device).expand(size, -1)
+            self(torch.zeros_like(positions), positions, torch.arange(size, device=device))

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llmforge.infer.compiled import compiled_decode
+from llmforge.infer.compiled import CompiledDecode
 from llmforge.infer.prefix_cache import PrefixCache
 from llmforge.infer.sampling import SamplingParams, adjust_batch, sample_batch
 from llmforge.infer.speculative import PromptLookup, verify
@@ -146,7 +146,7 @@ class Engine:
         # speculative decoding: up to `speculate` tokens per row per step proposed by prompt lookup
         # and verified in the same forward pass (infer/speculative.py); 0 = off
         self.speculate = speculate
-        self._decode = compiled_decode(model, self.cache) if compile else None
+        self._decode = CompiledDecode(model, self.cache, max_batch) if compile else None
         self.free_slots = list(range(max_batch))[::-1]
         self.active: dict[int, _Request] = {}
         self.waiting: list[_Request] = []
@@ -168,6 +168,12 @@ class Engine:
         self.special_ids = {i for i in map(self._special, SPECIALS) if i is not None}
         # a vision model's placeholder id (one past the text vocabulary); None for a text-only model
         self.image_id = getattr(model, "image_token_id", None)
+
+    def warm_up(self) -> None:
+        """Compile the decode step for every batch bucket now (no-op without compile=True)."""
+        if self._decode is not None:
+            with torch.no_grad():
+                self._decode.warm(self.speculate)
 
     def _special(self, name: str) -> int | None:
         try:

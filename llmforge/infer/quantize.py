@@ -9,7 +9,8 @@
         instructions (AVX512-BF16, AMX) or on a GPU, slower where it has not (AVX2 converts).
   int8  every Linear of the blocks and the output head stored as int8 with one fp32 scale per
         output channel (symmetric, scale = max |w| / 127 over the row), computed by PyTorch's
-        weight-only int8 kernel `aten._weight_int8pack_mm` (activations stay fp32); the input
+        weight-only int8 kernel `aten._weight_int8pack_mm` on bf16 activations (the rest of the
+        model, norms, attention and the cache, stays fp32); the input
         embedding stays fp32 (a lookup, not a matmul), so a tied head gets its own int8 copy.
         A quarter of the fp32 bytes of those layers. The kernel's speed depends on the CPU
         build: bench/generate_vs_peers.py measures it beside fp32 and bf16.
@@ -36,6 +37,7 @@ class Int8Linear(nn.Module):
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale)
+        self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -44,7 +46,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).float(), self.weight_int8, self.scale)
+        # bf16 activations: the kernel's bf16 path is 5-20x faster than its fp32 one on CPU (it is
+        # the path the kernel was written for; measured in bench/generate_vs_peers.py's history)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8,
+                                               self.scale_bf16)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)

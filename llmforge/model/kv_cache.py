@@ -71,6 +71,15 @@ class KVCache:
         mask = torch.arange(self.max_len, device=positions.device)[None, None, None, :] <= positions[:, None, :, None]
         return Plan(slots, None, positions, self.max_len, mask)
 
+    def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store every layer's keys/values of one pass at once: k, v (n_layer, B, H, T, D) at
+        `positions` (B, T) of the cache rows `slots` (B,), one index_put per tensor."""
+        _, B, _, T, _ = k.shape
+        rows = slots[:, None].expand(B, T)
+        # the two index dims are split by a slice, so they lead the value: (B, T, n_layer, H, D)
+        self.k[:, rows, :, positions] = k.permute(1, 3, 0, 2, 4).to(self.k.dtype)
+        self.v[:, rows, :, positions] = v.permute(1, 3, 0, 2, 4).to(self.v.dtype)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: Plan):
         """Write k, v (B, H, T, D) into the cache in place and return the keys/values the rows
         can attend to, (B, H, span, D): a view of the cache when the rows are a slice."""

@@ -141,6 +141,7 @@ class ModelServer:
                              tool_runner=self._timed(run_tool) if self.cfg.builtin_tools else None,
                              tool_workers=self.cfg.tool_workers, prefix_cache_tokens=self.cfg.prefix_cache_tokens,
                              speculate=self.cfg.speculate, compile=self.cfg.compile)
+        self.engine.warm_up()   # with serve.compile: every batch bucket compiled before the first request
         self.scheduler = Scheduler(self.engine, self.cfg.batch_wait_ms / 1000)
         from llmforge.serve.auth import RateLimiter
         self.limiter = RateLimiter(self.cfg.rate_limit_rpm, self.cfg.rate_limit_burst)
