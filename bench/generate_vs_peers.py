@@ -21,8 +21,9 @@ tokens/s = generated tokens / wall time (prefill and per-run set-up included), b
 Greedy tokens are compared row by row with llmforge fp32's (agree / k of B rows agree); for bf16
 and int8 the share of equal tokens is printed instead (their argmax may differ legitimately).
 The code section decodes from --code-prompt-len-token windows of the Python standard library's
-source (what the `cpu` model was trained on) with and without speculation: tok/s, the speed-up
-and the acceptance rate (accepted / drafted tokens).
+source (what the `cpu` model was trained on), one window per file for max(--batches) files, in
+groups of each batch size (at batch 1 each window alone), with and without speculation: tok/s,
+the speed-up and the acceptance rate (accepted / drafted tokens).
 """
 from __future__ import annotations
 
@@ -281,16 +282,20 @@ def main() -> None:
     spec = engines[f"llmforge spec{args.speculate}"]
     plain = engines["llmforge"]
     new = min(args.new_tokens, ctx - args.code_prompt_len)
-    print(f"\nspeculative decoding on code: {args.code_prompt_len}-token windows of stdlib source, {new} new tokens, "
+    print(f"\nspeculative decoding on code: {top} {args.code_prompt_len}-token windows of stdlib source, {new} new tokens, "
           f"up to {args.speculate} drafted tokens per step (prompt lookup), greedy")
     print(f"{'batch':>5} {'plain tok/s':>12} {'spec tok/s':>11} {'speed-up':>9} {'acceptance':>11}  greedy tokens")
+    windows = code_prompts(tok, top, args.code_prompt_len)   # every batch size decodes all `top` windows
+
+    def in_groups(engine, batch):
+        return [t for i in range(0, top, batch) for t in engine_generate(engine, windows[i:i + batch], new)]
+
     for batch in batches:
-        prompts = code_prompts(tok, batch, args.code_prompt_len)
-        t0, base = timed(engine_generate, plain, prompts, new, repeats=args.repeats)
+        t0, base = timed(in_groups, plain, batch, repeats=args.repeats)
         before = (spec.stats.drafted_tokens, spec.stats.accepted_tokens)
-        t1, fast = timed(engine_generate, spec, prompts, new, repeats=args.repeats)
+        t1, fast = timed(in_groups, spec, batch, repeats=args.repeats)
         drafted, accepted = spec.stats.drafted_tokens - before[0], spec.stats.accepted_tokens - before[1]
-        n = batch * new
+        n = top * new
         print(f"{batch:>5} {n / t0:12.1f} {n / t1:11.1f} {t0 / t1:8.2f}x {accepted / max(drafted, 1):10.0%}  "
               f"{agreement(base, fast)}")
 

@@ -37,6 +37,9 @@ def test_prompt_lookup_proposes_what_followed_the_last_ngram():
     assert d.propose([1, 2, 3, 4, 1, 2, 3]) == [4, 1, 2]     # the index grows with the sequence
     assert d.propose([1, 2, 3, 4, 1, 2, 3], room=1) == [4]
     assert PromptLookup(k=3).propose([7, 8, 9]) == []
+    # a copy that reaches the end continues with itself: a run keeps its period
+    assert PromptLookup(k=4).propose([7, 5, 5]) == [5, 5, 5, 5]
+    assert PromptLookup(k=4).propose([9, 1, 2, 1, 2]) == [1, 2, 1, 2]
 
 
 def test_greedy_output_is_identical_with_and_without_speculation(model, no_text):

@@ -29,7 +29,8 @@ from llmforge.infer.sampling import EMPTY, SamplingParams, distribution, draw
 
 class PromptLookup:
     """Proposes up to `k` tokens: what followed the latest earlier occurrence of the sequence's
-    last n tokens, trying n = max_ngram down to 1. An index of n-gram -> end position is kept and
+    last n tokens, trying n = max_ngram down to 1. A copy that runs into the end of the sequence
+    goes on copying what it just proposed (a run of period p continues with period p). An index of n-gram -> end position is kept and
     extended incrementally as the sequence grows, so a proposal costs O(max_ngram), not O(length)."""
 
     def __init__(self, k: int, max_ngram: int = 3):
@@ -50,7 +51,10 @@ class PromptLookup:
         for n in range(min(self.max_ngram, len(seq)), 0, -1):
             at = self.index.get(tuple(seq[len(seq) - n:]))
             if at is not None:
-                return seq[at:at + k]
+                draft = seq[at:at + k]
+                while len(draft) < k:   # the copy reaches the end: a repeat continues with itself
+                    draft.append((seq + draft)[at + len(draft)])
+                return draft
         return []
 
 
