@@ -9,7 +9,8 @@ Every runtime decodes greedily (argmax) `--new-tokens` tokens per row from the s
 `--prompt-len`-token prompts (non-special ids), no stop tokens:
   llmforge      llmforge.infer.engine.Engine, fp32 weights and KV cache; its variants:
     compiled      Engine(compile=True): the decode step under torch.compile (compiled before timing);
-    bf16 / int8   llmforge.infer.quantize.for_inference (bf16 weights and cache; int8 weight-only);
+    bf16 / int8   llmforge.infer.quantize.for_inference (bf16 weights and cache; int8 weight-only),
+                  eager and compiled;
     speculative   Engine(speculate=--speculate): prompt-lookup drafts verified in one pass;
   transformers  AutoModelForCausalLM.generate(do_sample=False) on llmforge.interop.hf.export_hf's folder;
   llama.cpp     the C API of the CPU library in the `llama-cpp-cffi` wheel, on the f32 GGUF export:
@@ -20,6 +21,9 @@ Every runtime decodes greedily (argmax) `--new-tokens` tokens per row from the s
 tokens/s = generated tokens / wall time (prefill and per-run set-up included), best of --repeats.
 Greedy tokens are compared row by row with llmforge fp32's (agree / k of B rows agree); for bf16
 and int8 the share of equal tokens is printed instead (their argmax may differ legitimately).
+The bandwidth check (--bound-preset, default gpt2-small) decodes random weights of a model big
+enough that reading them is the cost (the `cpu` model's 9 MiB sit in the L3 cache and its step
+is per-kernel overhead), at batch 1 in each precision, eager and compiled, against the bound.
 The code section decodes from --code-prompt-len-token windows of the Python standard library's
 source (what the `cpu` model was trained on), one window per file for max(--batches) files, in
 groups of each batch size (at batch 1 each window alone), with and without speculation: tok/s,
@@ -195,7 +199,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch and llama.cpp threads (default: torch's choice)")
     ap.add_argument("--speculate", type=int, default=4, help="draft tokens per step of the speculative row")
     ap.add_argument("--code-prompt-len", type=int, default=64)
-    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled engine (saves ~1 min)")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled engines (saves ~2 min)")
+    ap.add_argument("--bound-preset", default="gpt2-small",
+                    help="the bandwidth check's model shape (random weights; '' = skip the check)")
+    ap.add_argument("--bound-tokens", type=int, default=32, help="the bandwidth check's new tokens")
     args = ap.parse_args()
     args.random = None   # generate_speed.load's switch: this bench always runs a checkpoint
     if args.threads:
@@ -229,12 +236,13 @@ def main() -> None:
 
     batches = [int(b) for b in args.batches.split(",")]
     top = max(batches)
+    bf16, int8 = for_inference(copy.deepcopy(model), "bf16"), for_inference(copy.deepcopy(model), "int8")
     variants = {"llmforge": (model, {}), "llmforge compiled": (model, {"compile": True}),
-                "llmforge bf16": (for_inference(copy.deepcopy(model), "bf16"), {}),
-                "llmforge int8": (for_inference(copy.deepcopy(model), "int8"), {}),
+                "llmforge bf16": (bf16, {}), "llmforge bf16 compiled": (bf16, {"compile": True}),
+                "llmforge int8": (int8, {}), "llmforge int8 compiled": (int8, {"compile": True}),
                 f"llmforge spec{args.speculate}": (model, {"speculate": args.speculate})}
     if args.no_compile:
-        del variants["llmforge compiled"]
+        variants = {name: v for name, v in variants.items() if not v[1].get("compile")}
     engines = {name: Engine(m, tok, max_batch=top, **kw) for name, (m, kw) in variants.items()}
     bytes_of = {name: weight_bytes_of(m) for name, (m, _) in variants.items()}
 
@@ -298,6 +306,36 @@ def main() -> None:
         n = top * new
         print(f"{batch:>5} {n / t0:12.1f} {n / t1:11.1f} {t0 / t1:8.2f}x {accepted / max(drafted, 1):10.0%}  "
               f"{agreement(base, fast)}")
+
+    if args.bound_preset:
+        bandwidth_check(args.bound_preset, bandwidth, args.bound_tokens, compile=not args.no_compile)
+
+
+def bandwidth_check(preset: str, bandwidth: float, new_tokens: int, compile: bool) -> None:
+    """Batch-1 decode of random weights in `preset`'s shape (large enough that reading the weights,
+    not per-step overhead, is the cost) at each precision, against the bound at that precision."""
+    from generate_speed import NoText
+
+    from llmforge.config import resolve
+    from llmforge.model.transformer import Transformer
+    torch.manual_seed(0)
+    base = Transformer(resolve(preset).model).eval()
+    print(f"\nbandwidth check: random `{preset}` weights ({base.num_params() / 1e6:.0f}M parameters), batch 1, "
+          f"16-token prompt, {new_tokens} new tokens, greedy; bound = {bandwidth / 1e9:.1f} GB/s / bytes read per step")
+    print(f"{'precision':<10} {'runtime':<10} {'tok/s':>8} {'bound':>8} {'vs bound':>9} {'vs bf16':>8}")
+    rows, prompt = [], [[len(SPECIAL_TOKENS)] * 16]
+    for dtype in ("fp32", "bf16", "int8"):
+        m = for_inference(copy.deepcopy(base), dtype)
+        bound = bandwidth / weight_bytes_of(m)
+        for compiled in ((False, True) if compile else (False,)):
+            engine = Engine(m, NoText(), max_batch=1, compile=compiled)
+            engine_generate(engine, prompt, 4)   # compiles outside the timing
+            t, _ = timed(engine_generate, engine, prompt, new_tokens, repeats=2)
+            rows.append((dtype, "compiled" if compiled else "eager", new_tokens / t, bound))
+        del m
+    bf16_best = max(r[2] for r in rows if r[0] == "bf16")
+    for dtype, runtime, rate, bound in rows:
+        print(f"{dtype:<10} {runtime:<10} {rate:8.1f} {bound:8.1f} {rate / bound:8.0%} {rate / bf16_best:7.2f}x")
 
 
 if __name__ == "__main__":

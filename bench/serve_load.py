@@ -53,7 +53,7 @@ import sys, uvicorn
 from llmforge.config import ServeConfig
 from llmforge.serve.api import create_app, load_served
 cfg = ServeConfig(max_batch=int(sys.argv[3]), batch_wait_ms=5, prefix_cache_tokens=int(sys.argv[5]),
-                  speculate=int(sys.argv[6]), compile=sys.argv[7] == "1")
+                  speculate=int(sys.argv[6]), compile=sys.argv[7] == "1", dtype=sys.argv[8])
 server = load_served(sys.argv[1], cfg=cfg, db=sys.argv[4])
 uvicorn.run(create_app(server), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 """
@@ -164,12 +164,12 @@ class Server:
     """`llmforge.serve` in a subprocess, with or without the prefix cache."""
 
     def __init__(self, model_path: str, max_batch: int, db: Path, prefix_cache_tokens: int, speculate: int = 0,
-                 compile: bool = False):
+                 compile: bool = False, dtype: str = "fp32"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.proc = subprocess.Popen([sys.executable, "-c", SERVER, model_path, str(port), str(max_batch), str(db),
-                                      str(prefix_cache_tokens), str(speculate), str(int(compile))],
+                                      str(prefix_cache_tokens), str(speculate), str(int(compile)), dtype],
                                      stdout=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
 
@@ -202,13 +202,14 @@ def main() -> None:
     ap.add_argument("--prefix-cache-tokens", type=int, default=8192, help="the cached server's prefix cache")
     ap.add_argument("--speculate", type=int, default=0, help="the cached server's serve.speculate (draft tokens per row)")
     ap.add_argument("--compile", action="store_true", help="the cached server's serve.compile (torch.compile'd decode)")
+    ap.add_argument("--dtype", default="fp32", help="the cached server's serve.dtype: fp32 | bf16 | int8")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="llmforge-bench-"))
     model_path = args.model or str(build_cpu_model(tmp))
     cached = Server(model_path, args.max_batch, tmp / "cached.sqlite", args.prefix_cache_tokens, args.speculate,
-                    args.compile)
+                    args.compile, args.dtype)
     plain = Server(model_path, args.max_batch, tmp / "plain.sqlite", 0)
     result = {"max_tokens": args.max_tokens, "max_batch": args.max_batch, "clients": args.clients, "cpus": os.cpu_count()}
     try:

@@ -332,7 +332,7 @@ class ServeConfig:
     prefix_cache_tokens: int = 8192 # keys/values of recent prompts' leading blocks reused by prompts sharing them; 0 = off
     dtype: str = "fp32"             # inference weights: fp32 | bf16 | int8 (weight-only, per channel; infer/quantize.py)
     speculate: int = 0              # prompt-lookup speculative decoding: draft tokens per row per step; 0 = off
-    compile: bool = False           # torch.compile the decode step (infer/compiled.py); off: not faster at batch > 1 here
+    compile: bool = False           # torch.compile the decode step (infer/compiled.py), every batch bucket at start-up; off: no gain at a busy server's ~30-row batches here
 
 
 @dataclass

@@ -110,6 +110,16 @@ def test_orthogonalize_pushes_singular_values_near_one():
         assert torch.nn.functional.cosine_similarity(orthogonalize(m).flatten(), (u @ vh).flatten(), 0) > 0.95
 
 
+def test_orthogonalize_treats_a_batch_as_separate_matrices():
+    """Muon orthogonalizes same-shape matrices as one batch: each must come out as it would alone."""
+    from llmforge.train.optim import orthogonalize
+    g = torch.randn(5, 24, 40, generator=torch.Generator().manual_seed(0))
+    g[1] *= 100.0   # each matrix is normalised by its own norm, not the batch's
+    for batch in (g, g.mT):
+        alone = torch.stack([orthogonalize(m) for m in batch])
+        assert torch.allclose(orthogonalize(batch), alone, atol=1e-5)
+
+
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     from llmforge.train.optim import Muon, build_optimizer
     model = Transformer(MODEL)

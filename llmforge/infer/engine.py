@@ -336,7 +336,8 @@ class Engine:
         position before any query can see it, so the junk is never attended. Inputs are built on
         the host (the cache reads positions there once per pass, infer's one host sync)."""
         feeds = [r.pending + r.draft for r in reqs]
-        T = 1 + self.speculate if self._decode is not None and not last_only else max(map(len, feeds))
+        compiled = self._decode is not None and not last_only and len(reqs) <= self._decode.max_rows
+        T = 1 + self.speculate if compiled else max(map(len, feeds))
         # a padded row must have room past its last token (pads clamped onto a real position would
         # overwrite its key): rows at the end of the context are run at their own length
         tight = [r for r, f in zip(reqs, feeds) if len(f) < T and r.position + T > self.max_len]
@@ -347,7 +348,7 @@ class Engine:
                     out.update(self._forward_exact(group, last_only))
             return out
         idx, pos = self._inputs(reqs, feeds, T)
-        if self._decode is not None and not last_only:   # a decode batch: the compiled step, static shapes
+        if compiled:   # a decode batch: the compiled step, static shapes
             rows = self._decode(idx.to(self.device), pos.to(self.device),
                                 torch.tensor([r.slot for r in reqs], device=self.device)).float().cpu()
             return {r.id: rows[i, :len(f)] for i, (r, f) in enumerate(zip(reqs, feeds))}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llmforge.config import TrainConfig
 
@@ -15,26 +16,24 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximately U V^T for G = U S V^T, by the quintic Newton-Schulz iteration
-    X <- a X + (b A + c A^2) X with A = X X^T, started from X = G / ||G||_F."""
+    X <- a X + (b A + c A^2) X with A = X X^T, started from X = G / ||G||_F. `g` is one matrix
+    (m, n) or a batch of them (N, m, n), each orthogonalized on its own."""
     a, b, c = NS_COEFFS
     x = g.float()
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the short side: A is min(m, n) squared
-        x = x.T
-    x = x / (x.norm() + 1e-7)
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        A = x @ x.T
+        A = x @ x.mT
         x = a * x + (b * A + c * (A @ A)) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
 
 
-def _orthogonalized_update(m: torch.Tensor, steps: int) -> torch.Tensor:
-    """orthogonalize(m), also for an FSDP-sharded matrix (a DTensor holding this rank's rows):
-    Newton-Schulz needs the whole matrix, so it is all-gathered, every rank orthogonalizes the same
-    full matrix (the compute is repeated, not split) and keeps its own rows of the result."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    if not isinstance(m, DTensor):
-        return orthogonalize(m, steps)
+def _orthogonalized_update(m: DTensor, steps: int) -> DTensor:
+    """orthogonalize(m) for an FSDP-sharded matrix (a DTensor holding this rank's rows): Newton-Schulz
+    needs the whole matrix, so it is all-gathered, every rank orthogonalizes the same full matrix
+    (the compute is repeated, not split) and keeps its own rows of the result."""
     u = orthogonalize(m.full_tensor(), steps)
     return distribute_tensor(u, m.device_mesh, m.placements, src_data_rank=None)  # local rows, no traffic
 
@@ -61,17 +60,13 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
+            if group["muon"]:
+                self._muon_step(group)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 g, state = p.grad, self.state[p]
-                if group["muon"]:
-                    mu = group["momentum"]
-                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
-                    buf.lerp_(g, 1 - mu)
-                    u = _orthogonalized_update(g.lerp(buf, mu), group["ns_steps"]).to(p.dtype)
-                    p.mul_(1 - lr * wd).add_(u, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
-                    continue
                 b1, b2 = group["betas"]
                 if not state:
                     state["step"] = torch.zeros(())
@@ -82,6 +77,32 @@ class Muon(torch.optim.Optimizer):
                 state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
                 denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
                 p.mul_(1 - lr * wd).addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+
+
+    def _muon_step(self, group: dict) -> None:
+        """The Muon update of a group's matrices; same-shape matrices (a layer stack's projections,
+        a mixture's experts) are orthogonalized together as one batch: Newton-Schulz on many small
+        matrices is a few tiny matmuls each, so one batched pass saves most of the per-call cost."""
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            buf.lerp_(p.grad, 1 - mu)
+            m = p.grad.lerp(buf, mu)
+            if isinstance(m, DTensor):   # sharded: gathered and orthogonalized alone
+                self._apply(p, _orthogonalized_update(m, group["ns_steps"]), lr, wd)
+            else:
+                by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append((p, m))
+        for pairs in by_shape.values():
+            updates = orthogonalize(torch.stack([m for _, m in pairs]), group["ns_steps"])
+            for (p, _), u in zip(pairs, updates):
+                self._apply(p, u, lr, wd)
+
+    @staticmethod
+    def _apply(p: torch.Tensor, u: torch.Tensor, lr: float, wd: float) -> None:
+        p.mul_(1 - lr * wd).add_(u.to(p.dtype), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
 
 def hidden_matrices(model: torch.nn.Module) -> set[int]:
