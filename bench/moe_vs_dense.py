@@ -43,7 +43,7 @@ from llmforge.run import RunDir
 from llmforge.stages import pretrain
 from llmforge.train.checkpoint import load_model, load_run_tokenizer
 from llmforge.train.loop import measured_peak_flops
-from llmforge.train.optim import build_optimizer
+from llmforge.train.optim import build_optimizer, orthogonalize
 
 # no minutes unless an arm sets them, and those are exact (no plan_after: the schedule stretches to the time)
 COMMON = ["pretrain.max_steps=1000000", "pretrain.minutes=0", "pretrain.plan_after=0", "pretrain.mid_fraction=0", "pretrain.eval_every=0",
@@ -126,6 +126,22 @@ def step_profile(steps: int = 4) -> None:
                 passes.append(t1 - t0)
                 updates.append(time.perf_counter() - t1)
         print(f"{preset:8s} forward + backward {sum(passes) / steps:.3f} s, optimizer {sum(updates) / steps:.3f} s")
+        # Muon's Newton-Schulz as the optimizer runs it (same-shape matrices in one batch) against
+        # one matrix at a time (how it ran before), on this model's momenta
+        mats = [opt.state[p]["momentum_buffer"] for g in opt.param_groups if g["muon"] for p in g["params"]]
+        shapes: dict[tuple, list] = {}
+        for m in mats:
+            shapes.setdefault(tuple(m.shape), []).append(m)
+        alone = min(timed(lambda: [orthogonalize(m) for m in mats]) for _ in range(3))
+        batched = min(timed(lambda: [orthogonalize(torch.stack(ms)) for ms in shapes.values()]) for _ in range(3))
+        print(f"{'':8s} Newton-Schulz on its {len(mats)} Muon matrices ({len(shapes)} shapes): one at a time "
+              f"{alone:.3f} s, batched by shape {batched:.3f} s ({alone / batched:.1f}x)")
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def plot(rows: dict, path: Path) -> None:
