@@ -9,9 +9,10 @@ than Python. These choices keep the compiled step fast (bench/generate_vs_peers.
 - Static shapes, bucketed batches. Every row attends to all max_len cache positions under the
   causal mask (KVCache.static_plan) and feeds T = 1 + the speculation depth tokens, so shapes
   depend only on the batch size, which is padded up to a power of two (1, 2, 4, 8; CUDA-graph
-  batch sizes in vLLM work the same way); larger batches run eager (MAX_ROWS, measured). One compile per bucket (seconds each, then
-  cached on disk by Inductor), never a dynamic-shape graph: measured here, once the batch
-  dimension had gone dynamic, batch 1 decoded at 626 tok/s against 2,263 for its static graph.
+  batch sizes in vLLM work the same way); larger batches run eager (MAX_ROWS, measured). One
+  compile per bucket (seconds each, then cached on disk by Inductor), never a dynamic-shape
+  graph: measured here, once the batch dimension had gone dynamic, batch 1 decoded at 626
+  tok/s against 2,263 for its static graph.
 - The cache is read inside the graph and written after it. Writing it inside (index_put_ on a
   buffer the graph also reads) made Inductor copy every slot of the layer's cache each step, a
   cost that grew with max_batch (at batch 8 the compiled step was ~2.5x slower than eager). The
@@ -88,7 +89,7 @@ class CompiledDecode:
         cpu = cache.k.device.type == "cpu"
         self._step = torch.compile(step, options={"cpp_wrapper": True} if cpu else {}, dynamic=False)
         # CPU: freezing makes the weights constants, so Inductor prepacks them for oneDNN (bf16
-        # decode of a gpt2-small-sized model: 62% -> 100% of the memory-bandwidth bound; the engine
+        # decode of a gpt2-small-sized model: 62% -> 88% of the memory-bandwidth bound; the engine
         # never changes a served model's weights). It is set around each bucket's first call, where
         # the compile happens: as a compile option it did not take effect here. GPU: the defaults.
         self._freeze = cpu

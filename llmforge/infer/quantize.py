@@ -46,8 +46,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        # bf16 activations: the kernel's bf16 path is 5-20x faster than its fp32 one on CPU (it is
-        # the path the kernel was written for; measured in bench/generate_vs_peers.py's history)
+        # bf16 activations: on this project's CPU the kernel's bf16 path is 5-20x faster than its
+        # fp32 one (a 1 x 768 by 3072 x 768 product: 38 against 762 us) and faster than fp32 matmul
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight_int8,
                                                self.scale_bf16)
         if self.bias is not None:

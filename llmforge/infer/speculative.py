@@ -30,8 +30,9 @@ from llmforge.infer.sampling import EMPTY, SamplingParams, distribution, draw
 class PromptLookup:
     """Proposes up to `k` tokens: what followed the latest earlier occurrence of the sequence's
     last n tokens, trying n = max_ngram down to 1. A copy that runs into the end of the sequence
-    goes on copying what it just proposed (a run of period p continues with period p). An index of n-gram -> end position is kept and
-    extended incrementally as the sequence grows, so a proposal costs O(max_ngram), not O(length)."""
+    goes on copying what it just proposed (a run of period p continues with period p). An index
+    of n-gram -> end position is kept and extended incrementally as the sequence grows, so a
+    proposal costs O(max_ngram), not O(length)."""
 
     def __init__(self, k: int, max_ngram: int = 3):
         if k < 1 or max_ngram < 1:

@@ -78,7 +78,6 @@ class Muon(torch.optim.Optimizer):
                 denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
                 p.mul_(1 - lr * wd).addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
 
-
     def _muon_step(self, group: dict) -> None:
         """The Muon update of a group's matrices; same-shape matrices (a layer stack's projections,
         a mixture's experts) are orthogonalized together as one batch: Newton-Schulz on many small
