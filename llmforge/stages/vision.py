@@ -2,6 +2,11 @@
 
     llmforge vision --out runs/demo [--set vision.tasks=digits,count] [--set vision.user_data=imgs.jsonl]
 
+  stage 0, tower (-> ckpt/vision_tower): the fresh ViT encoder learns to see on its own, with one
+      linear head per visual task on its mean patch feature, trained on the training images'
+      labels (the digit, the count, the colour, ...). LLaVA starts from a pretrained CLIP tower;
+      there is none to download here, and a tower learning only through the frozen language
+      model's captions reached chance on digits (README). vision.tower_steps=0 skips it;
   stage 1, align (-> ckpt/vision_align): the language model is frozen; a fresh ViT encoder and
       the projector learn to turn an image into embeddings from which it writes the image's
       caption ("3 shapes: a red circle, ...");
@@ -25,6 +30,8 @@ import json
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from llmforge.config import Config, TrainConfig
 from llmforge.data.images import normalize, to_uint8
@@ -40,7 +47,7 @@ from llmforge.tasks.user_data import load_image_conversations
 from llmforge.tasks.vision import RENDERED, get_vision_task, vision_task_names
 from llmforge.tokenizer.chat import render
 from llmforge.train import distributed
-from llmforge.train.checkpoint import load_model, load_run_checkpoint, load_run_tokenizer
+from llmforge.train.checkpoint import load_model, load_run_checkpoint, load_run_tokenizer, load_weights
 from llmforge.train.loop import Checkpointing, train
 
 STAGE = "vision"
@@ -62,6 +69,11 @@ class VisionConfig(TrainConfig):
     examples_per_task: int = 3000   # training images per visual task (each one caption + one question)
     user_data: str = ""             # JSONL of conversations with image_url parts, added to stage 2
     tower: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    tower_steps: int = 1500         # stage 0: steps of the encoder learning the training labels (0 = skip)
+    tower_batch: int = 96           # stage 0: images per step, split evenly over the visual tasks
+    tower_lr: float = 3e-3          # stage 0 peak lr (AdamW)
+    freeze_tower: bool = True       # after stage 0 the encoder stays frozen (LLaVA keeps its CLIP tower frozen):
+                                    # stages 1 and 2 train the projector (and the language model)
     align_lr: float = 3e-3          # stage 1 peak lr (AdamW; the language model is frozen)
     align_max_steps: int = 150
     align_minutes: float = 0.0      # 0 = no time budget for stage 1
@@ -122,6 +134,89 @@ def image_batch(g: torch.Generator, batch: int, rank: int, world: int, rows_with
     return {"input_ids": r[:, :-1], "targets": r[:, 1:], "loss_mask": m[:, 1:], "images": rows_with_images.images(pick)}
 
 
+class TowerProbe(nn.Module):
+    """Stage 0's model: the image encoder with one linear head per visual task, reading the mean of
+    its patch features; the heads are dropped after stage 0, the encoder goes on into stage 1."""
+
+    def __init__(self, encoder: nn.Module, classes: dict[str, list[str]]):
+        super().__init__()
+        self.encoder = encoder
+        self.classes = classes
+        self.heads = nn.ModuleDict({t: nn.Linear(encoder.cfg.width, len(c)) for t, c in classes.items()})
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per image patch (the loop's tokens here), matmul weights only."""
+        return 6.0 * sum(p.numel() for p in self.encoder.parameters())
+
+    def logits(self, task: str, pixels: torch.Tensor) -> torch.Tensor:
+        return self.heads[task](self.encoder(normalize(pixels)).mean(1))
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """Mean over tasks of each task's cross-entropy on its rows (every task weighs the same)."""
+        feats = self.encoder(normalize(pixels)).mean(1)
+        losses = [F.cross_entropy(head(feats[task == i]), labels[task == i])
+                  for i, head in enumerate(self.heads.values()) if bool((task == i).any())]
+        return torch.stack(losses).mean()
+
+
+class LabelledImages:
+    """Every visual task's training images (uint8) with class indices, for stage 0."""
+
+    def __init__(self, items_by_task: dict[str, list], size: int, patch_size: int):
+        self.patch_size = patch_size
+        self.classes = {t: sorted({str(i.reference) for i in items}) for t, items in items_by_task.items()}
+        self.pixels, self.labels = [], []
+        for t, items in items_by_task.items():
+            index = {c: j for j, c in enumerate(self.classes[t])}
+            self.pixels.append(torch.stack([to_uint8(i.image, size) for i in items]))
+            self.labels.append(torch.tensor([index[str(i.reference)] for i in items]))
+
+    def batch(self, g: torch.Generator, per_task: int, rank: int, world: int) -> dict:
+        """This rank's share of a global batch of `per_task` images of every task (every rank draws
+        the whole batch and keeps its slice, so ranks stay in step)."""
+        pixels, labels, task = [], [], []
+        for t, (x, y) in enumerate(zip(self.pixels, self.labels)):
+            pick = torch.randint(0, len(x), (per_task * world,), generator=g)[rank * per_task:(rank + 1) * per_task]
+            pixels.append(x[pick]), labels.append(y[pick]), task.append(torch.full((per_task,), t))
+        x = torch.cat(pixels)
+        patches = (x.shape[-1] // self.patch_size) ** 2
+        return {"pixels": x, "labels": torch.cat(labels), "task": torch.cat(task), "tokens": len(x) * patches}
+
+
+def _pretrain_tower(model: VisionLanguageModel, vc: VisionConfig, run: RunDir, ctx, items_by_task: dict,
+                    tok, meta: dict, resume: bool, show_progress: bool) -> dict:
+    """Stage 0: the encoder learns the training labels; its held-out accuracy per task is logged."""
+    data = LabelledImages(items_by_task, vc.tower.image_size, vc.tower.patch_size)
+    probe = TowerProbe(model.encoder, data.classes)
+    per_task = max(1, vc.tower_batch // len(items_by_task))
+    tc = dataclasses.replace(vc, lr=vc.tower_lr, max_steps=vc.tower_steps, batch_size=per_task * len(items_by_task),
+                             minutes=0.0, optimizer="adamw", lora_rank=0, warmup_steps=50)
+
+    def get_batch(step, micro, ctx):
+        return data.batch(torch.Generator().manual_seed(tc.seed * 1_000_003 + step * 1_009 + micro), per_task,
+                          ctx.rank, ctx.world)
+
+    ckpt = Checkpointing(run.ckpt("vision_tower"), "vision_tower", model.cfg, tok, {**meta, "part": "tower"})
+    resume = resume and (run.ckpt("vision_tower") / "train_state.json").is_file()
+    summary = train(probe, tc, run, stage=f"{STAGE}_tower", ctx=ctx, get_batch=get_batch,
+                    loss_fn=lambda m, b: (m(b["pixels"], b["labels"], b["task"]), {}), ckpt=ckpt, resume=resume,
+                    show_progress=show_progress)
+    if ctx.is_main:   # a diagnostic: does the tower see? (held-out images, never trained on)
+        probe.eval()
+        accuracy = {}
+        with torch.no_grad():
+            for t in items_by_task:
+                held = get_vision_task(t).heldout_items(vc.eval_per_task, vc.tower.image_size)
+                index = {c: j for j, c in enumerate(data.classes[t])}
+                x = torch.stack([to_uint8(i.image, vc.tower.image_size) for i in held])
+                y = torch.tensor([index.get(str(i.reference), -1) for i in held])
+                accuracy[t] = float((probe.logits(t, x).argmax(1) == y).float().mean())
+        run.log(f"{STAGE}_tower", event="probe", **{f"probe_acc_{t}": a for t, a in accuracy.items()})
+        print("vision: stage 0 probe, held-out accuracy " + ", ".join(f"{t} {a:.0%}" for t, a in accuracy.items()))
+        summary["probe_accuracy"] = accuracy
+    return summary
+
+
 def _loss_fn(model, batch):
     _, loss = model(batch["input_ids"], targets=batch["targets"], loss_mask=batch["loss_mask"], images=batch["images"])
     return loss, {}
@@ -161,7 +256,8 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
     names = vision_task_names(vc.tasks)
     text_names = task_names(cfg.tasks.names)
     size = vc.tower.image_size
-    items = [item for name in names for item in get_vision_task(name).train_items(vc.examples_per_task, size)]
+    by_task = {name: get_vision_task(name).train_items(vc.examples_per_task, size) for name in names}
+    items = [item for name in names for item in by_task[name]]
     meta = {"preset": cfg.preset, "vision": dataclasses.asdict(vc.tower), "vision_tasks": names}
     captions = ImageRows(tok, model, [(item.caption_conversation, [item.image]) for item in items], seq_len)
     questions = [(item.conversation, [item.image]) for item in items]
@@ -179,17 +275,26 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
     try:
         text_before = task_eval.evaluate(trunk, tok, text_names, vc.text_eval_per_task, return_samples=True,
                                          max_tokens=cfg.tasks.max_new_tokens) if ctx.is_main else None
-        # stage 1: the language model is frozen; encoder + projector learn to caption
+        # stage 0: the encoder alone learns the training labels; stage 1: the language model is
+        # frozen, encoder + projector learn to caption
         if _complete(run, "vision_align"):
             model, _, _ = load_model(run.ckpt("vision_align"), kinds=("vision",))
         else:
+            if _complete(run, "vision_tower"):
+                weights = load_weights(run.ckpt("vision_tower"))
+                model.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in weights.items()
+                                               if k.startswith("encoder.")})
+            elif vc.tower_steps > 0:
+                summary["tower"] = _pretrain_tower(model, vc, run, ctx, by_task, tok, meta, resume, show_progress)
             trunk.requires_grad_(False)
+            model.encoder.requires_grad_(not (vc.freeze_tower and vc.tower_steps > 0))
             align = dataclasses.replace(vc, lr=vc.align_lr, max_steps=vc.align_max_steps, minutes=vc.align_minutes,
                                         optimizer="adamw", lora_rank=0)
             summary["align"] = _train_part(model, align, run, ctx, captions, None, 0.0, "align", "vision_align",
                                            tok, meta, resume, show_progress)
         # stage 2: visual questions + text conversations; the language model trains too
         model.trunk.requires_grad_(vc.tune_lm)
+        model.encoder.requires_grad_(not (vc.freeze_tower and vc.tower_steps > 0))
         model.lr_scales = {id(p): vc.lm_lr_scale for p in model.trunk.parameters()}
         summary["tune"] = _train_part(model, vc, run, ctx, qa, text, text_share, "tune", "vision", tok, meta,
                                       resume, show_progress)

@@ -317,7 +317,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, run: RunDir, *, stage: str, 
                 for k, v in metrics.items():
                     # kept as (detached) tensors: read only on logging steps, with the loss
                     sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / cfg.grad_accum
-                step_tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+                # tokens: the batch's input ids, or what a batch without them counts (image patches)
+                step_tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else int(batch.get("tokens", 0))
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in raw_model.parameters() if p.requires_grad],
                 cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
