@@ -7,9 +7,9 @@
       labels (the digit, the count, the colour, ...). LLaVA starts from a pretrained CLIP tower;
       there is none to download here, and a tower learning only through the frozen language
       model's captions reached chance on digits (README). vision.tower_steps=0 skips it;
-  stage 1, align (-> ckpt/vision_align): the language model is frozen; a fresh ViT encoder and
-      the projector learn to turn an image into embeddings from which it writes the image's
-      caption ("3 shapes: a red circle, ...");
+  stage 1, align (-> ckpt/vision_align): the language model is frozen; the projector (and the
+      encoder, when stage 0 is skipped or vision.freeze_tower is off) learns to turn an image
+      into embeddings from which it writes the image's caption ("3 shapes: a red circle, ...");
   stage 2, tune (-> ckpt/vision): visual questions ("How many shapes are there?" -> "3"). With
       vision.tune_lm (the default) the language model trains too, at vision.lm_lr_scale of the lr
       (LLaVA's stage 2), and vision.text_share of every batch is text SFT conversations, so the
@@ -272,6 +272,7 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
               f"captions in {len(captions)} rows, questions in {len(qa)} rows of {seq_len} tokens "
               f"({qa.dropped} too long), {text_share:.0%} of stage 2 rows text conversations")
     summary: dict = {}
+    frozen_tower = vc.freeze_tower and vc.tower_steps > 0   # LLaVA's frozen tower, once stage 0 trained it
     try:
         text_before = task_eval.evaluate(trunk, tok, text_names, vc.text_eval_per_task, return_samples=True,
                                          max_tokens=cfg.tasks.max_new_tokens) if ctx.is_main else None
@@ -287,14 +288,14 @@ def run(cfg: Config, run: RunDir, resume: bool = False, show_progress: bool = Tr
             elif vc.tower_steps > 0:
                 summary["tower"] = _pretrain_tower(model, vc, run, ctx, by_task, tok, meta, resume, show_progress)
             trunk.requires_grad_(False)
-            model.encoder.requires_grad_(not (vc.freeze_tower and vc.tower_steps > 0))
+            model.encoder.requires_grad_(not frozen_tower)
             align = dataclasses.replace(vc, lr=vc.align_lr, max_steps=vc.align_max_steps, minutes=vc.align_minutes,
                                         optimizer="adamw", lora_rank=0)
             summary["align"] = _train_part(model, align, run, ctx, captions, None, 0.0, "align", "vision_align",
                                            tok, meta, resume, show_progress)
         # stage 2: visual questions + text conversations; the language model trains too
         model.trunk.requires_grad_(vc.tune_lm)
-        model.encoder.requires_grad_(not (vc.freeze_tower and vc.tower_steps > 0))
+        model.encoder.requires_grad_(not frozen_tower)
         model.lr_scales = {id(p): vc.lm_lr_scale for p in model.trunk.parameters()}
         summary["tune"] = _train_part(model, vc, run, ctx, qa, text, text_share, "tune", "vision", tok, meta,
                                       resume, show_progress)
