@@ -30,7 +30,7 @@ from llmforge.tasks.user_data import load_image_conversations
 from llmforge.tasks.vision import VISION_TASKS, ask, get_vision_task
 from llmforge.tokenizer.bpe import Tokenizer
 from llmforge.tokenizer.chat import render, render_prompt, render_text
-from llmforge.train.checkpoint import load_model, load_tokenizer, save_checkpoint
+from llmforge.train.checkpoint import load_model, load_tokenizer, load_weights, save_checkpoint
 
 TOWER = VisionTowerConfig(image_size=16, patch_size=4, width=32, n_layer=1, n_head=2)
 
@@ -261,6 +261,10 @@ def test_micro_vision_stage_beats_the_no_image_baseline(tmp_path):
     # stage 0 ran: the encoder alone tells colours apart on held-out images after 60 steps (chance 20%)
     assert out["tower"]["probe_accuracy"]["color"] > 0.6, out["tower"]
     assert (run.ckpt("vision_tower") / "model.safetensors").is_file()
+    # ... and its encoder went into stages 1 and 2 frozen (vision.freeze_tower): the same weights at the end
+    tower, final = load_weights(run.ckpt("vision_tower")), load_weights(run.ckpt("vision"))
+    encoder = [k for k in tower if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(tower[k], final[k]) for k in encoder)
 
 
 def test_hf_llava_export_matches_logits_and_greedy_tokens(tmp_path):
