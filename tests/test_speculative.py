@@ -89,3 +89,7 @@ def test_greedy_output_is_identical_compiled_and_uncompiled(model, no_text):
     compiled = engine.generate(prompts(), params)
     assert [o.tokens for o in compiled] == [o.tokens for o in plain]
     assert engine.cache.k is k and k.data_ptr() == ptr   # written in place, never reallocated
+    # batches above max_rows run eager: 3 rows eager, then 2 and 1 compiled, one cache between them
+    mixed = Engine(model, no_text, max_batch=4, compile=True, speculate=2)
+    mixed._decode.max_rows = 2
+    assert [o.tokens for o in mixed.generate(prompts(), params)] == [o.tokens for o in plain]
