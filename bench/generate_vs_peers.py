@@ -24,6 +24,7 @@ and int8 the share of equal tokens is printed instead (their argmax may differ l
 The bandwidth check (--bound-preset, default gpt2-small) decodes random weights of a model big
 enough that reading them is the cost (the `cpu` model's 9 MiB sit in the L3 cache and its step
 is per-kernel overhead), at batch 1 in each precision, eager and compiled, against the bound.
+The prefill section times prompts that fill the context, one new token each, at each precision.
 The code section decodes from --code-prompt-len-token windows of the Python standard library's
 source (what the `cpu` model was trained on), one window per file for max(--batches) files, in
 groups of each batch size (at batch 1 each window alone), with and without speculation: tok/s,
@@ -43,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_speed import load, timed  # noqa: E402  (the engine's driver, shared)
 
+from llmforge.infer import quantize  # noqa: E402
 from llmforge.infer.engine import Engine  # noqa: E402
 from llmforge.infer.quantize import for_inference  # noqa: E402
 from llmforge.infer.sampling import SamplingParams  # noqa: E402
@@ -306,6 +308,19 @@ def main() -> None:
         n = top * new
         print(f"{batch:>5} {n / t0:12.1f} {n / t1:11.1f} {t0 / t1:8.2f}x {accepted / max(drafted, 1):10.0%}  "
               f"{agreement(base, fast)}")
+
+    # ---------------------------------------------------------------- prefill
+    long = torch.randint(first, model.cfg.vocab_size, (top, ctx - 8), generator=g).tolist()
+    print(f"\nprefill: {top} prompts of {ctx - 8} random tokens, one new token each (tok/s = prompt tokens / s)")
+    for name in ("llmforge", "llmforge bf16", "llmforge int8", "int8 kernel only"):
+        rows, quantize.BATCHED_ROWS = quantize.BATCHED_ROWS, sys.maxsize if name == "int8 kernel only" else \
+            quantize.BATCHED_ROWS   # the weight-only kernel at every size: int8 before its bf16 matmul path
+        try:
+            t, _ = timed(engine_generate, engines["llmforge int8" if "int8" in name else name], long, 1,
+                         repeats=args.repeats)
+        finally:
+            quantize.BATCHED_ROWS = rows
+        print(f"{name:<18} {top * (ctx - 8) / t:9.0f}")
 
     if args.bound_preset:
         bandwidth_check(args.bound_preset, bandwidth, args.bound_tokens, compile=not args.no_compile)
