@@ -9,8 +9,9 @@
         instructions (AVX512-BF16, AMX) or on a GPU, slower where it has not (AVX2 converts).
   int8  every Linear of the blocks and the output head stored as int8 with one fp32 scale per
         output channel (symmetric, scale = max |w| / 127 over the row), computed by PyTorch's
-        weight-only int8 kernel `aten._weight_int8pack_mm` on bf16 activations (the rest of the
-        model, norms, attention and the cache, stays fp32); the input
+        weight-only int8 kernel `aten._weight_int8pack_mm` on bf16 activations, or from
+        BATCHED_ROWS rows (prefill, big batches) a bf16 matmul on the weight converted to bf16
+        and then scaled (the rest of the model, norms, attention and the cache, stays fp32); the input
         embedding stays fp32 (a lookup, not a matmul), so a tied head gets its own int8 copy.
         A quarter of the fp32 bytes of those layers. The kernel's speed depends on the CPU
         build: bench/generate_vs_peers.py measures it beside fp32 and bf16.
