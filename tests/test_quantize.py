@@ -10,7 +10,7 @@ import torch
 from llmforge.config import ModelConfig
 from llmforge.errors import UserError
 from llmforge.infer.engine import Engine
-from llmforge.infer.quantize import Int8Linear, for_inference
+from llmforge.infer.quantize import BATCHED_ROWS, Int8Linear, for_inference
 from llmforge.infer.sampling import SamplingParams
 from llmforge.model.transformer import Transformer
 
@@ -66,3 +66,13 @@ def test_an_unknown_dtype_is_one_clear_error(model, capsys):
     assert main(["generate", "nowhere", "--prompt", "x", "--dtype", "fp64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown --dtype 'fp64'" in err[0]
+
+
+def test_int8_rows_agree_through_the_kernel_and_the_bf16_matmul():
+    """Few rows take the weight-only kernel, BATCHED_ROWS or more a bf16 matmul: the same numbers."""
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.nn.Linear(64, 96, bias=False))
+    x = torch.randn(BATCHED_ROWS + 8, 64)
+    together = layer(x)                                    # the bf16 matmul path
+    alone = torch.cat([layer(row[None]) for row in x])     # the kernel, one row at a time
+    assert torch.allclose(together, alone, rtol=0.02, atol=0.02 * float(alone.abs().max()))
